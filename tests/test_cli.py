@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "toma_export.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_demo_json_reports_patched_blocks_and_timings():
+    res = cli("demo", "--size", "256x256", "--repeats", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["model"] == "flux-tiny" and len(out["patched_blocks"]) == 10
+    assert out["unpatched_ms"] > 0 and out["toma_ms"] > 0 and 0 < out["relative_error"] < 0.1
+    assert "[3/3]" in res.stderr                                    # progress on stderr, JSON alone on stdout
+
+
+def test_demo_summary_for_sdxl():
+    res = cli("demo", "--model", "sdxl-tiny", "--size", "256x256", "--repeats", "1")
+    assert res.returncode == 0, res.stderr
+    assert "ToMA patched 10 of 22 sdxl blocks" in res.stdout and "unpatched" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ratio", "1"], "ratio must be in [0, 1)"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--size", "1008x1024", "--tile", "8x8"], "tile 8x8 does not divide the 63x64 token grid"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    res = cli("demo", *args)
+    assert res.returncode == 2
+    assert message in res.stderr and res.stderr.strip().count("\n") == 0

@@ -1,0 +1,123 @@
+"""`toma-export` command line. Subcommands import their heavy modules lazily."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (height=1024, width=768)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH in pixels, e.g. 1024x768, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _tile(text: str) -> tuple[int, int]:
+    """'4x8' -> (4, 8); '4' -> (4, 4)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"tile must look like ROWSxCOLS in tokens, e.g. 4x4, got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+def add_toma_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=float, default=0.5, help="share of image tokens merged away, in [0, 1) (0.5)")
+    p.add_argument("--tile", type=_tile, default=(4, 4), help="tile shape in tokens, ROWSxCOLS (4x4)")
+    p.add_argument("--scale", type=float, default=1000.0, help="merge softmax sharpness on cosines (1000)")
+
+
+def toma_config(args):
+    from .toma import ToMAConfig
+    return ToMAConfig(ratio=args.ratio, tile=args.tile, scale=args.scale)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cmd_demo(args) -> int:
+    """Patch a tiny model, time patched vs unpatched forwards, report what changed."""
+    import torch
+
+    from . import models
+    from .toma import apply_toma, remove_toma, reset_toma
+    from .toma.tiles import check_tiling
+
+    torch.set_grad_enabled(False)
+    config = toma_config(args)
+    spec = models.get(args.model)
+    height, width = spec.size(*args.size)
+    check_tiling(spec.token_grid(height, width), config.tile)
+    print(f"[1/3] loading {spec.name} ...", file=sys.stderr)
+    model = spec.load()
+    inputs = spec.sample_inputs(batch=args.batch, height=height, width=width, smooth=True)
+    run = lambda: model(**inputs, return_dict=False)[0]  # noqa: E731
+    print(f"[2/3] timing the unpatched forward at {height}x{width} px, batch {args.batch} ...", file=sys.stderr)
+    ref = run()
+    base_ms = _median_ms(run, args.repeats)
+    report = apply_toma(model, config)
+
+    def run_toma():
+        reset_toma(model)                  # every timed call is step 0: selection + merge weights included
+        return run()
+
+    print(f"[3/3] timing the ToMA forward ({len(report.blocks)} blocks patched) ...", file=sys.stderr)
+    out = run_toma()
+    toma_ms = _median_ms(run_toma, args.repeats)
+    remove_toma(model)
+    err = ((out - ref).norm() / ref.norm()).item()
+    result = dict(model=spec.name, height=height, width=width, batch=args.batch, tokens=spec.token_grid(height, width),
+                  patched_blocks=report.blocks, groups=list(report.groups), ratio=args.ratio, tile=list(args.tile),
+                  unpatched_ms=round(base_ms, 2), toma_ms=round(toma_ms, 2), speedup=round(base_ms / toma_ms, 3),
+                  relative_error=round(err, 5), repeats=args.repeats, torch_threads=torch.get_num_threads())
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(report)
+    print(f"\nforward of {spec.name} at {height}x{width} px ({result['tokens'][0]}x{result['tokens'][1]} image tokens), "
+          f"batch {args.batch}, median of {args.repeats} on CPU ({result['torch_threads']} threads):")
+    print(f"  unpatched  {base_ms:9.2f} ms")
+    print(f"  ToMA       {toma_ms:9.2f} ms   ({result['speedup']:.2f}x; includes selection and merge weights)")
+    print(f"  output change vs unpatched: {err:.2%} relative L2 (smooth latent input)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toma-export", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is patched and built")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="patch a tiny model with ToMA and time it against the unpatched one")
+    demo.add_argument("--model", default="flux-tiny", help="flux-tiny, sdxl-tiny, flux, sdxl or a local folder")
+    demo.add_argument("--size", type=_size, default=(1024, 1024),
+                      help="HEIGHTxWIDTH in pixels (1024x1024: the real models' token counts, 4096 image tokens)")
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--repeats", type=int, default=5, help="timed forwards per variant (median reported)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    add_toma_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError) as err:
+        print(f"toma-export: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""SDXL UNet specs: the real SDXL base and a tiny random one with text_time conditioning and two
+transformer levels (like SDXL's 64x64 and 32x32 levels at 1024 px)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import ModelSpec, noise
+
+TINY = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=64,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32)
+# SDXL base: CLIP-L + bigG hidden states (2048 wide), pooled text 1280, six time ids.
+BASE = dict(in_channels=4, cross_attention_dim=2048, projection_class_embeddings_input_dim=2816,
+            addition_time_embed_dim=256)
+
+
+@dataclass(frozen=True)
+class SdxlSpec(ModelSpec):
+    family = "sdxl"
+    subfolder = "unet"
+    pixels_per_token = 16   # 8x VAE, then the first down-sampling: transformers start at level 1
+    size_multiple = 32      # the latent is halved twice
+
+    @property
+    def model_cls(self):
+        from diffusers import UNet2DConditionModel
+        return UNet2DConditionModel
+
+    def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        h, w = self.size(height, width)
+        g = torch.Generator().manual_seed(seed)
+        c = self.config
+        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        return dict(
+            sample=noise((batch, c["in_channels"], h // 8, w // 8), g, smooth, dtype),
+            timestep=torch.full((batch,), 999.0, dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, self.text_len, c["cross_attention_dim"], generator=g).to(dtype),
+            added_cond_kwargs=dict(
+                text_embeds=torch.randn(batch, pooled, generator=g).to(dtype),
+                time_ids=torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype).repeat(batch, 1),
+            ),
+        )
+
+
+def specs() -> dict:
+    return {
+        "sdxl-tiny": SdxlSpec("sdxl-tiny", None, TINY, (256, 256), text_len=77),
+        "sdxl": SdxlSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", BASE, (1024, 1024), text_len=77),
+    }

@@ -1,0 +1,91 @@
+"""ModelSpec: one object per network (as in NVIDIA's demo/Diffusion): how to load it, its default size,
+and sample inputs in the layout its forward takes."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class ModelNotAvailable(RuntimeError):
+    """Weights for a real model could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str | None                       # hub id or local diffusers folder; None = random init
+    config: dict = field(default_factory=dict)  # tiny: full constructor config; real: the dims we rely on
+    default_size: tuple[int, int] = (1024, 1024)  # (height, width) in pixels
+    text_len: int = 77
+
+    family = ""          # "flux" | "sdxl"
+    subfolder = ""       # the network's folder inside a pipeline folder
+    pixels_per_token = 16  # side of one image token in pixels: 8x VAE, times 2x2 packing (FLUX) or level-1 (SDXL)
+    size_multiple = 16     # pixel sizes must be multiples of this
+
+    @property
+    def model_cls(self):
+        raise NotImplementedError
+
+    def load(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+        """The diffusers module in eval mode: random init for tiny models, else from the hub id / folder."""
+        if self.source is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = self.model_cls(**self.config)
+            # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these configs lack
+            return torch.nn.Module.to(model, dtype).eval()
+        try:
+            return _from_pretrained(self.model_cls, self.source, self.subfolder, dtype).eval()
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelNotAvailable(
+                f"{self.name}: cannot load weights from {self.source!r} ({type(err).__name__}: not in the Hugging Face "
+                f"cache and not downloadable here); download them where the hub is reachable (`huggingface-cli "
+                f"download {self.source}`) or pass a local diffusers folder holding {self.subfolder}/ as --model PATH"
+            ) from None
+
+    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels, defaulted and checked against the model's size multiple."""
+        h, w = height or self.default_size[0], width or self.default_size[1]
+        if h <= 0 or w <= 0 or h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(f"{self.name}: {h}x{w} px is not a positive multiple of {self.size_multiple} px")
+        return h, w
+
+    def token_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(rows, cols) of the image-token grid ToMA tiles by default at this size."""
+        h, w = self.size(height, width)
+        return h // self.pixels_per_token, w // self.pixels_per_token
+
+    def sample_inputs(self, batch: int = 1, height: int | None = None, width: int | None = None, seed: int = 0,
+                      dtype: torch.dtype = torch.float32, smooth: bool = False) -> dict:
+        raise NotImplementedError
+
+
+def _from_pretrained(cls, source: str, subfolder: str, dtype):
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / subfolder).is_dir():
+        return cls.from_pretrained(str(path), torch_dtype=dtype)  # the network's own folder
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise OSError(f"{source} does not exist")
+    return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+
+
+def noise(shape, generator, smooth: bool, dtype) -> torch.Tensor:
+    """Gaussian (B, C, H, W); smooth=True upsamples a 4x coarser field, so neighbouring tokens are similar
+    as in a real image latent (white noise makes every token unlike its neighbours)."""
+    if not smooth:
+        return torch.randn(shape, generator=generator).to(dtype)
+    b, c, h, w = shape
+    coarse = torch.randn((b, c, max(1, h // 4), max(1, w // 4)), generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).to(dtype)
+
+
+def read_config(folder: Path, subfolder: str) -> dict | None:
+    """The network's config.json in a pipeline folder or the network folder itself, if present."""
+    for candidate in (folder / subfolder / "config.json", folder / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
