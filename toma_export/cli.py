@@ -93,6 +93,53 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Export the ToMA-patched network to ONNX (reusing an identical earlier export)."""
+    from . import models
+    from .onnx import ExportOptions, export
+    from .toma.tiles import check_tiling
+
+    config = toma_config(args)
+    spec = models.get(args.model)
+    check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
+    options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
+                            dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size)
+    meta = export(args.model, config, args.output_dir, options, force=args.force)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
+            f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
+            if meta["dynamic"] else f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px")
+    print(f"{meta['onnx']}\n  {meta['model']} {meta['dtype']} opset {meta['opset']}, {kind}")
+    toma = meta["toma"]
+    print(f"  ToMA ratio {toma['ratio']}, tile {toma['tile'][0]}x{toma['tile'][1]}, {toma['destinations_per_tile']} "
+          f"destinations per tile, {toma['selection_nodes']} toma::ToMASelect node(s)")
+    for io in ("inputs", "outputs"):
+        print(f"  {io}:")
+        for v in meta[io]:
+            print(f"    {v['name']:<44} {v['dtype']:<8} {v['shape']}")
+    return 0
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="flux, sdxl, flux-tiny, sdxl-tiny or a local diffusers folder")
+    add_toma_options(p)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's default size)")
+    p.add_argument("--width", type=int, help="image width in pixels")
+    p.add_argument("--batch", type=int, default=1, help="static batch (CFG counts twice) (1)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="one file valid across the model's batch, size and text-length ranges")
+    p.add_argument("--min-size", type=_size, help="dynamic: smallest HEIGHTxWIDTH (default: the model's range)")
+    p.add_argument("--max-size", type=_size, help="dynamic: largest HEIGHTxWIDTH")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights and activations (SDXL engines: fp16, FLUX: bf16) (fp32)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20)")
+    p.add_argument("--output-dir", required=True, help="artifacts go to a keyed subfolder of this folder")
+    p.add_argument("--force", action="store_true", help="export again even if an identical export exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toma-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is patched and built")
@@ -106,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     add_toma_options(demo)
     demo.set_defaults(func=cmd_demo)
+    exp = sub.add_parser("export", help="export the ToMA-patched network to ONNX (selection as toma::ToMASelect)")
+    add_export_options(exp)
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

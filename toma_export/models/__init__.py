@@ -38,7 +38,7 @@ def get(name: str) -> ModelSpec:
 
 def _dims(config: dict) -> dict:
     keys = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "cross_attention_dim",
-            "projection_class_embeddings_input_dim", "addition_time_embed_dim")
+            "projection_class_embeddings_input_dim", "addition_time_embed_dim", "down_block_types")
     return {k: config[k] for k in keys if k in config}
 
 

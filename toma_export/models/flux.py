@@ -20,6 +20,7 @@ class FluxSpec(ModelSpec):
     subfolder = "transformer"
     pixels_per_token = 16   # 8x VAE, then 2x2 latent patches per token
     size_multiple = 16
+    pixels_per_cell = 16    # the graph's spatial input is the token grid
 
     @property
     def model_cls(self):
@@ -46,9 +47,43 @@ class FluxSpec(ModelSpec):
             inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype)
         return inputs
 
+    # Graph layout: the packed latent as (B, H, W, C) so that H and W are axes of their own (img_ids are
+    # rebuilt in the graph from them); everything else as the transformer takes it.
+    def input_axes(self) -> dict:
+        batch, text = ("batch", 1), ("text", 1)
+        axes = dict(hidden_states={0: batch, 1: ("height", 1), 2: ("width", 1)},
+                    encoder_hidden_states={0: batch, 1: text}, pooled_projections={0: batch}, timestep={0: batch},
+                    txt_ids={0: text})
+        if self.config.get("guidance_embeds"):
+            axes["guidance"] = {0: batch}
+        return axes
+
+    def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        x = self.sample_inputs(batch, height, width, seed, dtype, smooth)
+        rows, cols = self.token_grid(height, width)
+        x["hidden_states"] = x["hidden_states"].reshape(batch, rows, cols, -1)
+        del x["img_ids"]
+        return {name: x[name] for name in self.input_axes()}
+
+    def graph_call(self, model, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids,
+                   guidance=None):
+        b, h, w, c = hidden_states.shape
+        return model(hidden_states=hidden_states.reshape(b, h * w, c), encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=pooled_projections, timestep=timestep, img_ids=image_ids(h, w, txt_ids),
+                     txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
+def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """FLUX image position ids (0, row, col) in raster order, (rows*cols, 3)."""
+    r = torch.arange(rows, device=like.device).to(like.dtype)[:, None].expand(rows, cols)
+    c = torch.arange(cols, device=like.device).to(like.dtype)[None, :].expand(rows, cols)
+    return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3)
+
 
 def specs() -> dict:
     return {
-        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (256, 256), text_len=16),
-        "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512),
+        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (256, 256), text_len=16,
+                              size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
+        "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
+                         size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
     }

@@ -25,6 +25,7 @@ class SdxlSpec(ModelSpec):
     subfolder = "unet"
     pixels_per_token = 16   # 8x VAE, then the first down-sampling: transformers start at level 1
     size_multiple = 32      # the latent is halved twice
+    pixels_per_cell = 8     # the graph's spatial input is the latent
 
     @property
     def model_cls(self):
@@ -46,9 +47,31 @@ class SdxlSpec(ModelSpec):
             ),
         )
 
+    @property
+    def cell_multiple(self) -> int:
+        return 2 ** (len(self.config.get("down_block_types", (0, 0, 0))) - 1)
+
+    # Graph layout: added_cond_kwargs flattened into text_embeds and time_ids.
+    def input_axes(self) -> dict:
+        batch = ("batch", 1)
+        return dict(sample={0: batch, 2: ("height", 1), 3: ("width", 1)}, timestep={0: batch},
+                    encoder_hidden_states={0: batch, 1: ("text", 1)}, text_embeds={0: batch}, time_ids={0: batch})
+
+    def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        x = self.sample_inputs(batch, height, width, seed, dtype, smooth)
+        x.update(x.pop("added_cond_kwargs"))
+        return {name: x[name] for name in self.input_axes()}
+
+    def graph_call(self, model, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        cond = dict(text_embeds=text_embeds, time_ids=time_ids)
+        return model(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
 
 def specs() -> dict:
     return {
-        "sdxl-tiny": SdxlSpec("sdxl-tiny", None, TINY, (256, 256), text_len=77),
-        "sdxl": SdxlSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", BASE, (1024, 1024), text_len=77),
+        "sdxl-tiny": SdxlSpec("sdxl-tiny", None, TINY, (256, 256), text_len=77, size_range=((128, 128), (256, 256),
+                              (512, 512)), text_range=(77, 77, 154), batch_range=(1, 2, 4)),
+        "sdxl": SdxlSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", BASE, (1024, 1024), text_len=77,
+                         size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(77, 77, 231),
+                         batch_range=(1, 2, 4)),
     }

@@ -20,11 +20,18 @@ class ModelSpec:
     config: dict = field(default_factory=dict)  # tiny: full constructor config; real: the dims we rely on
     default_size: tuple[int, int] = (1024, 1024)  # (height, width) in pixels
     text_len: int = 77
+    size_range: tuple = ((512, 512), (1024, 1024), (1536, 1536))  # min/opt/max (height, width) for profiles
+    text_range: tuple = (77, 77, 77)                                # min/opt/max text length for profiles
+    batch_range: tuple = (1, 1, 4)                                  # min/opt/max batch (CFG doubles it)
 
     family = ""          # "flux" | "sdxl"
     subfolder = ""       # the network's folder inside a pipeline folder
     pixels_per_token = 16  # side of one image token in pixels: 8x VAE, times 2x2 packing (FLUX) or level-1 (SDXL)
     size_multiple = 16     # pixel sizes must be multiples of this
+    # The exported graph: its spatial input is the image in units of `pixels_per_cell` pixels (FLUX: the
+    # token grid, SDXL: the latent), and each input axis is named batch/height/width/text with a divisor.
+    pixels_per_cell = 16
+    output_name = "noise_pred"
 
     @property
     def model_cls(self):
@@ -62,6 +69,41 @@ class ModelSpec:
     def sample_inputs(self, batch: int = 1, height: int | None = None, width: int | None = None, seed: int = 0,
                       dtype: torch.dtype = torch.float32, smooth: bool = False) -> dict:
         raise NotImplementedError
+
+    # -- the exported graph's network inputs (flat tensors; ToMA adds its own) --
+    def input_axes(self) -> dict:
+        """{input name: {axis: (symbol, divisor)}}: the axis is size(symbol) // divisor, where symbol is
+        batch, text, or height/width in cells."""
+        raise NotImplementedError
+
+    def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        """Sample inputs in the exported graph's layout, {name: tensor} in graph order."""
+        raise NotImplementedError
+
+    def graph_call(self, model, *inputs: torch.Tensor) -> torch.Tensor:
+        """Run the diffusers module on graph-layout inputs (positional, in graph order)."""
+        raise NotImplementedError
+
+    @property
+    def cell_multiple(self) -> int:
+        """The network itself needs its spatial input to be a multiple of this (UNet down-sampling)."""
+        return 1
+
+    def cells(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the graph's spatial input at (height, width) pixels."""
+        h, w = self.size(height, width)
+        return h // self.pixels_per_cell, w // self.pixels_per_cell
+
+    def input_shapes(self, batch: int, height: int, width: int, text_len: int | None = None) -> dict:
+        """{name: shape} of the network inputs at a given batch, pixel size and text length."""
+        sizes = dict(zip(("height", "width"), self.cells(height, width)), batch=batch, text=text_len or self.text_len)
+        shapes = {}
+        for name, tensor in self.graph_inputs(batch=1, height=height, width=width).items():
+            shape = list(tensor.shape)
+            for axis, (symbol, divisor) in self.input_axes().get(name, {}).items():
+                shape[axis] = sizes[symbol] // divisor
+            shapes[name] = tuple(shape)
+        return shapes
 
 
 def _from_pretrained(cls, source: str, subfolder: str, dtype):

@@ -27,13 +27,14 @@ def supports(model) -> bool:
 
 
 def candidates(model, config):
-    """(name, block, group, mixin, default) for every block ToMA can patch."""
+    """(name, block, group, mixin, default, downsample) for every block ToMA can patch; the token grid
+    is the transformer's input grid, so downsample is 1."""
     out = []
     for group, mixin in ((DOUBLE, _DoubleBlock), (SINGLE, _SingleBlock)):
         blocks = getattr(model, group)
         skip = round(_SKIP[group] * len(blocks))
         for i, block in enumerate(blocks):
-            out.append((f"{group}.{i}", block, group, mixin, i >= skip))
+            out.append((f"{group}.{i}", block, group, mixin, i >= skip, 1))
     return out
 
 
@@ -45,6 +46,8 @@ def install_hooks(model, state, groups):
     """Advance the step clock and read the token grid from img_ids on every call of the transformer."""
 
     def pre(module, args, kwargs):
+        if state.graph is not None:
+            return                       # the caller owns the call: it set the grid (img_ids are data)
         bound = _bind(module, args, kwargs)
         state.begin_call(bound.get("timestep"))
         grid = token_grid(bound["img_ids"], bound["hidden_states"].shape[1])

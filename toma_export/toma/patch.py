@@ -29,6 +29,7 @@ class Candidate(NamedTuple):
     group: str
     mixin: type
     default: bool
+    downsample: int   # the group's token grid is the network's spatial input divided by this
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PatchReport:
     groups: dict[str, list[str]]
     total: int
     config: ToMAConfig
+    downsample: dict[str, int]
 
     def __str__(self) -> str:
         c = self.config
@@ -110,7 +112,8 @@ def apply_toma(target, config: ToMAConfig | None = None) -> PatchReport:
         groups.setdefault(c.group, []).append(c.name)
     model._toma = state
     model._toma_hooks = family.install_hooks(model, state, list(groups))
-    report = PatchReport(family_name, [c.name for c in chosen], groups, len(found), config)
+    downsample = {c.group: c.downsample for c in chosen}
+    report = PatchReport(family_name, [c.name for c in chosen], groups, len(found), config, downsample)
     model._toma_report = report
     log.info("%s", report)
     return report

@@ -31,7 +31,8 @@ def _level(name: str, n_levels: int) -> int:
 
 
 def candidates(model, config):
-    """(name, block, group, mixin, default) for every transformer block; groups are Transformer2DModels."""
+    """(name, block, group, mixin, default, downsample) for every transformer block; groups are
+    Transformer2DModels, downsample is the group's token grid size relative to the latent (2**level)."""
     n_levels = len(model.down_blocks)
     found = []
     for group, t2d in model.named_modules():
@@ -42,7 +43,7 @@ def candidates(model, config):
     if not found:
         return []
     top = min(level for *_, level in found)
-    return [(name, b, g, _Block, level < top + config.levels) for name, b, g, level in found]
+    return [(name, b, g, _Block, level < top + config.levels, 2 ** level) for name, b, g, level in found]
 
 
 def check_block(name, block, config) -> None:
@@ -63,7 +64,8 @@ def install_hooks(model, state, groups):
     """Advance the step clock on every UNet call; record each group's token grid from its input map."""
 
     def unet_pre(module, args, kwargs):
-        state.begin_call(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        if state.graph is None:
+            state.begin_call(args[1] if len(args) > 1 else kwargs.get("timestep"))
 
     def grid_pre(group):
         def pre(module, args, kwargs):

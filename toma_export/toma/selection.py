@@ -56,3 +56,28 @@ def _first_best(score: torch.Tensor) -> torch.Tensor:
     """Lowest index whose score is within TIE_TOL of the maximum, per row."""
     near = score >= score.max(-1, keepdim=True).values - TIE_TOL
     return near.to(torch.uint8).argmax(-1)                    # argmax returns the first maximum
+
+
+# The selection as one graph op (DESIGN.md, "The custom op contract"): domain `toma`, op_type = TensorRT
+# plugin name. Inputs: tiles (B, T, n, C) float, previous destinations (B, T, d) int64, recompute (bool);
+# output: destinations (B, T, d) int64, recomputed from the tiles or passed through.
+OP_DOMAIN = "toma"
+OP_NAME = "ToMASelect"
+OP_VERSION = 1
+
+
+def select_or_reuse(tiles: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
+    """Destinations per tile: greedy on `tiles` when `recompute` is true, else `previous` unchanged.
+
+    Inside torch.onnx.export this becomes the single `toma::ToMASelect` node (its portable body is attached
+    after export by toma_export.onnx); in eager mode it runs the reference greedy.
+    """
+    b, t, n, c = tiles.shape
+    d = previous.shape[-1]
+    if torch.onnx.is_in_onnx_export():
+        attrs = dict(plugin_namespace=OP_DOMAIN, plugin_version=str(OP_VERSION), num_dst=d, tie_tol=TIE_TOL)
+        return torch.onnx.ops.symbolic(f"{OP_DOMAIN}::{OP_NAME}", (tiles, previous, recompute), attrs,
+                                       dtype=torch.int64, shape=previous.shape, version=OP_VERSION)
+    if not bool(recompute):
+        return previous
+    return facility_location(tiles.reshape(b * t, n, c), d).reshape(b, t, d)

@@ -13,13 +13,26 @@ import torch
 
 from .config import ToMAConfig
 from .merge import TileMerge
-from .tiles import check_tiling
+from .selection import select_or_reuse
+from .tiles import check_tiling, fold
 
 
 @dataclass
 class _Cached:
     step: int
     merge: TileMerge
+
+
+@dataclass
+class GraphDestinations:
+    """Destinations owned by the caller for one call, as an exported graph has them: per group the
+    previous destinations (B, H/th, W/tw, d) in, one recompute flag, and the destinations used out. The
+    step clock and cache are bypassed; the caller owns the schedule."""
+
+    previous: dict
+    recompute: torch.Tensor
+    used: dict = field(default_factory=dict)
+    merges: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -32,6 +45,7 @@ class ToMAState:
     grids: dict = field(default_factory=dict)        # group -> (H, W) token grid of the current call
     cache: dict = field(default_factory=dict)        # (group, call) -> _Cached
     counts: dict = field(default_factory=lambda: {"select": 0, "weights": 0})
+    graph: GraphDestinations | None = None           # set for calls whose destinations the caller owns
 
     def reset(self) -> None:
         """Forget the step clock and every cached destination: the next call is step 0 of a new image."""
@@ -55,7 +69,7 @@ class ToMAState:
 
     @property
     def merging(self) -> bool:
-        return self.config.merges_at(self.step)
+        return self.graph is not None or self.config.merges_at(self.step)
 
     def merger(self, group: str, features: torch.Tensor) -> TileMerge:
         """The group's TileMerge for this call: computed by the group's first block, reused by the rest,
@@ -64,6 +78,8 @@ class ToMAState:
         if grid is None:
             raise RuntimeError(f"ToMA: no token grid known for group {group!r}; was the model called directly?")
         check_tiling(grid, self.config.tile)
+        if self.graph is not None:
+            return self._graph_merger(group, features, grid)
         key = (group, self.call)
         cached = self.cache.get(key)
         if cached is not None and cached.step == self.step:
@@ -82,3 +98,14 @@ class ToMAState:
             merge = cached.merge
         self.cache[key] = _Cached(self.step, merge)
         return merge
+
+    def _graph_merger(self, group: str, features: torch.Tensor, grid) -> TileMerge:
+        g, cfg = self.graph, self.config
+        if group not in g.merges:
+            previous = g.previous[group]
+            tiles = fold(features, grid, cfg.tile)
+            dst = select_or_reuse(tiles, previous.reshape(tiles.shape[0], tiles.shape[1], previous.shape[-1]),
+                                  g.recompute)
+            g.merges[group] = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=dst)
+            g.used[group] = dst.reshape(previous.shape)
+        return g.merges[group]

@@ -1,0 +1,217 @@
+"""Export a ToMA-patched FLUX transformer / SDXL UNet to ONNX with the selection as `toma::ToMASelect`.
+
+torch.onnx (dynamo) traces ToMAGraph; the selection node comes out opaque and its portable body is then
+attached as a model-local function, the IR version is pinned for the pinned ONNX Runtime, and the full
+checker runs before the folder is renamed into place. The folder name hashes every option that changes
+the file, so an existing export is reused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import warnings
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..artifacts import cache_key, staged_dir, versions, writable_dir
+from ..toma import ToMAConfig, apply_toma
+from ..toma.tiles import destinations_per_tile
+from .graph import ToMAGraph
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IR_VERSION = 10            # onnx 1.23 writes 14 by default; onnxruntime 1.3x loads <= 10
+TWO_GB = 2 ** 31
+FORMAT = 1                 # bump when the layout of toma.json or the graph I/O changes
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything besides the model and ToMA config that changes the exported file."""
+
+    height: int | None = None      # sample size in pixels (static export: the size; dynamic: the opt size)
+    width: int | None = None
+    batch: int = 1                 # static batch; dynamic exports cover the spec's batch range
+    dynamic: bool = False          # one file valid across the spec's size/batch/text ranges
+    dtype: str = "fp32"
+    opset: int = 20
+    min_size: tuple | None = None  # dynamic range override, (height, width) pixels
+    max_size: tuple | None = None
+
+
+def export(model_name: str, config: ToMAConfig, output_dir, options: ExportOptions = ExportOptions(),
+           force: bool = False, progress=None) -> dict:
+    """Export (or reuse) the ONNX file; returns the metadata written beside it as toma.json."""
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    spec = models.get(model_name)
+    if options.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if not 17 <= options.opset <= 22:
+        raise ValueError(f"opset must be between 17 and 22 (20 recommended; 23 emits Attention, which TensorRT "
+                         f"builds reject), got {options.opset}")
+    if options.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {options.batch}")
+    height, width = spec.size(options.height, options.width)
+    ranges = _ranges(spec, options, (height, width))
+    out_root = writable_dir(output_dir)
+
+    key_fields = dict(format=FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
+                      toma=asdict(config), options=asdict(options), size=(height, width), ranges=ranges,
+                      versions=versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"))
+    key = cache_key(key_fields)
+    final = out_root / f"{Path(spec.name).name}-{key}"
+    if (final / "toma.json").is_file() and not force:
+        meta = json.loads((final / "toma.json").read_text())
+        progress(f"[export] reusing {final}")
+        return meta
+
+    t0 = time.perf_counter()
+    progress(f"[export 1/4] loading {spec.name} ({options.dtype}) and applying ToMA")
+    model = spec.load(DTYPES[options.dtype])
+    report = apply_toma(model, config)
+    graph = ToMAGraph(model, spec, report).eval()
+    units = _units(spec, graph)
+    for size in ranges["sizes"] if options.dynamic else [(height, width)]:
+        _check_size(spec, config, units, *size)
+
+    sample_batch = 2 if options.dynamic else options.batch   # batch 1 would be specialised by torch.export
+    net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
+                            smooth=True)
+    args = tuple(net.values()) + tuple(graph.sample_toma_inputs(net).values())
+    dynamic_shapes = _dynamic_shapes(spec, graph, units, ranges) if options.dynamic else None
+
+    progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
+             f"{', dynamic batch/size/text' if options.dynamic else ''}); this takes a minute")
+    # the exporter narrates on stdout; keep stdout for our own (JSON) output
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, args, dynamo=True, opset_version=options.opset,
+                                    dynamic_shapes=dynamic_shapes, input_names=graph.input_names,
+                                    output_names=graph.output_names, verbose=False)
+
+    with staged_dir(final) as tmp:
+        progress("[export 3/4] attaching the ToMASelect body and writing the file")
+        onnx_path = tmp / "model.onnx"
+        external = _write(program, onnx_path, options.opset)
+        progress("[export 4/4] running the ONNX checker (full_check)")
+        import onnx
+
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+        meta = _metadata(spec, config, options, report, graph, onnx_path, external, (height, width), ranges, key,
+                         key_fields["versions"], time.perf_counter() - t0)
+        meta["onnx"] = str(final / "model.onnx")
+        (tmp / "toma.json").write_text(json.dumps(meta, indent=2))
+    progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
+    return meta
+
+
+def _ranges(spec, options: ExportOptions, opt: tuple[int, int]) -> dict:
+    lo, _, hi = spec.size_range
+    sizes = [spec.size(*(options.min_size or lo)), opt, spec.size(*(options.max_size or hi))]
+    if not (sizes[0][0] <= opt[0] <= sizes[2][0] and sizes[0][1] <= opt[1] <= sizes[2][1]):
+        raise ValueError(f"size {opt[0]}x{opt[1]} lies outside the range {sizes[0][0]}x{sizes[0][1]} .. "
+                         f"{sizes[2][0]}x{sizes[2][1]} px; widen --min-size/--max-size")
+    return dict(sizes=sizes, batch=list(spec.batch_range), text=list(spec.text_range))
+
+
+def _units(spec, graph: ToMAGraph) -> dict:
+    """Cells per step of each spatial axis: every merged group's tile grid and the network itself must
+    divide the graph's spatial size, so sizes move in steps of the lcm of those divisors."""
+    out = {}
+    for axis, name in ((1, "height"), (2, "width")):
+        divisors = [div for axes in graph.toma_axes().values() for sym, div in axes.values() if sym == name]
+        out[name] = math.lcm(spec.cell_multiple, *divisors)
+    return out
+
+
+def _check_size(spec, config, units, height: int, width: int) -> None:
+    cells = spec.cells(height, width)
+    for (name, unit), n in zip(units.items(), cells):
+        if n % unit:
+            px = unit * spec.pixels_per_cell
+            raise ValueError(f"{spec.name}: {height}x{width} px does not fit tile {config.tile[0]}x{config.tile[1]}: "
+                             f"the {name} must be a multiple of {px} px (tile times the merged level's down-sampling)")
+
+
+def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
+    from torch.export import Dim
+
+    (h0, w0), _, (h1, w1) = [spec.cells(*s) for s in ranges["sizes"]]
+    # height/width roots count steps of `units` cells; ONNX shapes then read e.g. 4*h_steps
+    roots = dict(batch=(Dim("batch", min=ranges["batch"][0], max=ranges["batch"][2]), 1),
+                 text=(Dim("text", min=ranges["text"][0], max=ranges["text"][2]), 1),
+                 height=(Dim("h_steps", min=h0 // units["height"], max=h1 // units["height"]), units["height"]),
+                 width=(Dim("w_steps", min=w0 // units["width"], max=w1 // units["width"]), units["width"]))
+
+    def dim(symbol, divisor):
+        root, unit = roots[symbol]
+        return root if unit // divisor == 1 else (unit // divisor) * root
+
+    axes = {**spec.input_axes(), **graph.toma_axes()}
+    return (tuple({a: dim(*sd) for a, sd in axes.get(n, {}).items()} or None for n in graph.input_names),)
+
+
+def _write(program, path: Path, opset: int) -> bool:
+    """Save with the selection body attached; tensors stay external only past 2 GB. Returns external."""
+    import onnx
+
+    from .select_function import attach
+
+    program.save(str(path), external_data=True)
+    data = path.with_name(path.name + ".data")
+    model = onnx.load(str(path), load_external_data=False)
+    attach(model, opset)
+    model.ir_version = IR_VERSION
+    external = data.exists() and data.stat().st_size >= TWO_GB
+    if external:
+        onnx.save(model, str(path))
+    else:
+        if data.exists():
+            onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.save(model, str(path))
+        data.unlink(missing_ok=True)
+    return external
+
+
+def _io(values) -> list:
+    import onnx
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        out.append(dict(name=v.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape=shape))
+    return out
+
+
+def _metadata(spec, config, options, report, graph, path, external, size, ranges, key, vers, seconds) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    d = destinations_per_tile(config.tile, config.ratio)
+    profiles = {}
+    if options.dynamic:
+        shapes = []
+        for (h, w), b, t in zip(ranges["sizes"], ranges["batch"], ranges["text"]):
+            s = spec.input_shapes(b, h, w, t)
+            s.update(graph.toma_shapes(b, *spec.cells(h, w)))
+            shapes.append(s)
+        profiles = {name: dict(min=list(shapes[0][name]), opt=list(shapes[1][name]), max=list(shapes[2][name]))
+                    for name in shapes[0]}
+    return dict(
+        format=FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
+        onnx=str(path), external_data=external, dtype=options.dtype, opset=options.opset, ir_version=IR_VERSION,
+        dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
+        ranges=ranges if options.dynamic else None, profiles=profiles,
+        inputs=_io(model.graph.input), outputs=_io(model.graph.output),
+        toma=dict(asdict(config), destinations_per_tile=d, recompute_input="toma_recompute",
+                  groups={g: dict(blocks=report.groups[g], downsample=report.downsample[g],
+                                  input=f"toma_dst.{g}", output=f"toma_dst_out.{g}") for g in report.groups},
+                  selection_nodes=sum(n.domain == "toma" for n in model.graph.node)),
+        versions=vers, export_seconds=round(seconds, 1),
+    )

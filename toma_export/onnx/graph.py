@@ -1,0 +1,86 @@
+"""ToMAGraph: a patched network as the exported graph computes it.
+
+Inputs are the spec's network inputs, then per merged group the previous destinations
+`toma_dst.<group>` (B, H/(f*th), W/(f*tw), d) and one `toma_recompute` flag; outputs are the network
+output then `toma_dst_out.<group>`, the destinations used. The caller owns the schedule: recompute=True
+on steps that refresh (the previous destinations are ignored), False to reuse them. Running this module
+in eager PyTorch with the same destinations is the reference every backend is compared against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import ModelSpec
+from ..toma.patch import PatchReport, toma_state
+from ..toma.state import GraphDestinations
+from ..toma.tiles import destinations_per_tile
+
+RECOMPUTE = "toma_recompute"
+
+
+def dst_input(group: str) -> str:
+    return f"toma_dst.{group}"
+
+
+def dst_output(group: str) -> str:
+    return f"toma_dst_out.{group}"
+
+
+class ToMAGraph(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, report: PatchReport):
+        super().__init__()
+        self.model, self.spec, self.report = model, spec, report
+        self.groups = list(report.groups)
+        self.net_names = list(spec.input_axes())
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.net_names + [dst_input(g) for g in self.groups] + [RECOMPUTE]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.spec.output_name] + [dst_output(g) for g in self.groups]
+
+    def forward(self, *inputs: torch.Tensor):
+        k = len(self.net_names)
+        net, previous, recompute = inputs[:k], inputs[k:-1], inputs[-1]
+        state = toma_state(self.model)
+        state.graph = GraphDestinations(dict(zip(self.groups, previous)), recompute)
+        if self.spec.family == "flux":           # the FLUX grid is the graph's (H, W); SDXL hooks read theirs
+            for g in self.groups:
+                state.grids[g] = tuple(net[0].shape[1:3])
+        try:
+            out = self.spec.graph_call(self.model, *net)
+            used = state.graph.used
+        finally:
+            state.graph = None
+        return (out, *[used[g] for g in self.groups])
+
+    # -- shapes of the ToMA inputs, in the spec's axis notation --
+    def toma_axes(self) -> dict:
+        th, tw = self.report.config.tile
+        return {dst_input(g): {0: ("batch", 1), 1: ("height", f * th), 2: ("width", f * tw)}
+                for g, f in self.report.downsample.items()}
+
+    def sample_toma_inputs(self, net_inputs: dict, recompute: bool = True) -> dict:
+        """Zero previous destinations (ignored when recompute is true) for given network inputs."""
+        cells = self.spec.cells(*self._pixels(net_inputs))
+        batch = next(iter(net_inputs.values())).shape[0]
+        shapes = self.toma_shapes(batch, *cells)
+        out = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
+        out[RECOMPUTE] = torch.tensor(recompute)
+        return out
+
+    def toma_shapes(self, batch: int, height_cells: int, width_cells: int) -> dict:
+        d = destinations_per_tile(self.report.config.tile, self.report.config.ratio)
+        sizes = dict(batch=batch, height=height_cells, width=width_cells)
+        return {name: tuple(sizes[s] // div for _, (s, div) in sorted(axes.items())) + (d,)
+                for name, axes in self.toma_axes().items()}
+
+    def _pixels(self, net_inputs: dict) -> tuple[int, int]:
+        first = self.net_names[0]
+        axes = self.spec.input_axes()[first]
+        shape = net_inputs[first].shape
+        h_axis = next(a for a, (s, _) in axes.items() if s == "height")
+        w_axis = next(a for a, (s, _) in axes.items() if s == "width")
+        return shape[h_axis] * self.spec.pixels_per_cell, shape[w_axis] * self.spec.pixels_per_cell
