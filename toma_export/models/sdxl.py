@@ -63,7 +63,9 @@ class SdxlSpec(ModelSpec):
         return {name: x[name] for name in self.input_axes()}
 
     def graph_call(self, model, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        cond = dict(text_embeds=text_embeds, time_ids=time_ids)
+        # The UNet concatenates text_embeds with fp32 time embeddings, which eager torch promotes to fp32;
+        # the ONNX exporter emits that Concat without a Cast (invalid in fp16), so promote explicitly.
+        cond = dict(text_embeds=text_embeds.float(), time_ids=time_ids)
         return model(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
 
 

@@ -1,0 +1,200 @@
+"""ONNX export of both tiny models: one dynamic file each, run by ONNX Runtime at two sizes against the
+eager PyTorch reference with destinations forced equal; the selection body on its own; file hygiene."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import toma_export as te
+from toma_export.onnx import ExportOptions, ToMAGraph, export
+from toma_export.onnx.graph import RECOMPUTE
+from toma_export.toma.selection import facility_location
+
+MODELS = ["flux-tiny", "sdxl-tiny"]
+
+
+@pytest.fixture(scope="session")
+def dynamic_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = export(name, te.ToMAConfig(), out, ExportOptions(dynamic=True), progress=lambda m: None)
+        return cache[name]
+
+    return get
+
+
+def reference(name, batch, height, width, seed=0):
+    """Eager ToMAGraph outputs with fresh destinations, and the inputs that produced them."""
+    spec = te.models.get(name)
+    model = spec.load()
+    graph = ToMAGraph(model, spec, te.apply_toma(model, te.ToMAConfig())).eval()
+    net = spec.graph_inputs(batch=batch, height=height, width=width, seed=seed, smooth=True)
+    toma = graph.sample_toma_inputs(net, recompute=True)
+    outs = graph(*net.values(), *toma.values())
+    return graph, net, toma, outs
+
+
+def feed(graph, net, toma):
+    return {name: t.numpy() for name, t in zip(graph.input_names, [*net.values(), *toma.values()])}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("batch,size", [(2, (256, 256)), (1, (192, 320))])
+def test_dynamic_file_matches_torch_with_forced_destinations(dynamic_export, name, batch, size):
+    meta = dynamic_export(name)
+    session = ort.InferenceSession(meta["onnx"], providers=["CPUExecutionProvider"])
+    graph, net, toma, (ref, *ref_dst) = reference(name, batch, *size)
+    forced = dict(toma)
+    forced.update({n: d for n, d in zip(graph.input_names[len(net):-1], ref_dst)})
+    forced[RECOMPUTE] = torch.tensor(False)
+    out, *used = session.run(None, feed(graph, net, forced))
+    assert out.shape == tuple(ref.shape)
+    scale = ref.abs().max().item()
+    assert np.abs(out - ref.numpy()).max() <= 1e-4 * scale          # fp32: export costs nothing measurable
+    for u, d in zip(used, ref_dst):
+        assert np.array_equal(u, d.numpy())                          # reused destinations pass through
+    # and with the graph selecting on its own, the picks agree with the reference on these smooth inputs
+    out2, *picked = session.run(None, feed(graph, net, toma))
+    agree = np.mean([np.mean(p == d.numpy()) for p, d in zip(picked, ref_dst)])
+    assert agree > 0.97
+    if agree == 1.0:
+        assert np.abs(out2 - ref.numpy()).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_file_is_well_formed_and_carries_the_custom_op(dynamic_export, name):
+    meta = dynamic_export(name)
+    onnx.checker.check_model(meta["onnx"], full_check=True)
+    model = onnx.load(meta["onnx"])
+    assert model.ir_version <= 10 and not meta["external_data"]
+    nodes = [n for n in model.graph.node if n.domain == "toma"]
+    assert len(nodes) == len(meta["toma"]["groups"]) == meta["toma"]["selection_nodes"]
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == "ToMASelect"
+        assert attrs["plugin_namespace"] == b"toma" and attrs["plugin_version"] == b"1" and attrs["num_dst"] == 8
+    (fn,) = model.functions
+    assert (fn.domain, fn.name) == ("toma", "ToMASelect")
+    body_ops = {n.op_type for n in fn.node}
+    assert not body_ops & {"Loop", "Scan", "TopK", "ScatterND", "ScatterElements"}
+    assert sum(n.op_type == "ArgMax" for n in fn.node) == 8          # unrolled: one pick per destination
+    shapes = {i["name"]: i["shape"] for i in meta["inputs"]}
+    assert shapes["toma_recompute"] == [] and shapes["toma_dst.transformer_blocks" if name == "flux-tiny" else
+                                                     "toma_dst.down_blocks.1.attentions.0"][0] == "batch"
+    assert meta["profiles"][meta["inputs"][0]["name"]]["max"][0] == 4
+
+
+def _select_model(fn, d):
+    h = onnx.helper
+    node = h.make_node("ToMASelect", ["tiles", "prev", "rec"], ["dst"], domain="toma", plugin_namespace="toma",
+                       plugin_version="1", num_dst=d)
+    graph = h.make_graph([node], "select", [
+        h.make_tensor_value_info("tiles", onnx.TensorProto.FLOAT, ["B", "T", "n", "C"]),
+        h.make_tensor_value_info("prev", onnx.TensorProto.INT64, ["B", "T", d]),
+        h.make_tensor_value_info("rec", onnx.TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("dst", onnx.TensorProto.INT64, ["B", "T", d])])
+    model = h.make_model(graph, functions=[fn], ir_version=10,
+                         opset_imports=[h.make_opsetid("", 20), h.make_opsetid("toma", 1)])
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString())
+
+
+def test_selection_body_equals_the_reference(dynamic_export):
+    fn = onnx.load(dynamic_export("flux-tiny")["onnx"]).functions[0]
+    session = _select_model(fn, 8)
+    g = torch.Generator().manual_seed(0)
+    # structured: each 16-token tile is made of 8 clusters plus noise; and plain Gaussian tiles
+    centres = torch.randn(2, 32, 8, 12, generator=g)
+    owner = torch.randint(0, 8, (2, 32, 16), generator=g)
+    clustered = centres.gather(2, owner.unsqueeze(-1).expand(-1, -1, -1, 12)) + 0.05 * torch.randn(2, 32, 16, 12)
+    for tiles in (clustered, torch.randn(2, 32, 16, 12, generator=g)):
+        want = facility_location(tiles.reshape(-1, 16, 12), 8).reshape(2, 32, 8).numpy()
+        got = session.run(None, {"tiles": tiles.numpy(), "prev": np.zeros_like(want), "rec": np.array(True)})[0]
+        assert np.array_equal(got, want)
+        kept = session.run(None, {"tiles": tiles.numpy(), "prev": want[:, ::-1].copy(), "rec": np.array(False)})[0]
+        assert np.array_equal(kept, want[:, ::-1])
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "toma_export.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cli_export_json_and_reuse(tmp_path, name):
+    res = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads(res.stdout)                                      # stdout holds the JSON alone
+    assert Path(meta["onnx"]).is_file() and meta["toma"]["ratio"] == 0.5
+    assert {i["name"] for i in meta["inputs"]} >= {"toma_recompute"} and meta["outputs"][0]["name"] == "noise_pred"
+    assert "[export 4/4]" in res.stderr
+    assert not list(tmp_path.glob(".*tmp*"))
+    again = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
+    assert json.loads(again.stdout)["key"] == meta["key"] and "reusing" in again.stderr
+    if name == "flux-tiny":   # polygraphy runs the file as is (dst values kept within a 16-token tile)
+        ranges = [f"{i['name']}:[0,15]" for i in meta["inputs"] if i["name"].startswith("toma_dst.")]
+        poly = subprocess.run([str(Path(sys.executable).parent / "polygraphy"), "run", meta["onnx"], "--onnxrt",
+                               "--val-range", *ranges], capture_output=True, text=True, timeout=300)
+        assert poly.returncode == 0 and "PASSED" in poly.stdout + poly.stderr, poly.stdout[-2000:] + poly.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "flux-tiny", "--ratio", "-0.5"], "ratio must be in [0, 1)"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--model", "sdxl-tiny", "--height", "288"], "tile 4x4 does not divide the 18x16 token grid"),
+    (["--model", "flux-tiny", "--opset", "23"], "opset must be between 17 and 22"),
+    (["--model", "flux-tiny", "--dynamic", "--min-size", "96x96"], "the height must be a multiple of 64 px"),
+])
+def test_bad_export_input_is_one_clear_line(tmp_path, args, message):
+    res = cli("export", *args, "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("toma-export: error:")
+    assert not any(tmp_path.iterdir())
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = cli("export", "--model", "flux-tiny", "--output-dir", str(blocker / "sub"))
+    assert res.returncode == 2 and "is not writable" in res.stderr
+
+
+def test_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
+    """The exporter is stood in for by one that dies half-way through writing: what is under test is the
+    staging of the artifact folder, not torch.onnx."""
+    class Dying:
+        def save(self, path, external_data=True):
+            Path(path).write_bytes(b"half a model")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Dying())
+    with pytest.raises(KeyboardInterrupt):
+        export("flux-tiny", te.ToMAConfig(), tmp_path, progress=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_sdxl_runs_in_onnxruntime_close_to_the_fp32_reference(tmp_path):
+    meta = export("sdxl-tiny", te.ToMAConfig(), tmp_path, ExportOptions(dtype="fp16"), progress=lambda m: None)
+    assert {i["dtype"] for i in meta["inputs"] if i["name"] in ("sample", "encoder_hidden_states")} == {"float16"}
+    graph, net, toma, (ref, *ref_dst) = reference("sdxl-tiny", 1, 256, 256)
+    forced = {**toma, **dict(zip(graph.input_names[len(net):-1], ref_dst)), RECOMPUTE: torch.tensor(False)}
+    feeds = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed(graph, net, forced).items()}
+    out = ort.InferenceSession(meta["onnx"]).run(None, feeds)[0]
+    assert out.dtype == np.float16
+    assert np.abs(out.astype(np.float32) - ref.numpy()).max() <= 0.05 * ref.abs().max().item()
+
+
+def test_bf16_flux_export_is_well_formed(tmp_path):
+    """bf16 is the FLUX engine dtype; ONNX Runtime CPU has no bf16 kernels, so only the file is checked here."""
+    meta = export("flux-tiny", te.ToMAConfig(), tmp_path, ExportOptions(dtype="bf16"), progress=lambda m: None)
+    onnx.checker.check_model(meta["onnx"], full_check=True)
+    assert next(i for i in meta["inputs"] if i["name"] == "hidden_states")["dtype"] == "bfloat16"
