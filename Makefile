@@ -13,11 +13,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,tensorrt-rtx,triton,test]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/toma-export demo
+	$(VENV)/bin/toma-export build --model flux-tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -19,19 +19,6 @@ from toma_export.toma.selection import facility_location
 MODELS = ["flux-tiny", "sdxl-tiny"]
 
 
-@pytest.fixture(scope="session")
-def dynamic_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = export(name, te.ToMAConfig(), out, ExportOptions(dynamic=True), progress=lambda m: None)
-        return cache[name]
-
-    return get
-
-
 def reference(name, batch, height, width, seed=0):
     """Eager ToMAGraph outputs with fresh destinations, and the inputs that produced them."""
     spec = te.models.get(name)

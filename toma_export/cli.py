@@ -25,15 +25,21 @@ def _tile(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
-def add_toma_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, default=0.5, help="share of image tokens merged away, in [0, 1) (0.5)")
-    p.add_argument("--tile", type=_tile, default=(4, 4), help="tile shape in tokens, ROWSxCOLS (4x4)")
-    p.add_argument("--scale", type=float, default=1000.0, help="merge softmax sharpness on cosines (1000)")
+def add_toma_options(p: argparse.ArgumentParser, defaults: str = "") -> None:
+    p.add_argument("--ratio", type=float, help=f"share of image tokens merged away, in [0, 1) ({defaults or '0.5'})")
+    p.add_argument("--tile", type=_tile, help=f"tile shape in tokens, ROWSxCOLS ({defaults or '4x4'})")
+    p.add_argument("--scale", type=float, help=f"merge softmax sharpness on cosines ({defaults or '1000'})")
 
 
-def toma_config(args):
+def toma_config(args, base: dict | None = None):
+    """ToMAConfig from the command line, falling back to `base` (a recipe's toma section), then defaults."""
     from .toma import ToMAConfig
-    return ToMAConfig(ratio=args.ratio, tile=args.tile, scale=args.scale)
+
+    values = dict(base or {})
+    for name in ("ratio", "tile", "scale"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return ToMAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -78,7 +84,7 @@ def cmd_demo(args) -> int:
     remove_toma(model)
     err = ((out - ref).norm() / ref.norm()).item()
     result = dict(model=spec.name, height=height, width=width, batch=args.batch, tokens=spec.token_grid(height, width),
-                  patched_blocks=report.blocks, groups=list(report.groups), ratio=args.ratio, tile=list(args.tile),
+                  patched_blocks=report.blocks, groups=list(report.groups), ratio=config.ratio, tile=list(config.tile),
                   unpatched_ms=round(base_ms, 2), toma_ms=round(toma_ms, 2), speedup=round(base_ms / toma_ms, 3),
                   relative_error=round(err, 5), repeats=args.repeats, torch_threads=torch.get_num_threads())
     if args.json:
@@ -140,6 +146,29 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
 
 
+def cmd_build(args) -> int:
+    """Export (or reuse) the ONNX file and build a TensorRT / TensorRT-RTX engine from it."""
+    from .trt import BuildOptions, build, recipe
+
+    plan = recipe(args.model)
+    config = None if args.no_toma else toma_config(args, plan["toma"])
+    options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
+                           opt_size=args.opt_size, max_size=args.max_size, static=args.static,
+                           timing_cache=args.timing_cache, verbose=args.verbose)
+    meta = build(args.model, config, args.output_dir, options, force=args.force)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
+          f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
+          f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
+    print(f"  selection: {meta['selection']}")
+    print(f"  onnx: {meta['onnx']}")
+    for name, shapes in (meta["profiles"] or {}).items():
+        print(f"    {name:<44} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toma-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is patched and built")
@@ -156,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export the ToMA-patched network to ONNX (selection as toma::ToMASelect)")
     add_export_options(exp)
     exp.set_defaults(func=cmd_export)
+
+    bld = sub.add_parser("build", help="build a TensorRT (plugin) or TensorRT-RTX (inlined body) engine")
+    bld.add_argument("--model", required=True, help="flux, sdxl, flux-tiny, sdxl-tiny or a local diffusers folder")
+    bld.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"],
+                     help="default: tensorrt where it imports, else tensorrt-rtx")
+    bld.add_argument("--target", help="TensorRT-RTX compute capability to build for, e.g. sm86, sm89, sm120 (sm89)")
+    add_toma_options(bld, defaults="recipe")
+    bld.add_argument("--no-toma", action="store_true", help="build the baseline engine without ToMA")
+    bld.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the recipe's (FLUX bf16, SDXL fp16)")
+    for which in ("min", "opt", "max"):
+        bld.add_argument(f"--{which}-size", type=_size, help=f"{which} HEIGHTxWIDTH of the profile (recipe)")
+    bld.add_argument("--static", action="store_true", help="one shape (the opt size, batch 1) instead of a profile")
+    bld.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
+    bld.add_argument("--output-dir", help="artifacts go to keyed subfolders (engines/out)")
+    bld.add_argument("--force", action="store_true", help="export and build again even if cached")
+    bld.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    bld.set_defaults(func=cmd_build)
     return parser
 
 
@@ -164,7 +210,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as err:
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
         print(f"toma-export: error: {err}", file=sys.stderr)
         return 2
 

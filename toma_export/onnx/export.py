@@ -44,9 +44,11 @@ class ExportOptions:
     max_size: tuple | None = None
 
 
-def export(model_name: str, config: ToMAConfig, output_dir, options: ExportOptions = ExportOptions(),
+def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
            force: bool = False, progress=None) -> dict:
-    """Export (or reuse) the ONNX file; returns the metadata written beside it as toma.json."""
+    """Export (or reuse) the ONNX file; returns the metadata written beside it as toma.json.
+
+    config=None exports the network without ToMA (the baseline for parity and speed comparisons)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = models.get(model_name)
     if options.dtype not in DTYPES:
@@ -60,24 +62,27 @@ def export(model_name: str, config: ToMAConfig, output_dir, options: ExportOptio
     ranges = _ranges(spec, options, (height, width))
     out_root = writable_dir(output_dir)
 
+    # the key holds resolved values, so equal requests phrased differently share one export
     key_fields = dict(format=FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
-                      toma=asdict(config), options=asdict(options), size=(height, width), ranges=ranges,
+                      toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
+                      dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
+                      size=(height, width), ranges=ranges if options.dynamic else None,
                       versions=versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"))
     key = cache_key(key_fields)
-    final = out_root / f"{Path(spec.name).name}-{key}"
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
     if (final / "toma.json").is_file() and not force:
         meta = json.loads((final / "toma.json").read_text())
         progress(f"[export] reusing {final}")
         return meta
 
     t0 = time.perf_counter()
-    progress(f"[export 1/4] loading {spec.name} ({options.dtype}) and applying ToMA")
+    progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
     model = spec.load(DTYPES[options.dtype])
-    report = apply_toma(model, config)
+    report = apply_toma(model, config) if config else None
     graph = ToMAGraph(model, spec, report).eval()
     units = _units(spec, graph)
     for size in ranges["sizes"] if options.dynamic else [(height, width)]:
-        _check_size(spec, config, units, *size)
+        _check_size(spec, units, *size)
 
     sample_batch = 2 if options.dynamic else options.batch   # batch 1 would be specialised by torch.export
     net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
@@ -129,13 +134,13 @@ def _units(spec, graph: ToMAGraph) -> dict:
     return out
 
 
-def _check_size(spec, config, units, height: int, width: int) -> None:
+def _check_size(spec, units, height: int, width: int) -> None:
     cells = spec.cells(height, width)
     for (name, unit), n in zip(units.items(), cells):
         if n % unit:
             px = unit * spec.pixels_per_cell
-            raise ValueError(f"{spec.name}: {height}x{width} px does not fit tile {config.tile[0]}x{config.tile[1]}: "
-                             f"the {name} must be a multiple of {px} px (tile times the merged level's down-sampling)")
+            raise ValueError(f"{spec.name}: {height}x{width} px does not fit the tiles: the {name} must be a "
+                             f"multiple of {px} px (tile times the merged level's down-sampling)")
 
 
 def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
@@ -193,7 +198,6 @@ def _metadata(spec, config, options, report, graph, path, external, size, ranges
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    d = destinations_per_tile(config.tile, config.ratio)
     profiles = {}
     if options.dynamic:
         shapes = []
@@ -209,9 +213,10 @@ def _metadata(spec, config, options, report, graph, path, external, size, ranges
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
         ranges=ranges if options.dynamic else None, profiles=profiles,
         inputs=_io(model.graph.input), outputs=_io(model.graph.output),
-        toma=dict(asdict(config), destinations_per_tile=d, recompute_input="toma_recompute",
+        toma=dict(asdict(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),
+                  recompute_input="toma_recompute",
                   groups={g: dict(blocks=report.groups[g], downsample=report.downsample[g],
                                   input=f"toma_dst.{g}", output=f"toma_dst_out.{g}") for g in report.groups},
-                  selection_nodes=sum(n.domain == "toma" for n in model.graph.node)),
+                  selection_nodes=sum(n.domain == "toma" for n in model.graph.node)) if config else None,
         versions=vers, export_seconds=round(seconds, 1),
     )

@@ -27,21 +27,26 @@ def dst_output(group: str) -> str:
 
 
 class ToMAGraph(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, report: PatchReport):
+    """report=None wraps the unpatched network with the same layout (the baseline: no ToMA inputs)."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, report: PatchReport | None):
         super().__init__()
         self.model, self.spec, self.report = model, spec, report
-        self.groups = list(report.groups)
+        self.groups = list(report.groups) if report else []
         self.net_names = list(spec.input_axes())
 
     @property
     def input_names(self) -> list[str]:
-        return self.net_names + [dst_input(g) for g in self.groups] + [RECOMPUTE]
+        toma = [dst_input(g) for g in self.groups] + [RECOMPUTE] if self.report else []
+        return self.net_names + toma
 
     @property
     def output_names(self) -> list[str]:
         return [self.spec.output_name] + [dst_output(g) for g in self.groups]
 
     def forward(self, *inputs: torch.Tensor):
+        if self.report is None:
+            return (self.spec.graph_call(self.model, *inputs),)
         k = len(self.net_names)
         net, previous, recompute = inputs[:k], inputs[k:-1], inputs[-1]
         state = toma_state(self.model)
@@ -58,12 +63,16 @@ class ToMAGraph(torch.nn.Module):
 
     # -- shapes of the ToMA inputs, in the spec's axis notation --
     def toma_axes(self) -> dict:
+        if self.report is None:
+            return {}
         th, tw = self.report.config.tile
         return {dst_input(g): {0: ("batch", 1), 1: ("height", f * th), 2: ("width", f * tw)}
                 for g, f in self.report.downsample.items()}
 
     def sample_toma_inputs(self, net_inputs: dict, recompute: bool = True) -> dict:
         """Zero previous destinations (ignored when recompute is true) for given network inputs."""
+        if self.report is None:
+            return {}
         cells = self.spec.cells(*self._pixels(net_inputs))
         batch = next(iter(net_inputs.values())).shape[0]
         shapes = self.toma_shapes(batch, *cells)
@@ -72,6 +81,8 @@ class ToMAGraph(torch.nn.Module):
         return out
 
     def toma_shapes(self, batch: int, height_cells: int, width_cells: int) -> dict:
+        if self.report is None:
+            return {}
         d = destinations_per_tile(self.report.config.tile, self.report.config.ratio)
         sizes = dict(batch=batch, height=height_cells, width=width_cells)
         return {name: tuple(sizes[s] // div for _, (s, div) in sorted(axes.items())) + (d,)

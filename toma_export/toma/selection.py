@@ -22,11 +22,12 @@ def similarity(x: torch.Tensor) -> torch.Tensor:
     return xn @ xn.transpose(-1, -2)
 
 
-def facility_location(x: torch.Tensor, k: int) -> torch.Tensor:
+def facility_location(x: torch.Tensor, k: int, impl: str = "torch") -> torch.Tensor:
     """Pick k destination tokens per problem, (B, n, C) any float dtype -> (B, k) int64, in greedy order.
 
     The first pick maximises the row sum of the similarity (f of a singleton); each later pick maximises
     the exact marginal gain sum_u relu(sim(v, u) - cover(u)). Ties (within TIE_TOL) go to the lowest index.
+    impl="triton" runs the Triton kernel of plugins/ (CUDA tensors, or CPU under TRITON_INTERPRET=1).
     """
     if x.dim() != 3:
         raise ValueError(f"facility_location expects x of shape (B, n, C), got {tuple(x.shape)}")
@@ -35,6 +36,10 @@ def facility_location(x: torch.Tensor, k: int) -> torch.Tensor:
     n = x.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"facility_location: k={k} destinations must be between 1 and the {n} tokens per problem")
+    if impl == "triton":
+        return _triton(x, k)
+    if impl != "torch":
+        raise ValueError(f"facility_location: impl must be 'torch' or 'triton', got {impl!r}")
     sim = similarity(x)
     batch = torch.arange(x.shape[0], device=x.device)
     picked = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
@@ -50,6 +55,18 @@ def facility_location(x: torch.Tensor, k: int) -> torch.Tensor:
         picked[batch, nxt] = True
         cover = torch.maximum(cover, sim[batch, nxt])
     return torch.stack(order, dim=-1)
+
+
+def _triton(x: torch.Tensor, k: int) -> torch.Tensor:
+    import os
+
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("facility_location(impl='triton') needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    try:
+        from ..plugins.select_kernel import launch
+    except ImportError as err:
+        raise ValueError(f"facility_location(impl='triton') needs triton: pip install triton ({err})") from None
+    return launch(x, k, TIE_TOL)
 
 
 def _first_best(score: torch.Tensor) -> torch.Tensor:
