@@ -11,7 +11,7 @@ from toma_export import facility_location
 from toma_export.toma.selection import TIE_TOL
 
 triton = pytest.importorskip("triton", reason="needs triton (installed by make test)")
-from toma_export.plugins.select_kernel import compile_ptx, launch  # noqa: E402
+from toma_export.plugins.select_kernel import launch  # noqa: E402
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the kernel on CPU under TRITON_INTERPRET=1 (set by conftest)")

@@ -169,6 +169,23 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _sizes(text: str) -> tuple:
+    return tuple(_size(part) for part in text.split(","))
+
+
+def cmd_validate(args) -> int:
+    """Compare backends against the fp32 PyTorch ToMA reference; exit 0 only when everything passes."""
+    from .parity import ValidateOptions, table, validate
+
+    backends = tuple(b.strip() for b in args.backends.split(","))
+    options = ValidateOptions(backends=backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
+                              batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
+                              output_dir=args.output_dir)
+    report = validate(args.model, None if args.no_toma else toma_config(args), options)
+    print(json.dumps(report) if args.json else table(report))
+    return 0 if report["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toma-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is patched and built")
@@ -202,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     bld.add_argument("--force", action="store_true", help="export and build again even if cached")
     bld.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     bld.set_defaults(func=cmd_build)
+
+    val = sub.add_parser("validate", help="accuracy parity of ONNX Runtime / TensorRT against the PyTorch reference")
+    val.add_argument("--model", required=True, help="flux, sdxl, flux-tiny, sdxl-tiny or a local diffusers folder")
+    val.add_argument("--onnx", help="an exported model.onnx (default: export one, or reuse the cached export)")
+    val.add_argument("--engine", help="a built engine's engine.json (default: build one when tensorrt is asked for)")
+    val.add_argument("--backends", default="torch,onnxruntime",
+                     help="comma list from torch (the fp32 reference; also a candidate in --dtype), onnxruntime, "
+                          "tensorrt (torch,onnxruntime)")
+    val.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="candidates' dtype (fp32)")
+    val.add_argument("--sizes", type=_sizes, help="comma list of HEIGHTxWIDTH (the model's default size)")
+    val.add_argument("--steps", type=int, default=0, help="also run a whole denoising loop of N steps (0: one step)")
+    val.add_argument("--batch", type=int, default=2, help="batch of the sample inputs (2)")
+    val.add_argument("--atol", type=float, help="absolute tolerance (default 0)")
+    val.add_argument("--rtol", type=float, help="tolerance relative to the output scale (default by dtype: fp32 "
+                                                "1e-4 per step / 1e-3 over a loop, fp16 2e-2 / 5e-2, bf16 5e-2 / 1e-1)")
+    add_toma_options(val)
+    val.add_argument("--no-toma", action="store_true", help="validate the network without ToMA")
+    val.add_argument("--output-dir", help="where exports and engines are cached (engines/out)")
+    val.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    val.set_defaults(func=cmd_validate)
     return parser
 
 

@@ -73,6 +73,18 @@ class FluxSpec(ModelSpec):
                      txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
+    # Denoising loop (parity checks, serving): flow-matching Euler, timestep given to the model as t/1000.
+    latent_input = "hidden_states"
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler()
+
+    def step_inputs(self, inputs: dict, scheduler, latent, t) -> dict:
+        batch = latent.shape[0]
+        return dict(inputs, hidden_states=latent, timestep=(t / 1000).expand(batch).to(latent.dtype))
+
+
 def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     """FLUX image position ids (0, row, col) in raster order, (rows*cols, 3)."""
     r = torch.arange(rows, device=like.device).to(like.dtype)[:, None].expand(rows, cols)

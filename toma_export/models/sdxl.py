@@ -62,6 +62,18 @@ class SdxlSpec(ModelSpec):
         x.update(x.pop("added_cond_kwargs"))
         return {name: x[name] for name in self.input_axes()}
 
+    # Denoising loop (parity checks, serving): SDXL's Euler scheduler, scaled model input.
+    latent_input = "sample"
+
+    def scheduler(self):
+        from diffusers import EulerDiscreteScheduler
+        return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      timestep_spacing="leading", steps_offset=1)
+
+    def step_inputs(self, inputs: dict, scheduler, latent, t) -> dict:
+        batch = latent.shape[0]
+        return dict(inputs, sample=scheduler.scale_model_input(latent, t), timestep=t.expand(batch).to(latent.dtype))
+
     def graph_call(self, model, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         # The UNet concatenates text_embeds with fp32 time embeddings, which eager torch promotes to fp32;
         # the ONNX exporter emits that Concat without a Cast (invalid in fp16), so promote explicitly.

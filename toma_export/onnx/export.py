@@ -128,7 +128,7 @@ def _units(spec, graph: ToMAGraph) -> dict:
     """Cells per step of each spatial axis: every merged group's tile grid and the network itself must
     divide the graph's spatial size, so sizes move in steps of the lcm of those divisors."""
     out = {}
-    for axis, name in ((1, "height"), (2, "width")):
+    for name in ("height", "width"):
         divisors = [div for axes in graph.toma_axes().values() for sym, div in axes.values() if sym == name]
         out[name] = math.lcm(spec.cell_multiple, *divisors)
     return out

@@ -34,6 +34,7 @@ class ToMAGraph(torch.nn.Module):
         self.model, self.spec, self.report = model, spec, report
         self.groups = list(report.groups) if report else []
         self.net_names = list(spec.input_axes())
+        self.last_tiles: dict = {}
 
     @property
     def input_names(self) -> list[str]:
@@ -57,6 +58,7 @@ class ToMAGraph(torch.nn.Module):
         try:
             out = self.spec.graph_call(self.model, *net)
             used = state.graph.used
+            self.last_tiles = state.graph.tiles     # eager callers (parity) read the selection features
         finally:
             state.graph = None
         return (out, *[used[g] for g in self.groups])

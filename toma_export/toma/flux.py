@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_flux import (
-    FluxSingleTransformerBlock,
-    FluxTransformer2DModel,
-    FluxTransformerBlock,
-)
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 # The official run leaves the first 5 of 19 double and 5 of 38 single blocks unmerged.

@@ -66,9 +66,8 @@ def _ranges(names: list[str]) -> str:
 
 def network_of(target) -> torch.nn.Module:
     """The FLUX transformer or SDXL UNet inside a pipeline, or the module itself."""
-    for family, module in _FAMILIES.items():
-        if module.supports(target):
-            return target
+    if any(module.supports(target) for module in _FAMILIES.values()):
+        return target
     for attr in ("transformer", "unet"):
         inner = getattr(target, attr, None)
         if inner is not None and any(m.supports(inner) for m in _FAMILIES.values()):

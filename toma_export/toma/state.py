@@ -33,6 +33,7 @@ class GraphDestinations:
     recompute: torch.Tensor
     used: dict = field(default_factory=dict)
     merges: dict = field(default_factory=dict)
+    tiles: dict = field(default_factory=dict)        # the features each group selected on (B, T, n, C)
 
 
 @dataclass
@@ -108,4 +109,5 @@ class ToMAState:
                                   g.recompute)
             g.merges[group] = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=dst)
             g.used[group] = dst.reshape(previous.shape)
+            g.tiles[group] = tiles
         return g.merges[group]

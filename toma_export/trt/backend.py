@@ -21,7 +21,7 @@ def load(name: str | None = None):
     for candidate in [name] if name else list(MODULES):
         try:
             module = importlib.import_module(MODULES[candidate])
-            module.Builder  # the bare `tensorrt` stub wheel imports but has no bindings
+            getattr(module, "Builder")  # the bare `tensorrt` stub wheel imports but has no bindings
             return candidate, module
         except (ImportError, AttributeError, OSError) as err:
             errors.append(f"{candidate}: {err}")

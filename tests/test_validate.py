@@ -1,0 +1,86 @@
+"""toma-export validate: both tiny models pass torch vs ONNX Runtime at two sizes, per step and over a
+4-step loop; a corrupted file fails; NaN is reported as NaN; TensorRT without a GPU is a clear skip."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import toma_export as te
+from toma_export.onnx import ToMAGraph
+from toma_export.parity.metrics import compare
+from toma_export.parity.validate import ValidateOptions, _feeds, compare_step
+from toma_export.parity.runners import TorchRunner, onnxruntime_runner
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.parametrize("name", ["flux-tiny", "sdxl-tiny"])
+def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
+    dynamic_export(name)                                   # the cached export validate reuses
+    res = cli("--model", name, "--backends", "torch,onnxruntime", "--steps", "4", "--sizes", "256x256,192x320",
+              "--output-dir", str(artifacts), "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["passed"] and report["providers"]["onnxruntime"] == "CPUExecutionProvider"
+    kinds = [(c["kind"], c["size"]) for c in report["comparisons"]]
+    assert kinds.count(("step", "256x256")) == 1 and kinds.count(("loop", "192x320")) == 4
+    for c in report["comparisons"]:
+        assert c["nan"] == 0 and c["max_abs"] <= c["tolerance"] and c["cosine"] > 0.9999
+        assert {"median_abs", "p99_abs", "atol", "rtol"} <= set(c)
+    assert all(s["objective_ratio"] >= 0.999 for s in report["selection"]) and len(report["selection"]) == 2
+    assert all(0 < f["relative_l2"] < 0.2 for f in report["fidelity"])
+
+
+def test_corrupted_onnx_fails_with_exit_code_1(artifacts, dynamic_export, tmp_path):
+    meta = dynamic_export("flux-tiny")
+    folder = tmp_path / "corrupt"
+    shutil.copytree(meta["onnx"].rsplit("/", 1)[0], folder)
+    model = onnx.load(folder / "model.onnx")
+    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] += 5.0 * np.abs(array).max()                       # one weight perturbed
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    onnx.save(model, folder / "model.onnx")
+    res = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir", str(artifacts), "--json")
+    assert res.returncode == 1, res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert not report["passed"] and not report["comparisons"][0]["passed"]
+    table = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir", str(artifacts))
+    assert table.returncode == 1 and "FAIL" in table.stdout and table.stdout.strip().endswith("FAILED")
+
+
+def test_nan_in_an_input_is_reported_as_such(dynamic_export):
+    meta = dynamic_export("flux-tiny")
+    spec = te.models.get("flux-tiny")
+    model = spec.load()
+    graph = ToMAGraph(model, spec, te.apply_toma(model)).eval()
+    feeds = _feeds(spec, graph, 1, (256, 256))
+    feeds["encoder_hidden_states"][0, 0, 0] = np.nan
+    runner, _ = onnxruntime_runner(meta["onnx"])
+    with TorchRunner(graph) as ref, runner:
+        (entry,) = compare_step(ref, {"onnxruntime": runner}, feeds, ValidateOptions(), (256, 256))
+    assert not entry["passed"] and entry["nan"] > 0 and entry["reference_nonfinite"] > 0
+
+
+def test_metrics_count_nan_and_inf():
+    stats = compare(np.ones(4), np.array([1.0, np.nan, np.inf, 1.0]), 0.0, 1e-3)
+    assert stats["nan"] == 1 and stats["inf"] == 1 and not stats["passed"]
+    assert compare(np.ones(4), np.ones(4) + 1e-6, 0.0, 1e-3)["passed"]
+
+
+def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifacts, dynamic_export):
+    dynamic_export("flux-tiny")
+    res = cli("--model", "flux-tiny", "--backends", "torch,onnxruntime,tensorrt", "--output-dir", str(artifacts),
+              "--json")
+    report = json.loads(res.stdout)
+    if "tensorrt" in report["skipped"]:
+        assert res.returncode == 0 and "needs a CUDA GPU" in report["skipped"]["tensorrt"]
+    bad = cli("--model", "flux-tiny", "--backends", "onnxruntime")
+    assert bad.returncode == 2 and "backends must include torch" in bad.stderr
