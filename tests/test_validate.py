@@ -38,22 +38,42 @@ def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
     assert all(0 < f["relative_l2"] < 0.2 for f in report["fidelity"])
 
 
-def test_corrupted_onnx_fails_with_exit_code_1(artifacts, dynamic_export, tmp_path):
+def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_export, tmp_path):
     meta = dynamic_export("flux-tiny")
     folder = tmp_path / "corrupt"
     shutil.copytree(meta["onnx"].rsplit("/", 1)[0], folder)
     model = onnx.load(folder / "model.onnx")
-    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    array = onnx.numpy_helper.to_array(weight).copy()
-    array.flat[0] += 5.0 * np.abs(array).max()                       # one weight perturbed
-    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
-    onnx.save(model, folder / "model.onnx")
-    res = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir", str(artifacts), "--json")
+    weight = next(t for t in model.graph.initializer if t.name == "model.single_transformer_blocks.3.proj_out.bias")
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) + 1.0, weight.name))
+    onnx.save(model, folder / "model.onnx")                            # one weight perturbed
+    res = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--bisect", "--output-dir",
+              str(artifacts), "--json")
     assert res.returncode == 1, res.stderr[-2000:]
     report = json.loads(res.stdout)
     assert not report["passed"] and not report["comparisons"][0]["passed"]
+    (bisect,) = report["bisect"]
+    assert bisect["first_failing_block"] == "single_transformer_blocks.3"
+    assert all(b["found"] for b in bisect["blocks"]) and len(bisect["blocks"]) == 12
     table = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir", str(artifacts))
     assert table.returncode == 1 and "FAIL" in table.stdout and table.stdout.strip().endswith("FAILED")
+
+
+def test_reference_saved_here_loads_elsewhere_and_report_is_written(artifacts, dynamic_export, tmp_path):
+    dynamic_export("sdxl-tiny")
+    ref = tmp_path / "reference.npz"
+    first = cli("--model", "sdxl-tiny", "--steps", "2", "--output-dir", str(artifacts), "--save-reference", str(ref),
+                "--json")
+    assert first.returncode == 0 and ref.is_file(), first.stderr[-2000:]
+    second = cli("--model", "sdxl-tiny", "--backends", "onnxruntime", "--load-reference", str(ref),
+                 "--output-dir", str(artifacts), "--report", str(tmp_path / "report"), "--json")
+    assert second.returncode == 0, second.stderr[-2000:]
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert b["reference"].startswith("loaded from") and not b["fidelity"]
+    assert [c["max_abs"] for c in a["comparisons"]] == [c["max_abs"] for c in b["comparisons"]]
+    assert (tmp_path / "report" / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["passed"]
+    wrong = cli("--model", "flux-tiny", "--backends", "onnxruntime", "--load-reference", str(ref))
+    assert wrong.returncode == 2 and "holds a reference for sdxl-tiny, not flux-tiny" in wrong.stderr
 
 
 def test_nan_in_an_input_is_reported_as_such(dynamic_export):
@@ -65,7 +85,8 @@ def test_nan_in_an_input_is_reported_as_such(dynamic_export):
     feeds["encoder_hidden_states"][0, 0, 0] = np.nan
     runner, _ = onnxruntime_runner(meta["onnx"])
     with TorchRunner(graph) as ref, runner:
-        (entry,) = compare_step(ref, {"onnxruntime": runner}, feeds, ValidateOptions(), (256, 256))
+        record = dict(feeds=feeds, step=dict(ref.infer(feeds, check_inputs=False)))
+        (entry,) = compare_step(record, {"onnxruntime": runner}, ValidateOptions(), (256, 256))
     assert not entry["passed"] and entry["nan"] > 0 and entry["reference_nonfinite"] > 0
 
 

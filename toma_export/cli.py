@@ -175,13 +175,17 @@ def _sizes(text: str) -> tuple:
 
 def cmd_validate(args) -> int:
     """Compare backends against the fp32 PyTorch ToMA reference; exit 0 only when everything passes."""
-    from .parity import ValidateOptions, table, validate
+    from .parity import ValidateOptions, table, validate, write_report
 
     backends = tuple(b.strip() for b in args.backends.split(","))
     options = ValidateOptions(backends=backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
-                              output_dir=args.output_dir)
+                              output_dir=args.output_dir, save_reference=args.save_reference,
+                              load_reference=args.load_reference, bisect=args.bisect)
     report = validate(args.model, None if args.no_toma else toma_config(args), options)
+    if args.report:
+        files = write_report(report, args.report)
+        print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)
     print(json.dumps(report) if args.json else table(report))
     return 0 if report["passed"] else 1
 
@@ -237,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_toma_options(val)
     val.add_argument("--no-toma", action="store_true", help="validate the network without ToMA")
     val.add_argument("--output-dir", help="where exports and engines are cached (engines/out)")
+    val.add_argument("--save-reference", metavar="F", help="store inputs and fp32 reference outputs in F (.npz)")
+    val.add_argument("--load-reference", metavar="F", help="compare candidates against a stored reference "
+                                                          "(e.g. made on another machine) instead of running PyTorch")
+    val.add_argument("--report", metavar="DIR", help="write report.json, report.txt and errors.png there")
+    val.add_argument("--bisect", action="store_true",
+                     help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
     val.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     val.set_defaults(func=cmd_validate)
     return parser

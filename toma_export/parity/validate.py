@@ -7,12 +7,15 @@ picks and the candidate's facility-location objective relative to the reference'
 masquerade as bugs nor hide them. A whole denoising loop with the model's real scheduler follows, because
 fp16 overflow and drift show over steps, not in one. ToMA's own cost (the same loop without merging) is
 reported beside it, not judged.
+
+The reference is a record per size (inputs, outputs, selection features, loop latents and destinations)
+that can be saved on one machine and loaded on another, where only the candidates run.
 """
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MIN_OBJECTIVE_RATIO = 0.999   # a candidate's own picks may differ on near-ties, not cover the tile worse
+RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -43,29 +47,87 @@ class ValidateOptions:
     onnx: str | None = None       # an exported file (its toma.json gives the ToMA settings); None = export
     engine: str | None = None     # a built engine's engine.json; None = build one when tensorrt is asked for
     output_dir: str | None = None
+    save_reference: str | None = None  # write the reference records (.npz) for another machine
+    load_reference: str | None = None  # take the reference from such a file instead of running PyTorch
+    bisect: bool = False               # on a failing ONNX Runtime step, name the first block out of tolerance
 
 
-def validate(model: str, config: ToMAConfig, options: ValidateOptions = ValidateOptions(), progress=None) -> dict:
+def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = ValidateOptions(),
+             progress=None) -> dict:
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     unknown = set(options.backends) - set(BACKENDS)
-    if unknown or "torch" not in options.backends:
-        raise ValueError(f"backends must include torch (the reference) and come from {', '.join(BACKENDS)}; "
-                         f"got {','.join(options.backends)}")
+    if unknown or ("torch" not in options.backends and not options.load_reference):
+        raise ValueError(f"backends must include torch (the reference, unless --load-reference) and come from "
+                         f"{', '.join(BACKENDS)}; got {','.join(options.backends)}")
     if options.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     spec = models.get(model)
-    if options.onnx:
-        meta_path = Path(options.onnx).with_name("toma.json")
-        if meta_path.is_file():
-            toma = json.loads(meta_path.read_text())["toma"]
-            config = ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"]) if toma else None
+    stored = load_records(options.load_reference) if options.load_reference else None
+    if stored and stored["meta"]["model"] != spec.name:
+        raise ValueError(f"{options.load_reference} holds a reference for {stored['meta']['model']}, not {spec.name}")
+    if stored:
+        config, options = _from_stored(stored["meta"], options)
+    elif options.onnx:
+        config = _config_of(options.onnx, config)
     sizes = list(options.sizes or [spec.size(None, None)])
+    report = dict(model=spec.name, dtype=options.dtype, providers={}, skipped={}, comparisons=[], selection=[],
+                  fidelity=[], toma=dict(ratio=config.ratio, tile=list(config.tile), scale=config.scale)
+                  if config else None, reference="loaded from " + options.load_reference if stored else "torch fp32")
 
-    progress(f"[validate] reference: {spec.name} fp32 PyTorch with ToMA")
-    reference = _graph(spec, config, torch.float32)
-    candidates, report = {}, dict(model=spec.name, dtype=options.dtype, toma=None, providers={}, skipped={},
-                                  comparisons=[], selection=[], fidelity=[])
-    report["toma"] = dict(ratio=config.ratio, tile=list(config.tile), scale=config.scale) if config else None
+    reference = None if stored else _graph(spec, config, torch.float32)
+    candidates = _candidates(model, spec, config, options, report, progress)
+    runners = ([TorchRunner(reference, name="torch-fp32")] if reference else []) + list(candidates.values())
+    for runner in runners:
+        runner.activate()
+    records = stored["records"] if stored else []
+    try:
+        for i, size in enumerate(sizes):
+            progress(f"[validate] {size[0]}x{size[1]} px: one step" +
+                     (f", then a {options.steps}-step loop" if options.steps else ""))
+            if not stored:
+                records.append(make_record(spec, runners[0], config, options, size))
+            record = records[i]
+            step = compare_step(record, candidates, options, size)
+            report["comparisons"] += step
+            if options.bisect and reference is not None:
+                report.setdefault("bisect", []).extend(
+                    _bisect(reference, report.get("onnx"), record, options, size, step))
+            report["selection"] += selection_step(record, candidates, options, size)
+            if options.steps:
+                report["comparisons"] += compare_loop(spec, record, candidates, options, size, config)
+                if reference is not None and config:
+                    report["fidelity"].append(fidelity(spec, runners[0], record, options, size, config))
+    finally:
+        for runner in runners:
+            runner.deactivate()
+    if options.save_reference and not stored:
+        save_records(options.save_reference, records, dict(
+            format=RECORD_FORMAT, model=spec.name, sizes=sizes, steps=options.steps, batch=options.batch,
+            toma=report["toma"], dst_every=config.dst_every if config else 1))
+        report["saved_reference"] = options.save_reference
+    report["passed"] = (all(c["passed"] for c in report["comparisons"]) and
+                        all(s["passed"] for s in report["selection"]))
+    return report
+
+
+def _config_of(onnx_path: str, fallback):
+    meta_path = Path(onnx_path).with_name("toma.json")
+    if not meta_path.is_file():
+        return fallback
+    toma = json.loads(meta_path.read_text())["toma"]
+    return ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"]) if toma else None
+
+
+def _from_stored(meta: dict, options: ValidateOptions):
+    toma = meta["toma"]
+    config = ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"],
+                        dst_every=meta["dst_every"]) if toma else None
+    sizes = tuple(tuple(s) for s in meta["sizes"])
+    return config, replace(options, sizes=sizes, steps=meta["steps"], batch=meta["batch"])
+
+
+def _candidates(model, spec, config, options, report, progress) -> dict:
+    candidates = {}
     if "torch" in options.backends and options.dtype != "fp32":
         candidates[f"torch-{options.dtype}"] = TorchRunner(_graph(spec, config, DTYPES[options.dtype]),
                                                            name=f"torch-{options.dtype}")
@@ -85,34 +147,9 @@ def validate(model: str, config: ToMAConfig, options: ValidateOptions = Validate
             report["skipped"]["tensorrt"] = reason
             progress(f"[validate] tensorrt skipped: {reason}")
         else:
-            engine_json = options.engine or _build_engine(model, config, options, progress)
-            candidates["tensorrt"] = EngineRunnerAdapter(engine_json)
-
-    ref_runner = TorchRunner(reference, name="torch-fp32")
-    runners = [ref_runner, *candidates.values()]
-    for runner in runners:
-        runner.activate()
-    try:
-        _run_sizes(spec, ref_runner, candidates, sizes, options, config, report, progress)
-    finally:
-        for runner in runners:
-            runner.deactivate()
-    report["passed"] = (all(c["passed"] for c in report["comparisons"]) and
-                        all(s["passed"] for s in report["selection"]))
-    return report
-
-
-def _run_sizes(spec, ref_runner, candidates, sizes, options, config, report, progress):
-    for size in sizes:
-        progress(f"[validate] {size[0]}x{size[1]} px: one step" + (f", then a {options.steps}-step loop"
-                                                                   if options.steps else ""))
-        feeds = _feeds(spec, ref_runner.graph, options.batch, size)
-        report["comparisons"] += compare_step(ref_runner, candidates, feeds, options, size)
-        report["selection"] += selection_step(ref_runner, candidates, feeds, options, size)
-        if options.steps:
-            entries, fidelity = compare_loop(spec, ref_runner, candidates, feeds, options, size, config)
-            report["comparisons"] += entries
-            report["fidelity"].append(fidelity)
+            candidates["tensorrt"] = EngineRunnerAdapter(options.engine or _build_engine(model, config, options,
+                                                                                         progress))
+    return candidates
 
 
 def _graph(spec, config, dtype):
@@ -125,6 +162,17 @@ def _feeds(spec, graph: ToMAGraph, batch: int, size) -> dict:
     net = spec.graph_inputs(batch=batch, height=size[0], width=size[1], smooth=True)
     toma = graph.sample_toma_inputs(net, recompute=True)
     return {n: t.numpy() for n, t in zip(graph.input_names, [*net.values(), *toma.values()])}
+
+
+def make_record(spec, ref_runner, config, options, size) -> dict:
+    """Everything the candidates are compared against at one size, computed by the fp32 reference."""
+    feeds = _feeds(spec, ref_runner.graph, options.batch, size)
+    step = dict(ref_runner.infer(feeds, check_inputs=False))
+    record = dict(feeds=feeds, step=step, tiles={g: t.numpy() for g, t in ref_runner.graph.last_tiles.items()})
+    if options.steps:
+        record["latents"], record["used"] = run_loop(spec, ref_runner, feeds, options.steps,
+                                                     config.dst_every if config else 1, "fp32")
+    return record
 
 
 def _cast(feeds: dict, dtype: str, runner) -> dict:
@@ -144,15 +192,21 @@ def _entry(kind, backend, size, step, output, ref, cand, options) -> dict:
                 **stats)
 
 
-def compare_step(ref_runner, candidates: dict, feeds: dict, options, size) -> list:
-    """One forward: every candidate gets the reference's destinations (recompute off)."""
-    ref = ref_runner.infer(feeds, check_inputs=False)
+def _forced(feeds: dict, outputs: dict) -> dict:
+    """Inputs that make a graph reuse the destinations in `outputs` instead of selecting."""
     forced = dict(feeds)
-    names = [n for n in ref if n.startswith("toma_dst_out.")]
-    forced.update({dst_input(n[len("toma_dst_out."):]): ref[n] for n in names})
+    forced.update({dst_input(n[len("toma_dst_out."):]): np.asarray(v) for n, v in outputs.items()
+                   if n.startswith("toma_dst_out.")})
     if RECOMPUTE in forced:
         forced[RECOMPUTE] = np.array(False)
+    return forced
+
+
+def compare_step(record: dict, candidates: dict, options, size) -> list:
+    """One forward: every candidate gets the reference's destinations (recompute off)."""
+    ref = record["step"]
     out_name = next(iter(ref))
+    forced = _forced(record["feeds"], ref)
     entries = []
     for name, runner in candidates.items():
         out = runner.infer(_cast(forced, options.dtype, runner), check_inputs=False)
@@ -160,17 +214,26 @@ def compare_step(ref_runner, candidates: dict, feeds: dict, options, size) -> li
     return entries
 
 
-def selection_step(ref_runner, candidates: dict, feeds: dict, options, size) -> list:
-    """Each candidate selects on its own; compare picks and objective with the reference's."""
-    if RECOMPUTE not in feeds:
+def _bisect(reference, onnx_path, record, options, size, step_entries) -> list:
+    from .bisect import bisect
+
+    failed = [e for e in step_entries if not e["passed"] and e["backends"][1] == "onnxruntime"]
+    if not failed or onnx_path is None:
         return []
-    graph = ref_runner.graph
-    ref = ref_runner.infer(feeds, check_inputs=False)
-    tiles = dict(graph.last_tiles)
+    _, rtol = tolerance("step", options.dtype, options.atol, options.rtol)
+    result = bisect(reference, onnx_path, _cast(_forced(record["feeds"], record["step"]), options.dtype, None), rtol)
+    return [dict(result, backend="onnxruntime", size=f"{size[0]}x{size[1]}")]
+
+
+def selection_step(record: dict, candidates: dict, options, size) -> list:
+    """Each candidate selects on its own; compare picks and objective with the reference's."""
+    if RECOMPUTE not in record["feeds"]:
+        return []
     entries = []
     for name, runner in candidates.items():
-        out = runner.infer(_cast(feeds, options.dtype, runner), check_inputs=False)
-        per_group = {g: selection_agreement(tiles[g], ref[dst_output(g)], out[dst_output(g)]) for g in graph.groups}
+        out = runner.infer(_cast(record["feeds"], options.dtype, runner), check_inputs=False)
+        per_group = {g: selection_agreement(torch.as_tensor(t), record["step"][dst_output(g)], out[dst_output(g)])
+                     for g, t in record["tiles"].items()}
         identical = float(np.mean([v["identical"] for v in per_group.values()]))
         ratio = min(v["objective_ratio"] for v in per_group.values())
         entries.append(dict(backend=name, size=f"{size[0]}x{size[1]}", identical=identical, objective_ratio=ratio,
@@ -180,8 +243,8 @@ def selection_step(ref_runner, candidates: dict, feeds: dict, options, size) -> 
 
 
 def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, forced: list | None = None):
-    """A denoising loop on one runner: returns the latents after every step and the destinations used.
-    With `forced`, step i takes forced[i] as its destinations instead of selecting."""
+    """A denoising loop on one runner: the latents after every step and the destinations each step used.
+    With `forced`, step i reuses forced[i] instead of selecting."""
     scheduler = spec.scheduler()
     scheduler.set_timesteps(steps)
     latent = torch.as_tensor(feeds[spec.latent_input]).float() * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -191,43 +254,90 @@ def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, 
     for i, t in enumerate(scheduler.timesteps):
         feed = spec.step_inputs(state, scheduler, latent, t)
         if RECOMPUTE in feed:
-            feed.update(forced[i] if forced else dst)
+            feed.update({k: torch.as_tensor(v) for k, v in forced[i].items()} if forced else dst)
             feed[RECOMPUTE] = torch.tensor(forced is None and i % dst_every == 0)
         out = runner.infer(_cast({k: v.numpy() for k, v in feed.items()}, dtype, runner), check_inputs=False)
         names = list(out)
         noise = torch.as_tensor(np.asarray(out[names[0]], dtype=np.float32)).reshape(latent.shape)
-        dst = {dst_input(n[len("toma_dst_out."):]): torch.as_tensor(out[n]) for n in names[1:]}
-        used.append(dst)
+        dst = {dst_input(n[len("toma_dst_out."):]): torch.as_tensor(np.asarray(out[n])) for n in names[1:]}
+        used.append({k: v.numpy() for k, v in dst.items()})
         latent = scheduler.step(noise, t, latent).prev_sample
         latents.append(latent.numpy().copy())
     return latents, used
 
 
-def compare_loop(spec, ref_runner, candidates, feeds, options, size, config):
+def compare_loop(spec, record, candidates, options, size, config) -> list:
     every = config.dst_every if config else 1
-    ref_latents, ref_used = run_loop(spec, ref_runner, feeds, options.steps, every, "fp32")
     entries = []
     for name, runner in candidates.items():
-        latents, _ = run_loop(spec, runner, feeds, options.steps, every, options.dtype, forced=ref_used)
-        for i, (r, c) in enumerate(zip(ref_latents, latents)):
+        latents, _ = run_loop(spec, runner, record["feeds"], options.steps, every, options.dtype,
+                              forced=record["used"])
+        for i, (r, c) in enumerate(zip(record["latents"], latents)):
             entries.append(_entry("loop", name, size, i, "latents", r, c, options))
-    fidelity = {}
-    if config:                       # what merging itself costs: the same loop without ToMA
-        model = ref_runner.graph.model
-        remove_toma(model)           # the same weights, unpatched for this loop (no second copy in memory)
-        try:
-            plain = TorchRunner(ToMAGraph(model, spec, None), name="torch-fp32-no-toma")
-            with plain:
-                base_latents, _ = run_loop(spec, plain, {k: v for k, v in feeds.items() if k in plain.graph.input_names},
-                                           options.steps, every, "fp32")
-        finally:
-            apply_toma(model, config)
-        final = compare(base_latents[-1], ref_latents[-1], 0.0, 0.0)
-        fidelity = dict(size=f"{size[0]}x{size[1]}", steps=options.steps, compared="torch ToMA vs torch without ToMA",
-                        max_abs=final["max_abs"], cosine=final["cosine"],
-                        relative_l2=float(np.linalg.norm(ref_latents[-1] - base_latents[-1]) /
-                                          max(np.linalg.norm(base_latents[-1]), 1e-30)))
-    return entries, fidelity
+    return entries
+
+
+def fidelity(spec, ref_runner, record, options, size, config) -> dict:
+    """What merging itself costs: the reference loop against the same loop without ToMA."""
+    model = ref_runner.graph.model
+    remove_toma(model)               # the same weights, unpatched for this loop (no second copy in memory)
+    try:
+        plain = TorchRunner(ToMAGraph(model, spec, None), name="torch-fp32-no-toma")
+        with plain:
+            feeds = {k: v for k, v in record["feeds"].items() if k in plain.graph.input_names}
+            base, _ = run_loop(spec, plain, feeds, options.steps, 1, "fp32")
+    finally:
+        apply_toma(model, config)
+    final = compare(base[-1], record["latents"][-1], 0.0, 0.0)
+    return dict(size=f"{size[0]}x{size[1]}", steps=options.steps, compared="torch ToMA vs torch without ToMA",
+                max_abs=final["max_abs"], cosine=final["cosine"],
+                relative_l2=float(np.linalg.norm(record["latents"][-1] - base[-1]) /
+                                  max(np.linalg.norm(base[-1]), 1e-30)))
+
+
+def save_records(path, records: list, meta: dict) -> None:
+    """Reference records as one .npz (written under a temporary name, then renamed)."""
+    flat = {"meta": np.array(json.dumps(meta))}
+    for i, rec in enumerate(records):
+        for part in ("feeds", "step", "tiles"):
+            flat.update({f"{i}/{part}/{k}": np.asarray(v) for k, v in rec[part].items()})
+        for s, latent in enumerate(rec.get("latents", [])):
+            flat[f"{i}/latents/{s}"] = latent
+            flat.update({f"{i}/used/{s}/{k}": v for k, v in rec["used"][s].items()})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **flat)
+    tmp.replace(path)
+
+
+def load_records(path) -> dict:
+    try:
+        data = np.load(path, allow_pickle=False)
+        meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a toma-export reference file ({err}); make one with --save-reference") from None
+    if meta.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path} has reference format {meta.get('format')}, this toolkit reads {RECORD_FORMAT}; "
+                         "save the reference again with this version")
+    records = []
+    for i in range(len(meta["sizes"])):
+        rec = {part: {} for part in ("feeds", "step", "tiles")}
+        rec["latents"], rec["used"] = [None] * meta["steps"], [dict() for _ in range(meta["steps"])]
+        for key in data.files:
+            head, _, rest = key.partition("/")
+            if head != str(i):
+                continue
+            part, _, name = rest.partition("/")
+            if part in rec and part not in ("latents", "used"):
+                rec[part][name] = data[key]
+            elif part == "latents":
+                rec["latents"][int(name)] = data[key]
+            elif part == "used":
+                s, _, tensor = name.partition("/")
+                rec["used"][int(s)][tensor] = data[key]
+        rec["step"] = {k: rec["step"][k] for k in sorted(rec["step"], key=lambda n: n.startswith("toma_dst_out."))}
+        records.append(rec)
+    return dict(meta=meta, records=records)
 
 
 def _tensorrt_unavailable() -> str | None:
@@ -250,7 +360,8 @@ def _build_engine(model, config, options, progress) -> str:
 
 def table(report: dict) -> str:
     """The human-readable verdict."""
-    lines = [f"{'comparison':<34} {'size':>9} {'step':>4} {'max abs':>10} {'p99 abs':>10} {'cosine':>9} "
+    lines = [f"reference: {report['reference']}",
+             f"{'comparison':<34} {'size':>9} {'step':>4} {'max abs':>10} {'p99 abs':>10} {'cosine':>9} "
              f"{'tolerance':>10}  result"]
     for c in report["comparisons"]:
         p99 = f"{c['p99_abs']:.3g}" if c["p99_abs"] is not None else "-"
@@ -265,7 +376,50 @@ def table(report: dict) -> str:
     for f in report["fidelity"]:
         lines.append(f"ToMA fidelity {f['size']}, {f['steps']} steps: final latents {f['relative_l2']:.2%} relative L2 "
                      f"from the model without ToMA (cosine {f['cosine']:.4f}); reported, not judged")
+    for b in report.get("bisect", []):
+        lines.append(f"bisect {b['backend']} {b['size']}: first block out of tolerance: "
+                     f"{b['first_failing_block'] or 'none (the error comes after the transformer blocks)'}")
     for backend, reason in report["skipped"].items():
         lines.append(f"{backend}: skipped ({reason})")
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
+
+
+def write_report(report: dict, folder) -> list[str]:
+    """report.json, report.txt and errors.png (error per step per backend) in `folder`; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.txt").write_text(table(report) + "\n")
+    files = [str(folder / "report.json"), str(folder / "report.txt")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return files
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {}
+    for c in report["comparisons"]:
+        if c["kind"] == "loop":
+            series.setdefault((c["backends"][1], c["size"]), []).append((c["step"], c["max_abs"] / max(c["scale"], 1e-30)))
+    for (backend, size), points in sorted(series.items()):
+        steps, errs = zip(*sorted(points))
+        ax.semilogy(steps, [max(e, 1e-12) for e in errs], marker="o", label=f"{backend} {size}")
+    step_errs = [(c["backends"][1], c["size"], c["max_abs"] / max(c["scale"], 1e-30))
+                 for c in report["comparisons"] if c["kind"] == "step"]
+    for backend, size, err in step_errs:
+        if (backend, size) not in series:
+            ax.semilogy([0], [max(err, 1e-12)], marker="s", label=f"{backend} {size} (one step)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("max |candidate - reference| / max |reference|")
+    ax.set_title(f"{report['model']} {report['dtype']}: error against the fp32 PyTorch reference")
+    ax.grid(True, which="both", alpha=0.3)
+    if series or step_errs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "errors.png", dpi=100)
+    plt.close(fig)
+    return files + [str(folder / "errors.png")]
