@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,report,tensorrt-rtx,triton,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,ort,report,tensorrt-rtx,triton,test]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
