@@ -27,7 +27,7 @@ tensorrt = pytest.mark.skipif(not _has_tensorrt(), reason="needs full TensorRT w
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernel_on_cuda_equals_reference(dtype):
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4096, 8, 3072, generator=g)[:, :, :64]
+    centres = torch.randn(4096, 8, 64, generator=g)
     owner = torch.randint(0, 8, (4096, 16), generator=g)
     x = (centres.gather(1, owner.unsqueeze(-1).expand(-1, -1, 64)) + 0.05 * torch.randn(4096, 16, 64)).to(dtype)
     want = te.facility_location(x, 8)
