@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import warnings
@@ -92,7 +93,8 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
     progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
              f"{', dynamic batch/size/text' if options.dynamic else ''}); this takes a minute")
-    # the exporter narrates on stdout; keep stdout for our own (JSON) output
+    # the exporter narrates on stdout (keep stdout for our JSON) and logs that torchvision ops are missing
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, args, dynamo=True, opset_version=options.opset,
