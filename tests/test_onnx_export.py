@@ -185,3 +185,14 @@ def test_bf16_flux_export_is_well_formed(tmp_path):
     meta = export("flux-tiny", te.ToMAConfig(), tmp_path, ExportOptions(dtype="bf16"), progress=lambda m: None)
     onnx.checker.check_model(meta["onnx"], full_check=True)
     assert next(i for i in meta["inputs"] if i["name"] == "hidden_states")["dtype"] == "bfloat16"
+
+
+def test_models_over_2gb_keep_their_tensors_in_external_data(tmp_path, monkeypatch):
+    """The external-data path, exercised by lowering the 2 GB threshold to one byte."""
+    monkeypatch.setattr(sys.modules["toma_export.onnx.export"], "TWO_GB", 1)
+    meta = export("flux-tiny", te.ToMAConfig(), tmp_path, ExportOptions(height=128, width=128), progress=lambda m: None)
+    assert meta["external_data"] and Path(meta["onnx"] + ".data").is_file()
+    onnx.checker.check_model(meta["onnx"], full_check=True)
+    graph, net, toma, (ref, *_) = reference("flux-tiny", 1, 128, 128)
+    out = ort.InferenceSession(meta["onnx"]).run(None, feed(graph, net, toma))[0]
+    assert np.abs(out - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()

@@ -165,3 +165,25 @@ def test_tile_not_dividing_the_grid_is_a_clear_error(tiny, name):
     with pytest.raises(ValueError, match=r"tile 3x3 does not divide the 16x16 token grid"):
         run(model, te.models.get(name).sample_inputs())
     te.remove_toma(model)
+
+
+def test_default_blocks_on_the_real_depths():
+    """FLUX.1-dev's 19 double / 38 single blocks and SDXL's (1, 2, 10) transformer layout, at toy widths."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=19, num_single_layers=38,
+                                  attention_head_dim=8, num_attention_heads=1, joint_attention_dim=8,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    report = te.apply_toma(flux)
+    assert report.groups["transformer_blocks"][0] == "transformer_blocks.5" and len(report.groups["transformer_blocks"]) == 14
+    assert report.groups["single_transformer_blocks"][0] == "single_transformer_blocks.5"
+    assert len(report.groups["single_transformer_blocks"]) == 33
+    unet = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+        cross_attention_dim=16, use_linear_projection=True, norm_num_groups=32)
+    report = te.apply_toma(unet)
+    # the 64x64 level at 1024 px: down_blocks.1 (2 attentions) and up_blocks.1 (3), 2 layers each
+    assert len(report.blocks) == 10 and set(report.downsample.values()) == {2}
+    assert all(g.startswith(("down_blocks.1.", "up_blocks.1.")) for g in report.groups)
