@@ -13,7 +13,8 @@ from polygraphy.common import TensorMetadata
 
 
 class TorchRunner(BaseRunner):
-    """Runs a ToMAGraph eagerly; `graph.last_tiles` then holds the features each group selected on."""
+    """Runs a ToMAGraph eagerly on the device its weights are on; `graph.last_tiles` then holds the features
+    each group selected on."""
 
     def __init__(self, graph, name: str = "torch"):
         super().__init__(name=name)
@@ -29,12 +30,13 @@ class TorchRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict):
-        args = [torch.as_tensor(np.asarray(feed_dict[n])) for n in self.graph.input_names]
+        device = next(self.graph.model.parameters()).device
+        args = [torch.as_tensor(np.asarray(feed_dict[n])).to(device) for n in self.graph.input_names]
         start = time.perf_counter()
         with torch.no_grad():
             outs = self.graph(*args)
         self.inference_time = time.perf_counter() - start
-        return OrderedDict((n, o.float().numpy() if o.is_floating_point() else o.numpy())
+        return OrderedDict((n, o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy())
                            for n, o in zip(self.graph.output_names, outs))
 
     def deactivate_impl(self):

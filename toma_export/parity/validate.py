@@ -153,7 +153,8 @@ def _candidates(model, spec, config, options, report, progress) -> dict:
 
 
 def _graph(spec, config, dtype):
-    model = spec.load(dtype)
+    """The PyTorch graph, on the GPU when there is one (an fp32 FLUX.1-dev needs about 48 GB)."""
+    model = spec.load(dtype).to("cuda" if torch.cuda.is_available() else "cpu")
     report = apply_toma(model, config) if config else None
     return ToMAGraph(model, spec, report).eval()
 
@@ -168,7 +169,8 @@ def make_record(spec, ref_runner, config, options, size) -> dict:
     """Everything the candidates are compared against at one size, computed by the fp32 reference."""
     feeds = _feeds(spec, ref_runner.graph, options.batch, size)
     step = dict(ref_runner.infer(feeds, check_inputs=False))
-    record = dict(feeds=feeds, step=step, tiles={g: t.numpy() for g, t in ref_runner.graph.last_tiles.items()})
+    record = dict(feeds=feeds, step=step,
+                  tiles={g: t.detach().cpu().numpy() for g, t in ref_runner.graph.last_tiles.items()})
     if options.steps:
         record["latents"], record["used"] = run_loop(spec, ref_runner, feeds, options.steps,
                                                      config.dst_every if config else 1, "fp32")
