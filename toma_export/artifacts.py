@@ -49,6 +49,18 @@ def staged_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def source_digest() -> str:
+    """A hash of the toolkit's own sources: part of every artifact key, so an edited checkout (where the
+    version number stays put) never reuses an artifact made by other code."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for folder in (root, root.parent / "plugins"):
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def versions(*packages: str) -> dict:
     """Installed versions of the named distributions (None when missing)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..artifacts import cache_key, staged_dir, versions, writable_dir
+from ..artifacts import cache_key, source_digest, staged_dir, versions, writable_dir
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph
@@ -68,7 +68,8 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                       toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
                       dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
                       size=(height, width), ranges=ranges if options.dynamic else None,
-                      versions=versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"))
+                      versions=dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"),
+                                    sources=source_digest()))
     key = cache_key(key_fields)
     final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
     if (final / "toma.json").is_file() and not force:

@@ -110,18 +110,18 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     return report
 
 
+def _config(toma: dict | None, **extra) -> ToMAConfig | None:
+    """The ToMA settings recorded in toma.json or a reference file (None: the file has no ToMA)."""
+    return ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"], **extra) if toma else None
+
+
 def _config_of(onnx_path: str, fallback):
     meta_path = Path(onnx_path).with_name("toma.json")
-    if not meta_path.is_file():
-        return fallback
-    toma = json.loads(meta_path.read_text())["toma"]
-    return ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"]) if toma else None
+    return _config(json.loads(meta_path.read_text())["toma"]) if meta_path.is_file() else fallback
 
 
 def _from_stored(meta: dict, options: ValidateOptions):
-    toma = meta["toma"]
-    config = ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"],
-                        dst_every=meta["dst_every"]) if toma else None
+    config = _config(meta["toma"], dst_every=meta["dst_every"])
     sizes = tuple(tuple(s) for s in meta["sizes"])
     return config, replace(options, sizes=sizes, steps=meta["steps"], batch=meta["batch"])
 

@@ -38,6 +38,11 @@ class TileMerge:
         if dst is None:
             d = destinations_per_tile(tile, ratio)
             dst = facility_location(tiles.reshape(b * t, n, c), d).reshape(b, t, d)
+        return cls.from_tiles(tiles, grid, tile, scale, dst)
+
+    @classmethod
+    def from_tiles(cls, tiles, grid, tile, scale: float, dst: torch.Tensor) -> "TileMerge":
+        """The weights for given destinations from features already folded into tiles (B, T, n, C)."""
         merge_w, unmerge_w = merge_weights(tiles, dst, scale)
         return cls(tuple(grid), tuple(tile), dst, merge_w, unmerge_w)
 

@@ -107,7 +107,7 @@ class ToMAState:
             tiles = fold(features, grid, cfg.tile)
             dst = select_or_reuse(tiles, previous.reshape(tiles.shape[0], tiles.shape[1], previous.shape[-1]),
                                   g.recompute)
-            g.merges[group] = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=dst)
+            g.merges[group] = TileMerge.from_tiles(tiles, grid, cfg.tile, cfg.scale, dst)
             g.used[group] = dst.reshape(previous.shape)
             g.tiles[group] = tiles
         return g.merges[group]
