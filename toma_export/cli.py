@@ -39,7 +39,7 @@ def toma_config(args, base: dict | None = None):
     for name in ("ratio", "tile", "scale"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    return ToMAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return ToMAConfig(**values)                 # ToMAConfig normalises a recipe's [4, 4] tile itself
 
 
 def _median_ms(fn, repeats: int) -> float:

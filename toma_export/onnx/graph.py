@@ -75,7 +75,7 @@ class ToMAGraph(torch.nn.Module):
         """Zero previous destinations (ignored when recompute is true) for given network inputs."""
         if self.report is None:
             return {}
-        cells = self.spec.cells(*self._pixels(net_inputs))
+        cells = self._cells(net_inputs)
         batch = next(iter(net_inputs.values())).shape[0]
         shapes = self.toma_shapes(batch, *cells)
         out = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
@@ -90,10 +90,9 @@ class ToMAGraph(torch.nn.Module):
         return {name: tuple(sizes[s] // div for _, (s, div) in sorted(axes.items())) + (d,)
                 for name, axes in self.toma_axes().items()}
 
-    def _pixels(self, net_inputs: dict) -> tuple[int, int]:
+    def _cells(self, net_inputs: dict) -> tuple[int, int]:
+        """(height, width) of the graph's spatial input, read off the first network input."""
         first = self.net_names[0]
-        axes = self.spec.input_axes()[first]
         shape = net_inputs[first].shape
-        h_axis = next(a for a, (s, _) in axes.items() if s == "height")
-        w_axis = next(a for a, (s, _) in axes.items() if s == "width")
-        return shape[h_axis] * self.spec.pixels_per_cell, shape[w_axis] * self.spec.pixels_per_cell
+        axis = {symbol: a for a, (symbol, _) in self.spec.input_axes()[first].items()}
+        return shape[axis["height"]], shape[axis["width"]]
