@@ -249,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
     val.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     val.set_defaults(func=cmd_validate)
+
+    # benchmarks and serving define their own subcommands (argparse only at import; heavy imports in the commands)
+    from .bench import cli as bench_cli
+    from .serve import cli as serve_cli, repository
+
+    bench_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
+    repository.add_parser(sub)
     return parser
 
 

@@ -105,7 +105,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
     with staged_dir(final) as tmp:
         progress("[export 3/4] attaching the ToMASelect body and writing the file")
         onnx_path = tmp / "model.onnx"
-        external = _write(program, onnx_path, options.opset)
+        external = write_model(program, onnx_path, options.opset)
         progress("[export 4/4] running the ONNX checker (full_check)")
         import onnx
 
@@ -164,7 +164,7 @@ def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
     return (tuple({a: dim(*sd) for a, sd in axes.get(n, {}).items()} or None for n in graph.input_names),)
 
 
-def _write(program, path: Path, opset: int) -> bool:
+def write_model(program, path: Path, opset: int) -> bool:
     """Save with the selection body attached; tensors stay external only past 2 GB. Returns external."""
     import onnx
 

@@ -1,0 +1,79 @@
+"""`toma-export bench` end to end at small token counts: real blocks, real ONNX Runtime, real tomesd."""
+import json
+
+import pytest
+
+from toma_export.bench import report
+from toma_export.cli import main
+
+QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.25,0.5", "--repeats", "1",
+         "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{report.BEGIN}\nold table\n{report.END}\n\nafter\n")
+    code = main(QUICK + ["--models", "flux-tiny", "--model-size", "256", "--out", str(out / "results"),
+                         "--readme", str(readme)])
+    assert code == 0
+    return json.loads((out / "results" / "results.json").read_text()), out, readme
+
+
+def test_json_has_every_row_with_consistent_ratios(quick_run):
+    doc, _, _ = quick_run
+    assert {"machine", "versions", "results", "targets", "command"} <= set(doc)
+    assert doc["versions"]["tomesd"] and doc["versions"]["onnxruntime"]
+    rows = doc["results"]
+    keys = {(r["block"].split("-")[0], r["backend"], r["method"], r["ratio"]) for r in rows}
+    for block in ("sdxl", "flux"):
+        for backend in ("torch", "onnxruntime"):
+            assert (block, backend, "baseline", 0.0) in keys
+            assert {(block, backend, "toma", 0.25), (block, backend, "toma", 0.5)} <= keys
+    assert ("sdxl", "torch", "tomesd", 0.5) in keys
+    assert not any(r["method"] == "tomesd" and r["block"].startswith("flux") for r in rows)
+    for r in rows:
+        assert r["median_ms"] > 0 and r["baseline_median_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["baseline_median_ms"] / r["median_ms"], rel=0.01)
+        assert r["latency_ratio"] == pytest.approx(r["median_ms"] / r["baseline_median_ms"], rel=0.01)
+        if r["method"] == "toma" and "whole model" not in r["block"]:
+            assert 0 < r["overhead_share"] < 5          # measured on the same backend, never missing
+            assert 0 < r["rel_l2_vs_baseline"] < 0.5     # merged, so different from the baseline, but close
+    assert sum(r["default"] for r in rows if "whole model" not in r["block"]) == 4   # ratio 0.5 per block/backend
+    whole = [r for r in rows if "whole model" in r["block"]]
+    assert [r["method"] for r in whole] == ["baseline", "toma"] and whole[0]["block"].startswith("flux-tiny")
+
+
+def test_targets_say_whether_met_and_by_how_much(quick_run):
+    doc, _, _ = quick_run
+    assert len(doc["targets"]) == 3
+    for t in doc["targets"]:
+        assert t["measured"] is not None and t["met"] == (t["measured"] <= t["limit"])
+        assert t["missed_by"] == pytest.approx(max(0.0, t["measured"] - t["limit"]), abs=1e-3)
+
+
+def test_table_plot_and_readme_match_the_json(quick_run):
+    doc, out, readme = quick_run
+    table = (out / "results" / "results.md").read_text()
+    assert table == report.table(doc)
+    assert table.count("\n| ") == len(doc["results"]) + 1           # header + one line per row
+    png = (out / "results" / "latency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n") and "old table" not in text
+    assert table in text and "](results/latency.png)" in text
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["bench", "--ratios", "0.5,1.5"]) == 2
+    assert main(["bench", "--blocks", "sd15"]) == 2
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert main(QUICK + ["--blocks", "sdxl", "--backends", "torch", "--models", "", "--no-peer", "--out",
+                         str(tmp_path / "r"), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("toma-export: error:")]
+    assert len(errors) == 3
+    assert "ratio" in errors[0] and "sd15" in errors[1] and "markers" in errors[2]
+    assert readme.read_text() == "no markers\n"

@@ -1,0 +1,191 @@
+"""The blocks the benchmark times, at real token counts: one SDXL transformer block of the 64x64 level and
+one FLUX single-stream block (4096 image + 512 text tokens).
+
+Each variant is a small nn.Module with tensor inputs only, so the same object runs eagerly in PyTorch and
+exports to ONNX: the baseline block, the block with the real ToMA patch swapped in (selection on every
+call, through the same `select_or_reuse` the model exports use), the merge machinery alone (to measure
+ToMA's overhead), and tomesd's patch on the same SDXL block.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..toma import ToMAConfig
+from ..toma import flux as toma_flux, sdxl as toma_sdxl
+from ..toma.merge import TileMerge
+from ..toma.patch import _swapped
+from ..toma.selection import select_or_reuse
+from ..toma.state import GraphDestinations, ToMAState
+from ..toma.tiles import destinations_per_tile, fold
+
+GROUP = "block"
+FLUX_WIDTH = 3072          # FLUX.1's real width (24 heads of 128)
+
+
+@dataclass
+class BlockCase:
+    """One benchmarked block: how to build it, its inputs, and how ToMA patches it."""
+
+    name: str
+    description: str
+    block: torch.nn.Module
+    inputs: dict                 # name -> tensor, in forward order
+    grid: tuple[int, int]        # image-token grid ToMA tiles
+    mixin: type                  # the ToMA patch class swapped in front of the block's class
+    merge_pairs: int             # merge/unmerge pairs per call with the default sublayers
+    extra: dict                  # constant per-call tensors the forward needs besides inputs (RoPE tables)
+
+    def baseline(self) -> torch.nn.Module:
+        return _Net(self, copy.deepcopy(self.block))
+
+    def toma(self, config: ToMAConfig) -> torch.nn.Module:
+        return _ToMANet(self, copy.deepcopy(self.block), config)
+
+    def overhead(self, config: ToMAConfig) -> torch.nn.Module:
+        return _MergeOnly(self, config)
+
+
+def sdxl_block(grid: int = 64, seed: int = 0) -> BlockCase:
+    """SDXL's 64x64-level BasicTransformerBlock: width 640, 10 heads of 64, GEGLU, text over 77 x 2048
+    (`grid` other than 64 only to make quick runs quicker)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = BasicTransformerBlock(640, 10, 64, cross_attention_dim=2048, activation_fn="geglu",
+                                      norm_type="layer_norm").eval()
+        inputs = dict(hidden_states=_smooth((1, grid, grid, 640)).flatten(1, 2), context=torch.randn(1, 77, 2048))
+    return BlockCase(f"sdxl-block-{grid}x{grid}", f"SDXL BasicTransformerBlock, {grid}x{grid} level ({grid * grid} "
+                     "tokens, width 640, 10 heads, cross-attention 77x2048)", block, inputs, (grid, grid),
+                     toma_sdxl._Block, 3, {})
+
+
+def flux_single_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 0) -> BlockCase:
+    """FLUX single-stream block at 1024x1024 px: 4096 image + 512 text tokens, heads of 128 as in FLUX.1;
+    `width` below 3072 keeps the real head size and token counts with fewer heads."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock
+
+    if width % 128:
+        raise ValueError(f"the FLUX block width must be a multiple of the 128-wide heads, got {width}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = FluxSingleTransformerBlock(width, width // 128, 128).eval()
+        inputs = dict(hidden_states=_smooth((1, grid, grid, width)).flatten(1, 2), text=torch.randn(1, text, width),
+                      temb=torch.randn(1, width))
+    ids = torch.zeros(text + grid * grid, 3)
+    ids[text:, 1] = torch.arange(grid).repeat_interleave(grid)
+    ids[text:, 2] = torch.arange(grid).repeat(grid)
+    cos, sin = FluxPosEmbed(10000, [16, 56, 56])(ids)
+    share = "" if width == FLUX_WIDTH else f", {width / FLUX_WIDTH:.3g} of FLUX.1's width 3072"
+    return BlockCase("flux-single-block", f"FLUX single-stream block ({grid * grid} image + {text} text tokens, "
+                     f"width {width}, {width // 128} heads of 128{share})", block, inputs, (grid, grid),
+                     toma_flux._SingleBlock, 1, dict(cos=cos.float(), sin=sin.float()))
+
+
+def _smooth(shape) -> torch.Tensor:
+    """Spatially correlated features (B, H, W, C), like a latent's: a coarse random field upsampled plus
+    noise, so the selection sees structure rather than white noise."""
+    b, h, w, c = shape
+    coarse = torch.randn(b, c, h // 8, w // 8)
+    field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (field + 0.1 * torch.randn(b, c, h, w)).permute(0, 2, 3, 1).contiguous()
+
+
+class _Net(torch.nn.Module):
+    """The block as a function of its input tensors (SDXL: hidden, context; FLUX: image, text, temb)."""
+
+    def __init__(self, case: BlockCase, block: torch.nn.Module):
+        super().__init__()
+        self.block, self.family = block, case.name.split("-")[0]
+        for name, tensor in case.extra.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, *inputs):
+        if self.family == "sdxl":
+            hidden, context = inputs
+            return self.block(hidden, encoder_hidden_states=context)
+        image, text, temb = inputs
+        text_out, image_out = self.block(image, text, temb, image_rotary_emb=(self.cos, self.sin))
+        return torch.cat([text_out, image_out], dim=1)
+
+
+class _ToMANet(_Net):
+    """The block with ToMA's patch class swapped in; destinations are selected on every call (the worst case:
+    a served model reuses them across blocks and steps), via the graph path the model exports use."""
+
+    def __init__(self, case: BlockCase, block: torch.nn.Module, config: ToMAConfig):
+        super().__init__(case, block)
+        self.state = ToMAState(config)
+        self.state.grids[GROUP] = case.grid
+        block.__class__ = _swapped(case.mixin, type(block))
+        block._toma, block._toma_group = self.state, GROUP
+        th, tw = config.tile
+        self.dst_shape = (case.grid[0] // th, case.grid[1] // tw, destinations_per_tile(config.tile, config.ratio))
+
+    def forward(self, *inputs):
+        previous = torch.zeros((inputs[0].shape[0], *self.dst_shape), dtype=torch.int64, device=inputs[0].device)
+        self.state.graph = GraphDestinations({GROUP: previous}, torch.tensor(True))
+        try:
+            return super().forward(*inputs)
+        finally:
+            self.state.graph = None
+
+
+class _MergeOnly(torch.nn.Module):
+    """What ToMA adds to a block, without the block: selection and merge weights on the image tokens, then
+    as many merge -> unmerge round trips as the block makes (chained, so no runtime can fold them away)."""
+
+    def __init__(self, case: BlockCase, config: ToMAConfig):
+        super().__init__()
+        self.grid, self.config, self.pairs = case.grid, config, case.merge_pairs
+        self.d = destinations_per_tile(config.tile, config.ratio)
+
+    def forward(self, hidden, *_unused):
+        c = self.config
+        tiles = fold(hidden, self.grid, c.tile)
+        previous = torch.zeros((tiles.shape[0], tiles.shape[1], self.d), dtype=torch.int64, device=hidden.device)
+        merge = TileMerge.from_tiles(tiles, self.grid, c.tile, c.scale,
+                                     select_or_reuse(tiles, previous, torch.tensor(True)))
+        out = hidden
+        for _ in range(self.pairs):
+            out = merge.unmerge(merge.merge(out))
+        return out
+
+
+def tomesd_net(case: BlockCase, **kwargs) -> torch.nn.Module:
+    """tomesd's patch (its defaults unless kwargs say otherwise) on a copy of the SDXL block.
+
+    tomesd sizes its merge from the latent the UNet receives; here the block is the model, so its size is
+    set to the block's own grid: the 64x64 level counts as tomesd's top level (downsample 1), which its
+    default max_downsample=1 merges. (In a real SDXL UNet that level is downsample 2 and the defaults
+    merge nothing.)"""
+    import tomesd
+    from diffusers import ModelMixin
+
+    if not case.name.startswith("sdxl"):
+        raise ValueError("tomesd patches UNet BasicTransformerBlocks only; it has no FLUX support")
+    host = ModelMixin()               # tomesd.apply_patch looks for 'ModelMixin' among the class names
+    host.block = copy.deepcopy(case.block)
+    tomesd.apply_patch(host, **kwargs)
+    for hook in host._tome_info["hooks"]:
+        hook.remove()
+    host._tome_info["hooks"] = []
+    host._tome_info["size"] = case.grid
+    return _Net(case, host.block)
+
+
+def tomesd_overhead(case: BlockCase, net: torch.nn.Module):
+    """A callable running tomesd's own matching and its merge/unmerge of the self-attention input (what its
+    defaults merge) on the block's input: tomesd's overhead, measured like ToMA's."""
+    from tomesd.patch import compute_merge
+
+    info, x = net.block._tome_info, case.inputs["hidden_states"]
+
+    def run():
+        m_a, _, _, u_a, _, _ = compute_merge(x, info)
+        return u_a(m_a(x))
+
+    return run

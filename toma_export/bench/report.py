@@ -1,0 +1,103 @@
+"""What `toma-export bench` writes: a markdown table (also pasted into the README between markers), a plot
+of latency against ratio per block and backend, and the JSON itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def table(doc: dict) -> str:
+    m, v = doc["machine"], doc["versions"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} PyTorch / ONNX Runtime threads"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; Python {m['python']}.",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
+             f"Command: `{doc['command']}`.", "",
+             "| block | backend | method | ratio | median ms | baseline ms | latency ratio | speed-up "
+             "| overhead share | rel. L2 vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        method = r["method"] + (" (default)" if r["default"] and r["method"] == "toma" else "")
+        share = "" if r["overhead_share"] is None else f"{100 * r['overhead_share']:.1f} %"
+        rel = "" if r["rel_l2_vs_baseline"] is None else f"{r['rel_l2_vs_baseline']:.4f}"
+        lines.append(f"| {r['block']} | {r['backend']} | {method} | {r['ratio']:g} | {r['median_ms']:.1f} "
+                     f"| {r['baseline_median_ms']:.1f} | {r['latency_ratio']:.3f}x | {r['speedup']:.2f}x "
+                     f"| {share} | {rel} |")
+    if doc["targets"]:
+        lines += ["", "Targets (measured, not asserted):", ""]
+        for t in doc["targets"]:
+            if t["measured"] is None:
+                verdict = "not measured in this run"
+            elif t["met"]:
+                verdict = f"**met**: {t['measured']:g} <= {t['limit']:g}"
+            else:
+                verdict = f"**missed** by {t['missed_by']:g}: {t['measured']:g} > {t['limit']:g}"
+            lines.append(f"- {t['name']}: {verdict}")
+    for note in doc.get("notes", []):
+        lines.append(f"- Note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> Path:
+    """Median latency against ratio (0 = baseline), one panel per block, one line per backend, tomesd as
+    a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if r["method"] in ("baseline", "toma", "tomesd") and "whole model" not in
+            r["block"] and "engine" not in r["block"]]
+    names = list(dict.fromkeys(r["block"] for r in rows))
+    if not names:
+        raise ValueError("no block results to plot")
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["block"] == name]
+        for backend in dict.fromkeys(r["backend"] for r in mine):
+            line = sorted((r["ratio"], r["median_ms"]) for r in mine
+                          if r["backend"] == backend and r["method"] in ("baseline", "toma"))
+            (drawn,) = ax.plot(*zip(*line), marker="o", label=f"ToMA, {backend}")
+            for r in mine:
+                if r["backend"] == backend and r["method"] == "tomesd":   # hollow: backends may overlap
+                    ax.plot(r["ratio"], r["median_ms"], marker="s", markersize=9, fillstyle="none",
+                            color=drawn.get_color(), linestyle="none", label=f"tomesd, {backend}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("ratio of tokens merged away (0 = baseline)")
+        ax.set_ylabel("median latency, ms")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{doc['machine']['cpu']}, {doc['machine']['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(doc: dict, folder: Path) -> list[Path]:
+    """results.json, results.md and latency.png in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (folder / "results.md").write_text(table(doc))
+    return [folder / "results.json", folder / "results.md", plot(doc, folder / "latency.png")]
+
+
+def check_readme(readme: Path) -> str:
+    """The README's text, or a one-line error when it has no section to fill (checked before a long run)."""
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} section to fill; add the two markers where the "
+                         "results table belongs")
+    return text
+
+
+def update_readme(readme: Path, doc: dict, plot_path: Path) -> None:
+    """Replace the text between the bench markers with this run's table and plot."""
+    text = check_readme(readme)
+    rel = Path(plot_path).resolve().relative_to(readme.resolve().parent)
+    body = f"{BEGIN}\n{table(doc)}\n![median latency against ratio]({rel.as_posix()})\n{END}"
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + body + rest.split(END, 1)[1])

@@ -1,0 +1,294 @@
+"""`toma-export bench`: ToMA against the unmerged baseline and tomesd, per block and backend, in one run.
+
+Every row carries its baseline from the same run (round-robin timing), the overhead of ToMA's own work
+(selection + merge weights + merge/unmerge, timed alone on the same backend) as a share of the baseline,
+and the output's distance from the baseline as a quality hint. Targets are measured, never asserted.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..toma import ToMAConfig
+from . import blocks, timing
+
+# Issue 6's targets, for the SDXL-level block with all sub-layers merged at ratio 0.5 (the default config).
+TARGETS = (
+    dict(name="ONNX Runtime CPU latency of the SDXL block at ratio 0.5, vs its baseline", block="sdxl",
+         backend="onnxruntime", method="toma", ratio=0.5, field="latency_ratio", limit=0.42),
+    dict(name="selection + merge + unmerge share of the SDXL baseline block at ratio 0.5 (ONNX Runtime)",
+         block="sdxl", backend="onnxruntime", method="toma", ratio=0.5, field="overhead_share", limit=0.02),
+    dict(name="selection + merge + unmerge share of the SDXL baseline block at ratio 0.5 (PyTorch)",
+         block="sdxl", backend="torch", method="toma", ratio=0.5, field="overhead_share", limit=0.02),
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    ratios: tuple = (0.25, 0.5, 0.75)
+    blocks: tuple = ("sdxl", "flux")
+    backends: tuple = ("torch", "onnxruntime")
+    repeats: int = 7                 # timed rounds; the median is reported
+    warmup: int = 1
+    flux_width: int | None = None    # None: 1536 on the CPU (half of 3072), 3072 on a GPU
+    grid: int = 64                   # image-token grid side (64: 1024x1024 px)
+    text: int = 512                  # FLUX text tokens
+    peer: bool = True                # tomesd on the SDXL block
+    models: tuple = ("flux-tiny", "sdxl-tiny")   # whole tiny models, PyTorch, reported only
+    model_size: int = 1024
+    device: str = "cpu"              # cpu | cuda (GPU mode: fp16 blocks, Triton selection, TensorRT engines)
+    workdir: str | None = None       # where the ONNX files go (a temporary folder by default)
+
+
+def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
+    """Run every requested measurement; returns the JSON document."""
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    torch.set_grad_enabled(False)
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU visible to PyTorch; drop it to benchmark on the CPU")
+    unknown = set(options.blocks) - {"sdxl", "flux"} or set(options.backends) - {"torch", "onnxruntime"}
+    if unknown:
+        raise ValueError(f"unknown block or backend {sorted(unknown)}: blocks are sdxl, flux; backends torch, "
+                         "onnxruntime")
+    for r in options.ratios:
+        ToMAConfig(ratio=r)                      # a bad ratio fails before anything is built
+    results, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="toma-bench-") as tmp:
+        workdir = Path(options.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for case in _cases(options):
+            for backend in options.backends if options.device == "cpu" else ("torch",):
+                progress(f"[bench] {case.name} on {_backend_label(backend, options)}")
+                results += bench_block(case, backend, options, workdir, notes, progress)
+        if options.device == "cuda":
+            results += bench_selection(options, progress)
+        for name in options.models:
+            progress(f"[bench] whole model {name} at {options.model_size}x{options.model_size} px (PyTorch)")
+            results += bench_model(name, options)
+        if options.device == "cuda":
+            results += bench_engines(options, notes, progress)
+    return dict(machine=machine(options), versions=versions(), command=command(),
+                options=asdict(options), results=results, targets=check_targets(results), notes=notes)
+
+
+def _cases(options: BenchOptions):
+    width = options.flux_width or (blocks.FLUX_WIDTH if options.device == "cuda" else 1536)
+    if "sdxl" in options.blocks:
+        yield blocks.sdxl_block(options.grid)
+    if "flux" in options.blocks:
+        yield blocks.flux_single_block(width, options.grid, options.text)
+
+
+def _backend_label(backend: str, options: BenchOptions) -> str:
+    return "torch-cuda-fp16" if options.device == "cuda" else backend
+
+
+def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes: list, progress) -> list:
+    """Baseline, ToMA per ratio, ToMA's overhead per ratio and (SDXL) tomesd, round-robin on one backend."""
+    modules = {"baseline": case.baseline()}
+    for r in options.ratios:
+        config = ToMAConfig(ratio=r)
+        modules[f"toma@{r}"] = case.toma(config)
+        modules[f"overhead@{r}"] = case.overhead(config)
+    peer = options.peer and case.name.startswith("sdxl")
+    if peer:
+        modules["tomesd@0.5"] = blocks.tomesd_net(case)
+    inputs = tuple(case.inputs.values())
+    sync = None
+    if options.device == "cuda":
+        modules = {k: m.to("cuda", torch.float16) for k, m in modules.items()}
+        inputs = tuple(t.to("cuda", torch.float16) for t in inputs)
+        sync = torch.cuda.synchronize
+        case.inputs = dict(zip(case.inputs, inputs))
+    calls = {}
+    for name, module in modules.items():
+        if backend == "torch":
+            calls[name] = timing.torch_call(module, inputs)
+            continue
+        path = workdir / f"{case.name}-{name}.onnx"
+        progress(f"[bench]   exporting {name} to ONNX")
+        try:
+            timing.export_onnx(module, inputs, path)
+        except Exception as err:        # tomesd: report why it does not export instead of failing the run
+            if not name.startswith("tomesd"):
+                raise
+            notes.append(f"tomesd on {case.name} does not export to ONNX: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}")
+            continue
+        calls[name] = timing.onnxruntime_call(path, inputs, torch.get_num_threads())
+    if peer and backend == "torch":
+        calls["tomesd-overhead"] = blocks.tomesd_overhead(case, modules["tomesd@0.5"])
+    progress(f"[bench]   timing {len(calls)} variants, {options.warmup} warm-up + {options.repeats} rounds")
+    medians = timing.round_robin(calls, options.repeats, options.warmup, sync)
+    reference = _output(calls["baseline"])
+    label = _backend_label(backend, options)
+    base = medians["baseline"]
+    rows = [_row(case, label, "baseline", 0.0, base, base, None, 0.0)]
+    for r in options.ratios:
+        rows.append(_row(case, label, "toma", r, medians[f"toma@{r}"], base, medians[f"overhead@{r}"],
+                         _rel_l2(_output(calls[f"toma@{r}"]), reference)))
+    if "tomesd@0.5" in calls:
+        rows.append(_row(case, label, "tomesd", 0.5, medians["tomesd@0.5"], base, medians.get("tomesd-overhead"),
+                         _rel_l2(_output(calls["tomesd@0.5"]), reference)))
+    return rows
+
+
+def _output(call) -> torch.Tensor:
+    out = call()
+    return torch.as_tensor(out).float().cpu()
+
+
+def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return round(float((out - ref).norm() / ref.norm()), 5)
+
+
+def _row(case, backend, method, ratio, median, base, overhead, rel_l2, block=None) -> dict:
+    return dict(block=block or case.name, backend=backend, method=method, ratio=ratio,
+                median_ms=round(median, 3), baseline_median_ms=round(base, 3),
+                speedup=round(base / median, 3), latency_ratio=round(median / base, 3),
+                overhead_ms=None if overhead is None else round(overhead, 3),
+                overhead_share=None if overhead is None else round(overhead / base, 4),
+                default=method == "toma" and ratio == ToMAConfig().ratio, rel_l2_vs_baseline=rel_l2)
+
+
+def bench_model(name: str, options: BenchOptions) -> list:
+    """A whole tiny model, unpatched vs ToMA's default config, PyTorch eager; every timed ToMA call
+    selects anew (step 0)."""
+    from .. import models
+    from ..toma import apply_toma, reset_toma
+
+    spec = models.get(name)
+    device = options.device
+    base, patched = spec.load().to(device), spec.load().to(device)
+    apply_toma(patched, ToMAConfig())
+    inputs = spec.sample_inputs(batch=1, height=options.model_size, width=options.model_size, smooth=True)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def toma():
+        reset_toma(patched)
+        return patched(**inputs, return_dict=False)[0]
+
+    calls = {"baseline": lambda: base(**inputs, return_dict=False)[0], "toma": toma}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    medians = timing.round_robin(calls, options.repeats, options.warmup, sync)
+    rel = _rel_l2(toma().float().cpu(), calls["baseline"]().float().cpu())
+    block = f"{name} (whole model, {options.model_size}x{options.model_size})"
+    label = "torch" if device == "cpu" else "torch-cuda-fp32"
+    b = medians["baseline"]
+    return [_row(None, label, "baseline", 0.0, b, b, None, 0.0, block=block),
+            _row(None, label, "toma", ToMAConfig().ratio, medians["toma"], b, None, rel, block=block)]
+
+
+def bench_selection(options: BenchOptions, progress) -> list:
+    """GPU mode: the Triton selection kernel vs the PyTorch greedy on one 1024x1024 grid of 4x4 tiles."""
+    from ..toma.selection import facility_location
+    from ..toma.tiles import destinations_per_tile
+
+    rows = []
+    for width in (640, options.flux_width or blocks.FLUX_WIDTH):
+        x = torch.randn(options.grid * options.grid // 16, 16, width, device="cuda", dtype=torch.float16)
+        d = destinations_per_tile((4, 4), 0.5)
+        progress(f"[bench] selection of {x.shape[0]} tiles, width {width}: Triton vs PyTorch")
+        calls = {impl: (lambda impl=impl, x=x, d=d: facility_location(x, d, impl=impl)) for impl in ("torch", "triton")}
+        medians = timing.round_robin(calls, options.repeats * 4, options.warmup + 2, torch.cuda.synchronize)
+        same = bool((calls["torch"]() == calls["triton"]()).all())
+        rows.append(dict(block=f"selection {x.shape[0]}x16 tokens, width {width}", backend="cuda",
+                         method="triton-kernel", ratio=0.5, median_ms=round(medians["triton"], 4),
+                         baseline_median_ms=round(medians["torch"], 4),
+                         speedup=round(medians["torch"] / medians["triton"], 3),
+                         latency_ratio=round(medians["triton"] / medians["torch"], 3), overhead_ms=None,
+                         overhead_share=None, default=True, rel_l2_vs_baseline=0.0 if same else None))
+    return rows
+
+
+def bench_engines(options: BenchOptions, notes: list, progress) -> list:
+    """GPU mode with full TensorRT: the tiny models' engines, ToMA vs baseline (built or reused)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        notes.append("TensorRT engines not timed: the tensorrt module is not installed on this machine")
+        return []
+    from .. import models
+    from ..onnx.export import DTYPES
+    from ..trt.build import BuildOptions, build
+    from ..trt.runner import EngineRunner
+
+    rows = []
+    for name in options.models:
+        spec = models.get(name)
+        size = options.model_size
+        metas = {}
+        for method, config in (("baseline", None), ("toma", ToMAConfig())):
+            progress(f"[bench] building the {method} TensorRT engine of {name} (or reusing it)")
+            metas[method] = build(name, config, options=BuildOptions(backend="tensorrt", static=True,
+                                                                     opt_size=(size, size)))
+        runners = {m: EngineRunner(Path(meta["engine"]).with_name("engine.json")) for m, meta in metas.items()}
+        net = spec.graph_inputs(batch=1, height=size, width=size, dtype=DTYPES[metas["toma"]["dtype"]], smooth=True)
+        feeds = {}
+        for m, meta in metas.items():
+            feeds[m] = {k: v.cuda() for k, v in net.items()}
+            for i in meta["inputs"]:
+                if i["name"].startswith("toma_dst."):
+                    feeds[m][i["name"]] = torch.zeros(i["shape"], dtype=torch.int64, device="cuda")
+            if meta["toma"]:
+                feeds[m]["toma_recompute"] = torch.tensor(True, device="cuda")
+        calls = {m: (lambda r=runners[m], f=feeds[m]: r(f)) for m in runners}
+        medians = timing.round_robin(calls, options.repeats, options.warmup, torch.cuda.synchronize)
+        block = f"{name} engine ({size}x{size}, {metas['toma']['dtype']})"
+        b = medians["baseline"]
+        rows += [_row(None, "tensorrt", "baseline", 0.0, b, b, None, 0.0, block=block),
+                 _row(None, "tensorrt", "toma", 0.5, medians["toma"], b, None, None, block=block)]
+    return rows
+
+
+def check_targets(results: list) -> list:
+    out = []
+    for t in TARGETS:
+        row = next((r for r in results if r["block"].startswith(t["block"]) and r["backend"] == t["backend"]
+                    and r["method"] == t["method"] and r["ratio"] == t["ratio"]), None)
+        entry = dict(name=t["name"], limit=t["limit"], measured=None, met=None, missed_by=None)
+        if row is not None and row[t["field"]] is not None:
+            value = row[t["field"]]
+            entry.update(measured=value, met=value <= t["limit"], missed_by=round(max(0.0, value - t["limit"]), 4))
+        out.append(entry)
+    return out
+
+
+def machine(options: BenchOptions) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), os=platform.platform(),
+               python=platform.python_version())
+    try:
+        out["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if options.device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def versions() -> dict:
+    from ..artifacts import versions as installed
+
+    return installed("toma-export", "torch", "diffusers", "onnx", "onnxruntime", "tomesd", "triton")
+
+
+def command() -> str:
+    prog = Path(sys.argv[0]).name
+    args = sys.argv[1:]
+    if prog in ("bench.py", "toma-export") or not args:
+        return " ".join(["toma-export" if prog == "toma-export" else f"python scripts/{prog}", *args])
+    return " ".join([prog, *args])
