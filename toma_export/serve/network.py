@@ -1,0 +1,175 @@
+"""ServedNetwork: an exported graph or engine standing in for `pipe.transformer` / `pipe.unet`.
+
+Why a module and not a callback: diffusers pipelines read their network as a model (config, dtype,
+device, `cache_context`, `return_dict`), so the drop-in is a parameter-free torch module that answers
+those and turns each call into the graph's input layout (families.py), checks the shapes against what the
+artifact covers, runs the ToMA graph or, on steps the schedule leaves unmerged, the baseline graph, and
+carries the destinations between steps (schedule.py). Weights live in the runtime, not in torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..models.spec import read_config
+from ..onnx.graph import dst_input
+from .artifact import Artifact
+from .schedule import DestinationSchedule
+
+
+def network_config(spec) -> dict:
+    """The diffusers config of the network a spec names, without loading weights: config.json of a local
+    folder or the hub cache for real models, the constructor's defaults plus the spec's config otherwise."""
+    from diffusers.configuration_utils import FrozenDict
+
+    cls = spec.model_cls
+    config = None
+    if spec.source is not None:
+        config = read_config(Path(spec.source).expanduser(), spec.subfolder)
+        if config is None:
+            try:
+                config = dict(cls.load_config(spec.source, subfolder=spec.subfolder))
+            except (OSError, ValueError):
+                config = None
+    if config is None:
+        params = inspect.signature(cls.__init__).parameters.values()
+        config = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        config.update(spec.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["_class_name"] = cls.__name__
+    return FrozenDict(config)
+
+
+class ServedNetwork(torch.nn.Module):
+    """Base of FluxNetwork / SdxlNetwork; build one with `load_network`."""
+
+    def __init__(self, artifact: Artifact, baseline: Artifact | None = None, share_weights: bool = True,
+                 cuda_graphs: bool = True, schedule=None):
+        super().__init__()
+        toma = artifact if artifact.config is not None else None
+        baseline = baseline or (artifact if toma is None else None)
+        self.toma_artifact, self.baseline_artifact = toma, baseline
+        self.spec = models.get(artifact.model)
+        config = _schedule(toma, schedule) if toma else None
+        self.schedule = DestinationSchedule(config, toma.groups if toma else [])
+        if toma is not None and self.schedule.has_unmerged_steps and baseline is None:
+            raise ValueError(f"{toma.name}: the ToMA schedule merge_steps={config.merge_steps!r} leaves steps "
+                             "unmerged, which need the baseline export of the same model (toma-export export "
+                             "--no-toma, or generate without --onnx/--engine) passed as baseline=")
+        if baseline is not None and toma is not None:
+            _check_pair(toma, baseline)
+        self.backend = artifact.kind
+        self.sharing = None
+        if self.backend == "onnx":
+            from .ort_backend import open_graphs
+
+            self.toma_graph, self.baseline_graph, self.sharing = open_graphs(
+                toma.path if toma else None, baseline.path if baseline else None, share=share_weights)
+            self._device = torch.device("cpu")
+        else:
+            from .trt_backend import EngineGraph
+
+            self.toma_graph = EngineGraph(toma.path, cuda_graphs) if toma else None
+            self.baseline_graph = EngineGraph(baseline.path, cuda_graphs) if baseline else None
+            self._device = torch.device("cuda")
+        self.config = network_config(self.spec)
+        self.calls = {"toma": 0, "baseline": 0, "recompute": 0}
+        self.timings: list[tuple[int, float]] = []      # (step, seconds) per call
+
+    # -- what pipelines read off a diffusers model --
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.toma_artifact or self.baseline_artifact).dtype
+
+    @property
+    def provider(self) -> str:
+        return (self.toma_graph or self.baseline_graph).provider
+
+    def to(self, *args, **kwargs):
+        """Weights live in the runtime: moving or casting the pipeline leaves this network where it is."""
+        return self
+
+    def cache_context(self, name: str):
+        return contextlib.nullcontext()
+
+    def reset(self) -> None:
+        """Start the next call at step 0 with no destinations (a new generation is detected by itself)."""
+        self.schedule.reset()
+
+    # -- one call --
+    def run_graph(self, net: dict, timestep, pixels: tuple[int, int]) -> torch.Tensor:
+        """Run the graph that this step's schedule asks for on graph-layout network inputs."""
+        t0 = time.perf_counter()
+        plan = self.schedule.plan(timestep)
+        artifact, graph = ((self.toma_artifact, self.toma_graph) if plan.merge else
+                           (self.baseline_artifact, self.baseline_graph))
+        artifact.check_shapes({n: tuple(v.shape) for n, v in net.items()}, pixels)
+        dtypes = artifact.input_dtypes()
+        feeds = {n: v.to(dtypes[n]) for n, v in net.items()}
+        if plan.merge:
+            feeds.update(self.schedule.toma_feeds(plan, self._dst_shapes(net), self._device))
+        out = graph.run(feeds)
+        if plan.merge:
+            self.schedule.record(plan, out)
+            self.calls["recompute"] += plan.recompute
+        self.calls["toma" if plan.merge else "baseline"] += 1
+        self.timings.append((plan.step, time.perf_counter() - t0))
+        return out[self.spec.output_name]
+
+    def _dst_shapes(self, net: dict) -> dict:
+        first = next(iter(net))
+        axes = {symbol: a for a, (symbol, _) in self.spec.input_axes()[first].items()}
+        shape = net[first].shape
+        batch, rows, cols = shape[axes["batch"]], shape[axes["height"]], shape[axes["width"]]
+        toma = self.toma_artifact.meta["toma"]
+        th, tw = toma["tile"]
+        return {dst_input(g): (batch, rows // (info["downsample"] * th), cols // (info["downsample"] * tw),
+                               toma["destinations_per_tile"]) for g, info in toma["groups"].items()}
+
+
+def _schedule(toma: Artifact, schedule):
+    """The file's ToMA config, with merge_steps / dst_every / weights_every from `schedule` when given
+    (the graph does not depend on them, so one export serves every schedule)."""
+    recorded = toma.config
+    if schedule is None:
+        return recorded
+    fixed = ("ratio", "tile", "scale", "blocks", "levels", "sublayers")
+    differ = [f for f in fixed if getattr(schedule, f) != getattr(recorded, f)]
+    if differ:
+        raise ValueError(f"schedule differs from {toma.name} in {', '.join(differ)}: only merge_steps, dst_every and "
+                         "weights_every can change without exporting again")
+    return schedule
+
+
+def _check_pair(toma: Artifact, baseline: Artifact) -> None:
+    if baseline.config is not None:
+        raise ValueError(f"{baseline.name} is a ToMA export; the baseline must be exported without ToMA (--no-toma)")
+    for key in ("model", "dtype", "dynamic", "batch", "height", "width", "ranges"):
+        if toma.meta.get(key) != baseline.meta.get(key):
+            raise ValueError(f"{baseline.name} does not pair with {toma.name}: {key} {baseline.meta.get(key)!r} vs "
+                             f"{toma.meta.get(key)!r}; export both with the same options")
+
+
+def load_network(artifact, baseline=None, share_weights: bool = True, cuda_graphs: bool = True,
+                 schedule=None) -> ServedNetwork:
+    """The drop-in for an exported model.onnx / built engine.json (paths or Artifacts). `baseline`: the same
+    model exported or built without ToMA, needed when the ToMA schedule leaves steps unmerged. `schedule`: a
+    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file)."""
+    from .families import FluxNetwork, SdxlNetwork
+
+    artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    baseline = baseline if baseline is None or isinstance(baseline, Artifact) else Artifact.load(baseline)
+    if baseline is not None and baseline.kind != artifact.kind:
+        raise ValueError(f"{baseline.name} is an {baseline.kind} artifact but {artifact.name} is an {artifact.kind} "
+                         "one; serve both through the same backend")
+    family = models.get(artifact.model).family
+    return {"flux": FluxNetwork, "sdxl": SdxlNetwork}[family](artifact, baseline, share_weights, cuda_graphs, schedule)

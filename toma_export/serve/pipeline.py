@@ -1,0 +1,105 @@
+"""Pipelines to serve: a diffusers pipeline for a model name, the artifacts it needs, and the drop-in.
+
+Real models load with `FluxPipeline` / `StableDiffusionXLPipeline.from_pretrained` (hub cache or a local
+folder); the tiny models get a seeded random pipeline from tiny.py. With `network=False` the PyTorch
+transformer/UNet is not loaded at all: the served graph replaces it, so its weights are held once, by the
+runtime.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..models import ModelNotAvailable
+from ..toma import ToMAConfig
+
+PIPELINES = {"flux": "FluxPipeline", "sdxl": "StableDiffusionXLPipeline"}
+NETWORK_ATTR = {"flux": "transformer", "sdxl": "unet"}
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, seed: int = 0):
+    """The diffusers pipeline for `model` (a registered name or a local pipeline folder).
+
+    network: True loads the PyTorch network, False leaves it out (set a served one afterwards), a module
+    is used as is. Tiny models: every random part is seeded from `seed` (the network from the spec's seed,
+    the same weights as its exports)."""
+    import diffusers
+
+    spec = models.get(model)
+    cls = getattr(diffusers, PIPELINES[spec.family])
+    attr = NETWORK_ATTR[spec.family]
+    given = {} if network is True else {attr: network or None}
+    if spec.source is None:
+        from . import tiny
+
+        parts = (tiny.flux_parts if spec.family == "flux" else tiny.sdxl_parts)(spec, seed)
+        net = spec.load(dtype) if network is True else given[attr]
+        pipe = cls(scheduler=spec.scheduler(), **parts, **{attr: net})
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            torch.nn.Module.to(getattr(pipe, name), dtype)
+        return pipe
+    try:
+        return cls.from_pretrained(spec.source, torch_dtype=dtype, **given)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelNotAvailable(
+            f"{spec.name}: cannot load the {cls.__name__} from {spec.source!r} ({type(err).__name__}: not in the "
+            f"Hugging Face cache and not downloadable here); download it where the hub is reachable "
+            f"(`huggingface-cli download {spec.source}`) or pass a local diffusers pipeline folder as --model PATH"
+        ) from None
+
+
+def attach(pipe, network) -> None:
+    """Put a ServedNetwork where the pipeline keeps its transformer / UNet."""
+    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
+    setattr(pipe, attr, network)
+
+
+def best_backend() -> str:
+    """tensorrt where CUDA and full TensorRT are usable, else onnxruntime (the CPU fallback)."""
+    if torch.cuda.is_available():
+        from ..trt import backend
+
+        try:
+            if backend.load("tensorrt")[0] == "tensorrt":
+                return "tensorrt"
+        except backend.BackendMissing:
+            pass
+    return "onnxruntime"
+
+
+def needs_baseline(config: ToMAConfig | None) -> bool:
+    """Whether the schedule leaves steps unmerged (they run the baseline graph)."""
+    return config is not None and config.merge_steps is not None
+
+
+def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, int], batch: int, backend: str,
+                      output_dir=None, force: bool = False, progress=None) -> tuple[str | None, str | None]:
+    """(ToMA artifact, baseline artifact) for `backend`, exported or built, or reused from the cache.
+
+    ONNX Runtime gets static exports at `size` and `batch`; TensorRT gets engines whose profile is pinned to
+    `size` (batch and text length stay ranges, so CFG batches fit)."""
+    from ..trt.build import DEFAULT_OUTPUT
+
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(output_dir or DEFAULT_OUTPUT)
+    wanted = ([config] if config is not None else []) + ([None] if config is None or needs_baseline(config) else [])
+    paths = {}
+    for cfg in wanted:
+        if backend == "onnxruntime":
+            from ..onnx import ExportOptions, export
+
+            meta = export(model, cfg, out / "onnx", ExportOptions(height=size[0], width=size[1], batch=batch),
+                          force=force, progress=progress)
+            paths[cfg is not None] = meta["onnx"]
+        elif backend == "tensorrt":
+            from ..trt import BuildOptions, build
+
+            meta = build(model, cfg, out, BuildOptions(backend="tensorrt", min_size=size, opt_size=size,
+                                                       max_size=size), force=force, progress=progress)
+            paths[cfg is not None] = str(Path(meta["engine"]).with_name("engine.json"))
+        else:
+            raise ValueError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
+    return paths.get(True), paths.get(False)

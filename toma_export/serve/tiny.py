@@ -1,0 +1,92 @@
+"""Tiny random-initialised pipeline parts for flux-tiny and sdxl-tiny: text encoders, tokenizers, VAE.
+
+Why: `generate` and the serving tests need a whole diffusers pipeline on a machine without a model hub.
+The widths match the tiny networks (FLUX: T5 width = joint_attention_dim, CLIP pooled width =
+pooled_projection_dim; SDXL: the two CLIP widths sum to cross_attention_dim, the projection is the pooled
+text width in projection_class_embeddings_input_dim), the VAE downsamples 8x like the real ones, and the
+tokenizers are built here from a generated vocabulary (lowercase letters, digits, their word-piece
+continuations and punctuation), so nothing is downloaded. Every part is seeded: same seed, same pipeline.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD, BOS, EOS = 0, 1, 2
+CLIP_LEN = 77                   # the CLIP context both pipelines pad to
+
+
+def vocabulary() -> list[str]:
+    chars = list(string.ascii_lowercase + string.digits)
+    return list(SPECIALS) + chars + ["##" + c for c in chars] + list(".,!?'-:;()")
+
+
+def tokenizer(max_length: int = CLIP_LEN):
+    """A word-piece tokenizer over single characters, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocabulary())}, unk_token="<unk>",
+                                     max_input_chars_per_word=64))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def clip(hidden: int, seed: int, projection: int | None = None):
+    """CLIP text encoder of width `hidden`; with `projection`, the model with a text projection (SDXL's 2nd)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(vocabulary()), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_LEN,
+                            projection_dim=projection or hidden, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return _seeded(seed, lambda: cls(config))
+
+
+def t5(width: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(vocabulary()), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                      num_heads=4, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
+    return _seeded(seed, lambda: T5EncoderModel(config))
+
+
+def vae(latent_channels: int, seed: int, **factors):
+    """An 8x AutoencoderKL (four levels) with `latent_channels`; factors: scaling_factor, shift_factor."""
+    from diffusers import AutoencoderKL
+
+    return _seeded(seed, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=256, **factors))
+
+
+def flux_parts(spec, seed: int = 0) -> dict:
+    """FluxPipeline components besides the transformer and scheduler."""
+    c = spec.config
+    return dict(text_encoder=clip(c["pooled_projection_dim"], seed + 1), tokenizer=tokenizer(),
+                text_encoder_2=t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tokenizer(spec.text_len),
+                vae=vae(c["in_channels"] // 4, seed + 3, scaling_factor=0.3611, shift_factor=0.1159))
+
+
+def sdxl_parts(spec, seed: int = 0) -> dict:
+    """StableDiffusionXLPipeline components besides the UNet and scheduler."""
+    c = spec.config
+    pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+    first = c["cross_attention_dim"] // 2
+    return dict(text_encoder=clip(first, seed + 1), tokenizer=tokenizer(),
+                text_encoder_2=clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
+                tokenizer_2=tokenizer(), vae=vae(c["in_channels"], seed + 3, scaling_factor=0.13025))
