@@ -1,0 +1,179 @@
+"""`toma-export export-repo`: a Triton Inference Server model repository for an engine from `toma-export build`.
+
+It writes `REPO/<name>/config.pbtxt` and `REPO/<name>/1/model.plan` (a byte copy of engine.plan). The config
+is generated from engine.json, which records every engine input and output with its dtype and its shape
+(symbolic names for dynamic axes), so nothing has to load the engine, and that needs no GPU.
+
+Batching: Triton can own the batch axis (`max_batch_size > 0`, dims without the batch axis) only when every
+input and output starts with it. ToMA engines never qualify, because `toma_recompute` is a scalar and FLUX's
+`txt_ids` has no batch axis. So the default is `max_batch_size: 0`. The dims then keep the batch axis
+(-1 when dynamic), a request carries its own batch (a CFG pair is one request of batch 2), and the engine's
+optimization profile bounds it. Triton needs non-empty dims, so a 0-d tensor is sent as `[1]` and reshaped to
+`[]` (the `reshape` field).
+
+The model is stateless for Triton. The client owns the ToMA schedule: it carries `toma_dst_out.*` back as
+`toma_dst.*` and sets `toma_recompute`. So any instance can serve any step, and no sequence batcher is needed.
+
+Triton's TensorRT backend deserialises full TensorRT plans. It cannot load a TensorRT-RTX engine, so those
+are refused unless --allow-tensorrt-rtx is given. That flag is for tests and custom backends.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from ..artifacts import staged_dir, writable_dir
+
+# numpy dtype names (as engine.json records them) -> Triton's ModelConfig DataType
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
+                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
+                "bool": "TYPE_BOOL"}
+BATCH_AXIS = "batch"          # the symbolic name the model specs give the batch axis
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_REQUIRED = ("backend", "backend_version", "model", "inputs", "outputs", "profiles")
+
+
+class RepositoryError(ValueError):
+    """A one-line refusal: bad engine.json, unservable engine, existing model folder, bad option."""
+
+
+def load_engine(path) -> tuple[dict, Path]:
+    """engine.json (or its folder) -> (metadata, the engine.plan beside it).
+
+    The plan is taken from the folder, not from the absolute path recorded at build time, so that a
+    moved or copied engine folder still works."""
+    path = Path(path).expanduser()
+    meta_path = path / "engine.json" if path.is_dir() else path
+    if not meta_path.is_file():
+        raise RepositoryError(f"no engine.json at {path}; pass the engine.json that `toma-export build` wrote, "
+                              "or its folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RepositoryError(f"{meta_path} is not JSON ({err}); pass the engine.json that `toma-export build` "
+                              "wrote") from None
+    missing = [repr(k) for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if not missing:
+        missing = ["name, dtype and shape of every input and output"
+                   for t in list(meta["inputs"]) + list(meta["outputs"])
+                   if not (isinstance(t, dict) and isinstance(t.get("name"), str)
+                           and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list))][:1]
+    if missing:
+        raise RepositoryError(f"{meta_path} is not an engine.json written by `toma-export build` (no "
+                              f"{', '.join(missing)}); pass the engine.json of a built engine")
+    plan = meta_path.parent / "engine.plan"
+    if not plan.is_file():
+        raise RepositoryError(f"{meta_path.parent} has no engine.plan beside engine.json; rebuild it with "
+                              f"`toma-export build --model {meta['model']}`")
+    if meta.get("engine_bytes") not in (None, plan.stat().st_size):
+        raise RepositoryError(f"{plan} is {plan.stat().st_size} bytes but engine.json records "
+                              f"{meta['engine_bytes']}; rebuild it with `toma-export build --model {meta['model']}`")
+    return meta, plan
+
+
+def _dims(shape) -> list[int]:
+    """Symbolic (dynamic) axes become -1, fixed axes stay."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _batch_limit(meta: dict) -> int:
+    """The largest batch Triton may form, or a RepositoryError naming why it may not own the batch axis."""
+    for t in meta["inputs"] + meta["outputs"]:
+        if not t["shape"] or t["shape"][0] != BATCH_AXIS:
+            raise RepositoryError(
+                f"--max-batch-size needs every input and output to start with the batch axis, but "
+                f"{t['name']} has shape {t['shape']}; keep the default 0 (each request carries its batch)")
+    return min(p["max"][0] for p in meta["profiles"].values())     # every profiled input starts with batch
+
+
+def _tensor(t: dict, batched: bool) -> str:
+    if t["dtype"] not in TRITON_TYPES:
+        raise RepositoryError(f"{t['name']} has dtype {t['dtype']}, which Triton's TensorRT backend does not "
+                              f"take (it takes {', '.join(TRITON_TYPES)})")
+    dims = _dims(t["shape"])[1 if batched else 0:]
+    lines = [f"    name: {json.dumps(t['name'])}", f"    data_type: {TRITON_TYPES[t['dtype']]}",
+             f"    dims: [ {', '.join(map(str, dims or [1]))} ]"]
+    if not dims:                           # Triton wants non-empty dims: a scalar travels as [1]
+        lines.append("    reshape: { shape: [ ] }")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def config_text(meta: dict, name: str, max_batch_size: int = 0, instances: int = 1) -> str:
+    """The config.pbtxt (protobuf text of Triton's ModelConfig) for a built engine."""
+    if max_batch_size < 0 or instances < 1:
+        raise RepositoryError("--max-batch-size must be 0 or more and --instances 1 or more")
+    if max_batch_size > 0:
+        limit = _batch_limit(meta)
+        if max_batch_size > limit:
+            raise RepositoryError(f"--max-batch-size {max_batch_size} exceeds the engine's batch range (profile "
+                                  f"max {limit}); rebuild with a larger profile or ask for at most {limit}")
+    head = [f"# written by `toma-export export-repo` from {meta['model']}: {meta['backend']} "
+            f"{meta['backend_version']}, selection {meta.get('selection')}, dtype {meta.get('dtype')}",
+            "# tritonserver must link exactly this TensorRT version (engines are not portable across versions)",
+            "# and run on the GPU model the engine was built on."]
+    if meta["profiles"]:
+        head.append("# optimization profile 0 (inputs outside it are rejected), min / opt / max:")
+        head += [f"#   {n}: {p['min']} / {p['opt']} / {p['max']}" for n, p in meta["profiles"].items()]
+    body = [f"name: {json.dumps(name)}", 'platform: "tensorrt_plan"', f"max_batch_size: {max_batch_size}"]
+    for kind, tensors in (("input", meta["inputs"]), ("output", meta["outputs"])):
+        body.append(f"{kind} [\n" + ",\n".join(_tensor(t, max_batch_size > 0) for t in tensors) + "\n]")
+    group = [f"    count: {instances}", "    kind: KIND_GPU"]
+    if meta["profiles"]:
+        group.append('    profile: [ "0" ]')    # the one profile `build` adds; Triton's default, made explicit
+    body.append("instance_group [\n  {\n" + "\n".join(group) + "\n  }\n]")
+    return "\n".join(head) + "\n" + "\n".join(body) + "\n"
+
+
+def export_repo(engine, out, name: str | None = None, max_batch_size: int = 0, instances: int = 1,
+                force: bool = False, allow_rtx: bool = False, warn=None) -> Path:
+    """Write REPO/<name>/{config.pbtxt, 1/model.plan}; returns the model folder.
+
+    The folder is staged under a temporary sibling and renamed into place, so a crash leaves no
+    half-written model that tritonserver would try to load."""
+    warn = warn or (lambda msg: print(f"toma-export: warning: {msg}", file=sys.stderr))
+    meta, plan = load_engine(engine)
+    rtx = meta["backend"] == "tensorrt-rtx"
+    unservable = (f"{plan} is a TensorRT-RTX engine, which Triton's TensorRT backend cannot load (it runs full "
+                  "TensorRT plans)")
+    if rtx and not allow_rtx:
+        raise RepositoryError(f"{unservable}; build one with `toma-export build --backend tensorrt` on the serving "
+                              "GPU, or pass --allow-tensorrt-rtx to write the repository anyway")
+    name = name or Path(meta["model"]).name
+    if not _NAME.fullmatch(name):
+        raise RepositoryError(f"model name {name!r} is not a plain folder name (letters, digits, _ . -); "
+                              "pass --name")
+    text = config_text(meta, name, max_batch_size, instances)
+    final = writable_dir(out) / name
+    if final.exists() and not force:
+        raise RepositoryError(f"{final} already exists; pass --force to replace it, or choose another --name")
+    if rtx:
+        warn(f"{unservable}; writing the repository anyway (--allow-tensorrt-rtx)")
+    with staged_dir(final) as tmp:
+        (tmp / "1").mkdir()
+        shutil.copyfile(plan, tmp / "1" / "model.plan")
+        (tmp / "config.pbtxt").write_text(text)
+    return final
+
+
+def cmd_export_repo(args) -> int:
+    final = export_repo(args.engine, args.out, args.name, args.max_batch_size, args.instances, args.force,
+                        args.allow_tensorrt_rtx)
+    print(f"{final}\n  config.pbtxt, 1/model.plan\n  serve: tritonserver --model-repository={final.parent}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export-repo", help="write a Triton Inference Server model repository for a built engine")
+    p.add_argument("--engine", required=True, help="engine.json written by `toma-export build`, or its folder")
+    p.add_argument("--out", required=True, help="the model repository folder (created if needed)")
+    p.add_argument("--name", help="model name, the folder under REPO (default: the model's name)")
+    p.add_argument("--max-batch-size", type=int, default=0,
+                   help="Triton's max_batch_size (0: requests carry the batch; ToMA engines need 0)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per GPU (1)")
+    p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    p.add_argument("--allow-tensorrt-rtx", action="store_true",
+                   help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
+    p.set_defaults(func=cmd_export_repo)
