@@ -69,3 +69,32 @@ def test_plugin_engine_matches_onnxruntime(tmp_path, name):
     out = runner(forced)
     noise = out[meta["outputs"][0]["name"]].float().cpu().numpy()
     assert np.abs(noise - ref[0]).max() <= 1e-3 * np.abs(ref[0]).max()
+
+
+@cuda
+def test_bench_gpu_mode(tmp_path):
+    """`toma-export bench --device cuda` at a small grid: fp16 blocks, and the Triton selection identical to
+    the PyTorch greedy."""
+    import json
+
+    from toma_export.cli import main
+
+    assert main(["bench", "--device", "cuda", "--grid", "16", "--text", "16", "--ratios", "0.5", "--repeats", "2",
+                 "--models", "", "--json", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["machine"]["gpu"]
+    assert {r["backend"] for r in doc["results"]} >= {"torch-cuda-fp16", "cuda"}
+    selection = [r for r in doc["results"] if r["method"] == "triton-kernel"]
+    assert selection and all(r["rel_l2_vs_baseline"] == 0.0 for r in selection)
+
+
+@cuda
+@tensorrt
+def test_generate_through_a_tensorrt_engine(tmp_path):
+    """The serving path on a GPU: engine build pinned to the size, the drop-in with CUDA graphs, an image."""
+    from toma_export.cli import main
+
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--model", "flux-tiny", "--backend", "tensorrt", "--prompt", "a red fox", "--steps", "3",
+                 "--size", "256x256", "--output-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
