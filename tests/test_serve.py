@@ -150,3 +150,20 @@ def test_generate_reports_a_bad_size_in_one_line(exports, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("toma-export: error: ") and "hidden_states" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_dynamic_export_serves_every_size_in_its_profile(dynamic_export):
+    """One dynamic export (the session's, shared with the engine tests) serves sizes across its profile,
+    non-square ones included, and refuses a size past its maximum with the profile range in the message."""
+    meta = dynamic_export("flux-tiny")
+    (h0, w0), _, (h1, w1) = meta["ranges"]["sizes"]
+    pipe = load_pipeline("flux-tiny", network=False)
+    attach(pipe, load_network(meta["onnx"]))
+    for size in ((h0, w0), (h1, w0)):
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a red fox", height=size[0], width=size[1], num_inference_steps=2, max_sequence_length=16,
+                   output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        assert out.shape[1] == (size[0] // 16) * (size[1] // 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=rf"but the profile allows .*\({h0}x{w0} to {h1}x{w1} px.*--dynamic --min-size"):
+        pipe("a red fox", height=2 * h1, width=2 * w1, num_inference_steps=1, max_sequence_length=16,
+             output_type="latent")

@@ -68,6 +68,10 @@ def _progress(msg: str) -> None:
 
 def cmd_generate(args) -> int:
     import torch
+    from transformers.utils import logging as transformers_logging
+
+    # transformers warns about torchvision-backed image processors that these pipelines never use
+    transformers_logging.set_verbosity_error()
 
     from .. import models
     from ..cli import toma_config
