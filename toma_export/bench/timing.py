@@ -3,12 +3,8 @@ timed round-robin (one call of each per round), so drift of the machine hits bas
 their ratio is computed within the same run."""
 from __future__ import annotations
 
-import contextlib
-import logging
 import statistics
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -41,15 +37,10 @@ def torch_call(module: torch.nn.Module, inputs: tuple):
 
 def export_onnx(module: torch.nn.Module, inputs: tuple, path: Path) -> Path:
     """Static-shape ONNX of a benchmark module, with the ToMASelect body attached as in model exports."""
-    from ..onnx.export import write_model
+    from ..onnx.export import trace, write_model
 
     names = [f"input_{i}" for i in range(len(inputs))]
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=OPSET, input_names=names,
-                                    output_names=["output"], verbose=False)
-    write_model(program, path, OPSET)
+    write_model(trace(module, inputs, OPSET, input_names=names, output_names=["output"]), path, OPSET)
     return path
 
 

@@ -94,13 +94,8 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
     progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
              f"{', dynamic batch/size/text' if options.dynamic else ''}); this takes a minute")
-    # the exporter narrates on stdout (keep stdout for our JSON) and logs that torchvision ops are missing
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, args, dynamo=True, opset_version=options.opset,
-                                    dynamic_shapes=dynamic_shapes, input_names=graph.input_names,
-                                    output_names=graph.output_names, verbose=False)
+    program = trace(graph, args, options.opset, dynamic_shapes=dynamic_shapes, input_names=graph.input_names,
+                    output_names=graph.output_names)
 
     with staged_dir(final) as tmp:
         progress("[export 3/4] attaching the ToMASelect body and writing the file")
@@ -162,6 +157,15 @@ def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
 
     axes = {**spec.input_axes(), **graph.toma_axes()}
     return (tuple({a: dim(*sd) for a, sd in axes.get(n, {}).items()} or None for n in graph.input_names),)
+
+
+def trace(module: torch.nn.Module, args: tuple, opset: int, **kwargs):
+    """torch.onnx (dynamo) export of `module`, quietly: the exporter narrates on stdout (kept for our JSON)
+    and logs that torchvision ops are missing."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, **kwargs)
 
 
 def write_model(program, path: Path, opset: int) -> bool:

@@ -75,9 +75,7 @@ class ToMAGraph(torch.nn.Module):
         """Zero previous destinations (ignored when recompute is true) for given network inputs."""
         if self.report is None:
             return {}
-        cells = self._cells(net_inputs)
-        batch = next(iter(net_inputs.values())).shape[0]
-        shapes = self.toma_shapes(batch, *cells)
+        shapes = self.toma_shapes(*call_grid(self.spec, net_inputs))
         out = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
         out[RECOMPUTE] = torch.tensor(recompute)
         return out
@@ -85,14 +83,21 @@ class ToMAGraph(torch.nn.Module):
     def toma_shapes(self, batch: int, height_cells: int, width_cells: int) -> dict:
         if self.report is None:
             return {}
-        d = destinations_per_tile(self.report.config.tile, self.report.config.ratio)
-        sizes = dict(batch=batch, height=height_cells, width=width_cells)
-        return {name: tuple(sizes[s] // div for _, (s, div) in sorted(axes.items())) + (d,)
-                for name, axes in self.toma_axes().items()}
+        c = self.report.config
+        return dst_shapes(c.tile, destinations_per_tile(c.tile, c.ratio), self.report.downsample, batch,
+                          height_cells, width_cells)
 
-    def _cells(self, net_inputs: dict) -> tuple[int, int]:
-        """(height, width) of the graph's spatial input, read off the first network input."""
-        first = self.net_names[0]
-        shape = net_inputs[first].shape
-        axis = {symbol: a for a, (symbol, _) in self.spec.input_axes()[first].items()}
-        return shape[axis["height"]], shape[axis["width"]]
+
+def call_grid(spec: ModelSpec, net_inputs: dict) -> tuple[int, int, int]:
+    """(batch, height cells, width cells) of one call, read off its first network input."""
+    first = next(iter(spec.input_axes()))
+    shape = net_inputs[first].shape
+    axis = {symbol: a for a, (symbol, _) in spec.input_axes()[first].items()}
+    return shape[axis["batch"]], shape[axis["height"]], shape[axis["width"]]
+
+
+def dst_shapes(tile, d: int, downsample: dict, batch: int, height_cells: int, width_cells: int) -> dict:
+    """{toma_dst.<group>: (B, H/(f*th), W/(f*tw), d)} for a graph input of H x W cells, f being each merged
+    group's down-sampling: the shapes `toma_axes` declares, for callers that have only the metadata."""
+    th, tw = tile
+    return {dst_input(g): (batch, height_cells // (f * th), width_cells // (f * tw), d) for g, f in downsample.items()}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..onnx.export import DTYPES
 from ..toma import ToMAConfig
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUMPY_TO_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 
@@ -59,7 +59,7 @@ class Artifact:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.meta["dtype"]]
+        return DTYPES[self.meta["dtype"]]
 
     @property
     def config(self) -> ToMAConfig | None:

@@ -17,7 +17,7 @@ import torch
 
 from .. import models
 from ..models.spec import read_config
-from ..onnx.graph import dst_input
+from ..onnx.graph import call_grid, dst_shapes
 from .artifact import Artifact
 from .schedule import DestinationSchedule
 
@@ -126,14 +126,9 @@ class ServedNetwork(torch.nn.Module):
         return out[self.spec.output_name]
 
     def _dst_shapes(self, net: dict) -> dict:
-        first = next(iter(net))
-        axes = {symbol: a for a, (symbol, _) in self.spec.input_axes()[first].items()}
-        shape = net[first].shape
-        batch, rows, cols = shape[axes["batch"]], shape[axes["height"]], shape[axes["width"]]
         toma = self.toma_artifact.meta["toma"]
-        th, tw = toma["tile"]
-        return {dst_input(g): (batch, rows // (info["downsample"] * th), cols // (info["downsample"] * tw),
-                               toma["destinations_per_tile"]) for g, info in toma["groups"].items()}
+        downsample = {g: info["downsample"] for g, info in toma["groups"].items()}
+        return dst_shapes(toma["tile"], toma["destinations_per_tile"], downsample, *call_grid(self.spec, net))
 
 
 def _schedule(toma: Artifact, schedule):
