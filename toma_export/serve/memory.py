@@ -56,7 +56,7 @@ def child(mode: str, toma: str, baseline: str) -> dict:
     import onnx.numpy_helper  # noqa: F401
     import onnxruntime as ort
 
-    from .ort_backend import shared_options
+    from .ort_backend import lean_options, shared_options
 
     before = _rss_mib()
     if mode == "toma":
@@ -67,10 +67,7 @@ def child(mode: str, toma: str, baseline: str) -> dict:
         if mode == "shared":
             so_toma, so_base, _ = shared_options(toma, baseline)
         else:
-            so_toma, so_base = ort.SessionOptions(), ort.SessionOptions()
-            for so in (so_toma, so_base):
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-                so.add_session_config_entry("session.disable_prepacking", "1")
+            so_toma, so_base = lean_options(), lean_options()
         sessions = [ort.InferenceSession(toma, so_toma), ort.InferenceSession(baseline, so_base)]
     created = _rss_mib()
     for s in sessions:

@@ -58,6 +58,16 @@ def _key(array: np.ndarray) -> tuple:
     return array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def lean_options():
+    """SessionOptions that keep no per-session copy of the weights: no prepacking, EXTENDED optimisation."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
 def shared_options(toma_path, baseline_path):
     """SessionOptions for both files with their identical initializers injected once."""
     import onnxruntime as ort
@@ -67,12 +77,7 @@ def shared_options(toma_path, baseline_path):
     for name, array in toma.items():
         if array.nbytes >= MIN_SHARED_BYTES:
             by_key.setdefault(_key(array), name)
-    options = []
-    for _ in range(2):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        options.append(so)
+    options = [lean_options(), lean_options()]
     sharing = Sharing()
     values = {}
     for name, array in base.items():
