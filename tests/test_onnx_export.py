@@ -14,7 +14,7 @@ import torch
 import toma_export as te
 from toma_export.onnx import ExportOptions, ToMAGraph, export
 from toma_export.onnx.graph import RECOMPUTE
-from toma_export.toma.selection import facility_location
+from toma_export.toma.selection import facility_location, recompute_flag
 
 MODELS = ["flux-tiny", "sdxl-tiny"]
 
@@ -42,7 +42,7 @@ def test_dynamic_file_matches_torch_with_forced_destinations(dynamic_export, nam
     graph, net, toma, (ref, *ref_dst) = reference(name, batch, *size)
     forced = dict(toma)
     forced.update({n: d for n, d in zip(graph.input_names[len(net):-1], ref_dst)})
-    forced[RECOMPUTE] = torch.tensor(False)
+    forced[RECOMPUTE] = recompute_flag(False)
     out, *used = session.run(None, feed(graph, net, forced))
     assert out.shape == tuple(ref.shape)
     scale = ref.abs().max().item()
@@ -75,8 +75,16 @@ def test_file_is_well_formed_and_carries_the_custom_op(dynamic_export, name):
     assert not body_ops & {"Loop", "Scan", "TopK", "ScatterND", "ScatterElements"}
     assert sum(n.op_type == "ArgMax" for n in fn.node) == 8          # unrolled: one pick per destination
     shapes = {i["name"]: i["shape"] for i in meta["inputs"]}
-    assert shapes["toma_recompute"] == [] and shapes["toma_dst.transformer_blocks" if name == "flux-tiny" else
-                                                     "toma_dst.down_blocks.1.attentions.0"][0] == "batch"
+    assert shapes["toma_dst.transformer_blocks" if name == "flux-tiny" else
+                  "toma_dst.down_blocks.1.attentions.0"][0] == "batch"
+    # TensorRT plugins take no bool tensors: the flag is int32 [1] from the graph input to every selection node
+    recompute = next(i for i in meta["inputs"] if i["name"] == "toma_recompute")
+    assert (recompute["dtype"], recompute["shape"]) == ("int32", [1])
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*onnx.shape_inference.infer_shapes(model).graph.value_info, *model.graph.input]}
+    for node in nodes:
+        assert [types[i] for i in node.input][1:] == [onnx.TensorProto.INT64, onnx.TensorProto.INT32]
+        assert types[node.input[0]] == onnx.TensorProto.FLOAT
     assert meta["profiles"][meta["inputs"][0]["name"]]["max"][0] == 4
 
 
@@ -87,7 +95,7 @@ def _select_model(fn, d):
     graph = h.make_graph([node], "select", [
         h.make_tensor_value_info("tiles", onnx.TensorProto.FLOAT, ["B", "T", "n", "C"]),
         h.make_tensor_value_info("prev", onnx.TensorProto.INT64, ["B", "T", d]),
-        h.make_tensor_value_info("rec", onnx.TensorProto.BOOL, [])],
+        h.make_tensor_value_info("rec", onnx.TensorProto.INT32, [1])],
         [h.make_tensor_value_info("dst", onnx.TensorProto.INT64, ["B", "T", d])])
     model = h.make_model(graph, functions=[fn], ir_version=10,
                          opset_imports=[h.make_opsetid("", 20), h.make_opsetid("toma", 1)])
@@ -105,9 +113,9 @@ def test_selection_body_equals_the_reference(dynamic_export):
     clustered = centres.gather(2, owner.unsqueeze(-1).expand(-1, -1, -1, 12)) + 0.05 * torch.randn(2, 32, 16, 12)
     for tiles in (clustered, torch.randn(2, 32, 16, 12, generator=g)):
         want = facility_location(tiles.reshape(-1, 16, 12), 8).reshape(2, 32, 8).numpy()
-        got = session.run(None, {"tiles": tiles.numpy(), "prev": np.zeros_like(want), "rec": np.array(True)})[0]
+        got = session.run(None, {"tiles": tiles.numpy(), "prev": np.zeros_like(want), "rec": np.array([1], np.int32)})[0]
         assert np.array_equal(got, want)
-        kept = session.run(None, {"tiles": tiles.numpy(), "prev": want[:, ::-1].copy(), "rec": np.array(False)})[0]
+        kept = session.run(None, {"tiles": tiles.numpy(), "prev": want[:, ::-1].copy(), "rec": np.array([0], np.int32)})[0]
         assert np.array_equal(kept, want[:, ::-1])
 
 
@@ -173,7 +181,7 @@ def test_fp16_sdxl_runs_in_onnxruntime_close_to_the_fp32_reference(tmp_path):
     meta = export("sdxl-tiny", te.ToMAConfig(), tmp_path, ExportOptions(dtype="fp16"), progress=lambda m: None)
     assert {i["dtype"] for i in meta["inputs"] if i["name"] in ("sample", "encoder_hidden_states")} == {"float16"}
     graph, net, toma, (ref, *ref_dst) = reference("sdxl-tiny", 1, 256, 256)
-    forced = {**toma, **dict(zip(graph.input_names[len(net):-1], ref_dst)), RECOMPUTE: torch.tensor(False)}
+    forced = {**toma, **dict(zip(graph.input_names[len(net):-1], ref_dst)), RECOMPUTE: recompute_flag(False)}
     feeds = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed(graph, net, forced).items()}
     out = ort.InferenceSession(meta["onnx"]).run(None, feeds)[0]
     assert out.dtype == np.float16

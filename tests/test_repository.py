@@ -94,8 +94,8 @@ def test_dynamic_engine_repository(engines, tmp_path, capsys):
     dims = {t.name: list(t.dims) for t in list(cfg.input) + list(cfg.output)}
     assert dims["hidden_states"] == [-1, -1, -1, 16] and dims["txt_ids"] == [-1, 3]
     assert dims["noise_pred"] == [-1, -1, 16]
-    recompute = next(t for t in cfg.input if t.name == "toma_recompute")     # a scalar travels as [1]
-    assert (recompute.data_type, list(recompute.dims), list(recompute.reshape.shape)) == (mc.TYPE_BOOL, [1], [])
+    recompute = next(t for t in cfg.input if t.name == "toma_recompute")     # int32 [1]: plugins take no bool
+    assert (recompute.data_type, list(recompute.dims), recompute.HasField("reshape")) == (mc.TYPE_INT32, [1], False)
     # every destination input has its output twin, which the client carries back on the next step
     outputs = {t.name: (t.data_type, list(t.dims)) for t in cfg.output}
     carried = [t for t in cfg.input if t.name.startswith("toma_dst.")]
@@ -121,7 +121,7 @@ def test_static_engine_has_fixed_dims(engines, tmp_path):
             expected = r["shape"] or [1]
             assert t.name == r["name"] and list(t.dims) == expected and all(d > 0 for d in t.dims)
     assert list(next(t for t in cfg.input if t.name == "sample").dims) == [1, 4, 32, 32]
-    assert list(next(t for t in cfg.input if t.name == "toma_recompute").reshape.shape) == []
+    assert list(next(t for t in cfg.input if t.name == "toma_recompute").dims) == [1]
     (group,) = cfg.instance_group
     assert group.count == 1 and not group.profile
     assert "optimization profile" not in (repo / "sdxl-static" / "config.pbtxt").read_text()

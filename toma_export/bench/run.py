@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..onnx.graph import RECOMPUTE
 from ..toma import ToMAConfig
+from ..toma.selection import recompute_flag
 from . import blocks, timing
 
 # Issue 6's targets, for the SDXL-level block with all sub-layers merged at ratio 0.5 (the default config).
@@ -237,7 +239,7 @@ def bench_engines(options: BenchOptions, notes: list, progress) -> list:
                 if i["name"].startswith("toma_dst."):
                     feeds[m][i["name"]] = torch.zeros(i["shape"], dtype=torch.int64, device="cuda")
             if meta["toma"]:
-                feeds[m]["toma_recompute"] = torch.tensor(True, device="cuda")
+                feeds[m][RECOMPUTE] = recompute_flag(True, device="cuda")
         calls = {m: (lambda r=runners[m], f=feeds[m]: r(f)) for m in runners}
         medians = timing.round_robin(calls, options.repeats, options.warmup, torch.cuda.synchronize)
         block = f"{name} engine ({size}x{size}, {metas['toma']['dtype']})"

@@ -28,7 +28,7 @@ from .graph import ToMAGraph
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IR_VERSION = 10            # onnx 1.23 writes 14 by default; onnxruntime 1.3x loads <= 10
 TWO_GB = 2 ** 31
-FORMAT = 1                 # bump when the layout of toma.json or the graph I/O changes
+FORMAT = 2                 # bump when the layout of toma.json or the graph I/O changes (2: int32 [1] recompute)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """ToMAGraph: a patched network as the exported graph computes it.
 
 Inputs are the spec's network inputs, then per merged group the previous destinations
-`toma_dst.<group>` (B, H/(f*th), W/(f*tw), d) and one `toma_recompute` flag; outputs are the network
-output then `toma_dst_out.<group>`, the destinations used. The caller owns the schedule: recompute=True
-on steps that refresh (the previous destinations are ignored), False to reuse them. Running this module
+`toma_dst.<group>` (B, H/(f*th), W/(f*tw), d) and one `toma_recompute` flag (int32 [1]); outputs are the
+network output then `toma_dst_out.<group>`, the destinations used. The caller owns the schedule: recompute=1
+on steps that refresh (the previous destinations are ignored), 0 to reuse them. Running this module
 in eager PyTorch with the same destinations is the reference every backend is compared against.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from ..models import ModelSpec
 from ..toma.patch import PatchReport, toma_state
+from ..toma.selection import recompute_flag
 from ..toma.state import GraphDestinations
 from ..toma.tiles import destinations_per_tile
 
@@ -77,7 +78,7 @@ class ToMAGraph(torch.nn.Module):
             return {}
         shapes = self.toma_shapes(*call_grid(self.spec, net_inputs))
         out = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
-        out[RECOMPUTE] = torch.tensor(recompute)
+        out[RECOMPUTE] = recompute_flag(recompute)
         return out
 
     def toma_shapes(self, batch: int, height_cells: int, width_cells: int) -> dict:

@@ -68,7 +68,8 @@ def build(num_dst: int, opset: int) -> onnx.FunctionProto:
         picked = f.op("Add", picked, hot)
         cover = f.op("Max", cover, row(hot))
     chosen = f.op("Concat", *picks, axis=-1) if num_dst > 1 else picks[0]
-    f.nodes.append(helper.make_node("Where", ["recompute", chosen, "previous"], ["destinations"]))
+    flag = f.op("Cast", "recompute", to=TensorProto.BOOL)                      # int32 [1] broadcasts over (B, T, d)
+    f.nodes.append(helper.make_node("Where", [flag, chosen, "previous"], ["destinations"]))
     return helper.make_function(OP_DOMAIN, OP_NAME, ["tiles", "previous", "recompute"], ["destinations"],
                                 f.nodes, [helper.make_opsetid("", opset)])
 

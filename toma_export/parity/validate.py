@@ -25,6 +25,7 @@ from .. import models
 from ..onnx import ExportOptions, ToMAGraph, export
 from ..onnx.export import DTYPES
 from ..onnx.graph import RECOMPUTE, dst_input, dst_output
+from ..toma.selection import recompute_flag
 from ..toma import ToMAConfig, apply_toma, remove_toma
 from ..trt.build import DEFAULT_OUTPUT
 from .metrics import compare, selection_agreement, tolerance
@@ -200,7 +201,7 @@ def _forced(feeds: dict, outputs: dict) -> dict:
     forced.update({dst_input(n[len("toma_dst_out."):]): np.asarray(v) for n, v in outputs.items()
                    if n.startswith("toma_dst_out.")})
     if RECOMPUTE in forced:
-        forced[RECOMPUTE] = np.array(False)
+        forced[RECOMPUTE] = recompute_flag(False).numpy()
     return forced
 
 
@@ -257,7 +258,7 @@ def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, 
         feed = spec.step_inputs(state, scheduler, latent, t)
         if RECOMPUTE in feed:
             feed.update({k: torch.as_tensor(v) for k, v in forced[i].items()} if forced else dst)
-            feed[RECOMPUTE] = torch.tensor(forced is None and i % dst_every == 0)
+            feed[RECOMPUTE] = recompute_flag(forced is None and i % dst_every == 0)
         out = runner.infer(_cast({k: v.numpy() for k, v in feed.items()}, dtype, runner), check_inputs=False)
         names = list(out)
         noise = torch.as_tensor(np.asarray(out[names[0]], dtype=np.float32)).reshape(latent.shape)

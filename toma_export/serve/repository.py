@@ -5,8 +5,8 @@ is generated from engine.json, which records every engine input and output with 
 (symbolic names for dynamic axes), so nothing has to load the engine, and that needs no GPU.
 
 Batching: Triton can own the batch axis (`max_batch_size > 0`, dims without the batch axis) only when every
-input and output starts with it. ToMA engines never qualify, because `toma_recompute` is a scalar and FLUX's
-`txt_ids` has no batch axis. So the default is `max_batch_size: 0`. The dims then keep the batch axis
+input and output starts with it. ToMA engines never qualify, because `toma_recompute` (int32 [1]) and FLUX's
+`txt_ids` have no batch axis. So the default is `max_batch_size: 0`. The dims then keep the batch axis
 (-1 when dynamic), a request carries its own batch (a CFG pair is one request of batch 2), and the engine's
 optimization profile bounds it. Triton needs non-empty dims, so a 0-d tensor is sent as `[1]` and reshaped to
 `[]` (the `reshape` field).

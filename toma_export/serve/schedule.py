@@ -17,6 +17,7 @@ import torch
 
 from ..onnx.graph import RECOMPUTE, dst_input, dst_output
 from ..toma import ToMAConfig
+from ..toma.selection import recompute_flag
 from ..toma.state import ToMAState
 
 log = logging.getLogger("toma_export")
@@ -67,7 +68,7 @@ class DestinationSchedule:
         feeds = {dst_input(g): (torch.zeros(shapes[dst_input(g)], dtype=torch.int64, device=device) if fresh
                                   else previous[g])
                  for g in self.groups}
-        feeds[RECOMPUTE] = torch.tensor(recompute, device=device)
+        feeds[RECOMPUTE] = recompute_flag(recompute, device=device)
         plan.recompute = recompute
         return feeds
 

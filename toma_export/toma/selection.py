@@ -75,12 +75,19 @@ def _first_best(score: torch.Tensor) -> torch.Tensor:
     return near.to(torch.uint8).argmax(-1)                    # argmax returns the first maximum
 
 
-# The selection as one graph op (DESIGN.md, "The custom op contract"): domain `toma`, op_type = TensorRT
-# plugin name. Inputs: tiles (B, T, n, C) float, previous destinations (B, T, d) int64, recompute (bool);
-# output: destinations (B, T, d) int64, recomputed from the tiles or passed through.
+# The selection as one graph op (the custom-op contract): domain `toma`, op_type = TensorRT plugin name.
+# Inputs: tiles (B, T, n, C) float, previous destinations (B, T, d) int64, recompute (int32 of shape [1]:
+# TensorRT plugins take no bool tensors); output: destinations (B, T, d) int64, recomputed from the tiles or
+# passed through. Attributes: plugin_namespace and plugin_version (which TensorRT's parser matches against
+# the registered plugin), num_dst and tie_tol (which it hands to the plugin).
 OP_DOMAIN = "toma"
 OP_NAME = "ToMASelect"
 OP_VERSION = 1
+
+
+def recompute_flag(recompute: bool, device=None) -> torch.Tensor:
+    """The graph's recompute input: int32 [1], 1 to select anew, 0 to reuse the previous destinations."""
+    return torch.tensor([int(bool(recompute))], dtype=torch.int32, device=device)
 
 
 def select_or_reuse(tiles: torch.Tensor, previous: torch.Tensor, recompute: torch.Tensor) -> torch.Tensor:
@@ -95,6 +102,6 @@ def select_or_reuse(tiles: torch.Tensor, previous: torch.Tensor, recompute: torc
         attrs = dict(plugin_namespace=OP_DOMAIN, plugin_version=str(OP_VERSION), num_dst=d, tie_tol=TIE_TOL)
         return torch.onnx.ops.symbolic(f"{OP_DOMAIN}::{OP_NAME}", (tiles, previous, recompute), attrs,
                                        dtype=torch.int64, shape=previous.shape, version=OP_VERSION)
-    if not bool(recompute):
+    if not bool(recompute.reshape(-1)[0]):
         return previous
     return facility_location(tiles.reshape(b * t, n, c), d).reshape(b, t, d)
