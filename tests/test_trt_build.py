@@ -3,11 +3,13 @@ every exported graph (the selection body inlined) and the builder must write an 
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
 import toma_export as te
 from toma_export.trt import BuildOptions, EngineMismatch, build, check_engine
+from toma_export.trt.build import choose_selection
 from toma_export.trt.backend import BackendMissing, load
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
@@ -29,6 +31,8 @@ def test_rtx_builds_every_exported_graph(artifacts, dynamic_export, name, toma, 
     assert len(engine) == meta["engine_bytes"] > 100_000
     assert meta["backend"] == "tensorrt-rtx" and meta["target"] == "sm89" and meta["dynamic"] is not static
     assert meta["selection"] == ("inlined ONNX body" if toma else "none (ToMA off)")
+    assert meta["selection_reason"] == ("TensorRT-RTX loads no plugins" if toma else "ToMA off")
+    assert meta["ptx_version"] is None and meta["plugin_version"] is None
     assert bool(meta["profiles"]) is not static
     if toma:
         assert any(i["name"] == "toma_recompute" for i in meta["inputs"])
@@ -37,15 +41,54 @@ def test_rtx_builds_every_exported_graph(artifacts, dynamic_export, name, toma, 
     assert again["engine"] == meta["engine"] and again["build_seconds"] == meta["build_seconds"]   # reused
 
 
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "toma_export.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
 def test_cli_build_json_and_other_target(artifacts, dynamic_export):
     dynamic_export("flux-tiny")
-    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "build", "--model", "flux-tiny", "--backend",
-                          "tensorrt-rtx", "--target", "sm86", "--output-dir", str(artifacts), "--json"],
-                         capture_output=True, text=True, timeout=900)
+    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--selection", "body", "--target", "sm86",
+              "--output-dir", str(artifacts), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads(res.stdout)
     assert meta["target"] == "sm86" and meta["engine"].endswith("engine.plan") and meta["onnx"].endswith("model.onnx")
     assert meta["selection"] == "inlined ONNX body" and meta["build_seconds"] > 0
+    assert meta["selection_reason"] == "--selection body"
+    assert "selection: inlined ONNX body (--selection body)" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--selection", "plugin"), "--selection plugin cannot be built: TensorRT-RTX loads no plugins; use --selection "
+                                "body (the inlined ONNX body) or auto"),
+    (("--selection", "body", "--ptx-version", "84"), "--ptx-version applies to the plugin only"),
+])
+def test_cli_refuses_an_impossible_selection_in_one_line(tmp_path, args, message):
+    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", *args, "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and not any(tmp_path.iterdir())           # refused before exporting
+
+
+def test_selection_choice():
+    """`auto` takes the plugin only where it can run; `plugin` refuses where it cannot. The TensorRT module
+    here is a stand-in carrying a version: full TensorRT cannot be installed on this machine."""
+    def trt(version):
+        return types.SimpleNamespace(__version__=version)
+
+    assert choose_selection("auto", "tensorrt", trt("10.13.3.9"), cuda=True) == (
+        True, "TensorRT 10.13.3.9 with a CUDA GPU")
+    assert choose_selection("auto", "tensorrt", trt("11.4.0.106"), cuda=True)[0]
+    assert choose_selection("body", "tensorrt", trt("11.4.0.106"), cuda=True) == (False, "--selection body")
+    assert choose_selection("auto", "tensorrt", trt("10.8.0.43"), cuda=True) == (
+        False, "TensorRT 10.8.0.43 has no AOT Python plugins (10.9 is the first)")
+    assert choose_selection("auto", "tensorrt", trt("10.13.3.9"), cuda=False) == (
+        False, "there is no CUDA GPU to compile the plugin's kernel for")
+    assert choose_selection("auto", "tensorrt-rtx", trt("1.7.1.116"), cuda=True) == (
+        False, "TensorRT-RTX loads no plugins")
+    with pytest.raises(ValueError, match="--selection plugin cannot be built: TensorRT 10.7.0 has no AOT"):
+        choose_selection("plugin", "tensorrt", trt("10.7.0"), cuda=True)
+    with pytest.raises(ValueError, match="--selection must be one of auto, plugin, body, got 'kernel'"):
+        choose_selection("kernel", "tensorrt", trt("10.13.3.9"), cuda=True)
 
 
 def test_engine_from_another_version_is_refused(artifacts, dynamic_export, tmp_path):

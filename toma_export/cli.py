@@ -2,11 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
+
+
+@contextlib.contextmanager
+def stdout_on_stderr():
+    """Native libraries (TensorRT's logger) write to file descriptor 1: point it at stderr while they run, so
+    stdout carries only our own output (the --json object)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -154,15 +172,17 @@ def cmd_build(args) -> int:
     config = None if args.no_toma else toma_config(args, plan["toma"])
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
                            opt_size=args.opt_size, max_size=args.max_size, static=args.static,
-                           timing_cache=args.timing_cache, verbose=args.verbose)
-    meta = build(args.model, config, args.output_dir, options, force=args.force)
+                           timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
+                           ptx_version=args.ptx_version)
+    with stdout_on_stderr():
+        meta = build(args.model, config, args.output_dir, options, force=args.force)
     if args.json:
         print(json.dumps(meta))
         return 0
     print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
           f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
-    print(f"  selection: {meta['selection']}")
+    print(f"  selection: {meta['selection']} ({meta.get('selection_reason', '')})")
     print(f"  onnx: {meta['onnx']}")
     for name, shapes in (meta["profiles"] or {}).items():
         print(f"    {name:<44} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
@@ -182,7 +202,8 @@ def cmd_validate(args) -> int:
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
                               output_dir=args.output_dir, save_reference=args.save_reference,
                               load_reference=args.load_reference, bisect=args.bisect)
-    report = validate(args.model, None if args.no_toma else toma_config(args), options)
+    with stdout_on_stderr():
+        report = validate(args.model, None if args.no_toma else toma_config(args), options)
     if args.report:
         files = write_report(report, args.report)
         print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)
@@ -212,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     bld.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"],
                      help="default: tensorrt where it imports, else tensorrt-rtx")
     bld.add_argument("--target", help="TensorRT-RTX compute capability to build for, e.g. sm86, sm89, sm120 (sm89)")
+    bld.add_argument("--selection", choices=["auto", "plugin", "body"], default="auto",
+                     help="what runs the destination selection: the toma::ToMASelect plugin (TensorRT 10.9+ and a "
+                          "CUDA GPU), the inlined ONNX body, or auto: the plugin where it can run, else the body (auto)")
+    bld.add_argument("--ptx-version", type=int, metavar="N",
+                     help="PTX ISA of the plugin's kernel, e.g. 84 for 8.4 (default: what the installed driver loads; "
+                          "8.4 where none can be read)")
     add_toma_options(bld, defaults="recipe")
     bld.add_argument("--no-toma", action="store_true", help="build the baseline engine without ToMA")
     bld.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the recipe's (FLUX bf16, SDXL fp16)")

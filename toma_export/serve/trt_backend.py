@@ -54,10 +54,12 @@ class EngineGraph:
         return {n: t.clone() for n, t in slot["out"].items()}
 
     def _allocate(self, signature) -> dict:
+        from ..trt.runner import set_input_shapes
+
+        set_input_shapes(self.context, self.meta, dict(signature))
         slot = {"in": {}, "out": {}}
         for n, shape in signature:
             slot["in"][n] = torch.empty(shape, dtype=self.dtypes[n], device="cuda")
-            self.context.set_input_shape(n, shape)
             self.context.set_tensor_address(n, slot["in"][n].data_ptr())
         for n in self.outputs:
             slot["out"][n] = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device="cuda")

@@ -1,14 +1,18 @@
 """`toma-export build`: export (or reuse) the ONNX file, then build a TensorRT or TensorRT-RTX engine.
 
-With full TensorRT the `toma::ToMASelect` plugin is registered and preferred in its ahead-of-time form,
-so the engine embeds the Triton kernel's PTX and runs without Python. TensorRT-RTX cannot load plugins:
-its parser inlines the op's portable ONNX body instead. The engine folder's key covers the ONNX key, the
-backend and its version, the plugin version and the target, and engine.json records them so that an
-engine is never used by a TensorRT or plugin it was not built with.
+What runs the selection (`--selection`): the `toma::ToMASelect` plugin in its ahead-of-time form, so the
+engine embeds the Triton kernel's PTX and runs without Python; or the op's portable ONNX body, which the
+parser inlines. `auto` takes the plugin where it can run (full TensorRT 10.9+, the first with AOT Python
+plugins, and a CUDA GPU) and the body elsewhere, TensorRT-RTX included (it loads no plugins), saying why in
+one line. The engine folder's key covers the ONNX key, the backend and its version, the plugin version, the
+PTX ISA version and the target, and engine.json records them so that an engine is never used by a TensorRT
+or plugin it was not built with.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import sys
 import time
@@ -24,7 +28,9 @@ from . import backend as backends
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "engines"
 DEFAULT_OUTPUT = RECIPES / "out"
-PLUGIN_SOURCES = ROOT / "plugins"
+SELECTIONS = ("auto", "plugin", "body")
+AOT_PLUGINS = (10, 9)          # TensorRT's first version with AOT Python plugins (aot_impl, PREFER_AOT_...)
+PLUGIN, BODY, NONE = "plugin (AOT Triton kernel)", "inlined ONNX body", "none (ToMA off)"
 
 
 class BuildError(RuntimeError):
@@ -46,6 +52,8 @@ class BuildOptions:
     static: bool = False           # one shape (the opt size, batch 1) instead of a profile
     timing_cache: str | None = None
     verbose: bool = False          # TensorRT warnings (duplicate inlined node names, int64 bindings...) too
+    selection: str = "auto"        # auto | plugin | body: what runs toma::ToMASelect in the engine
+    ptx_version: int | None = None # PTX ISA of the plugin's kernel, e.g. 84; None = the driver's, else 8.4
 
 
 def recipe(model: str) -> dict:
@@ -60,11 +68,52 @@ def recipe(model: str) -> dict:
 
 
 def plugin_version() -> str:
-    """Version of the selection plugin: a hash of its kernel and plugin sources."""
+    """Version of the selection plugin: a hash of its kernel, PTX and plugin sources."""
     digest = hashlib.sha256()
-    for name in ("select_kernel.py", "trt_plugin.py"):
-        digest.update((PLUGIN_SOURCES / name).read_bytes())
+    for name in ("select_kernel", "ptx", "trt_plugin"):
+        digest.update(Path(importlib.util.find_spec(f"toma_export.plugins.{name}").origin).read_bytes())
     return "1." + digest.hexdigest()[:10]
+
+
+def trt_version(trt) -> tuple[int, int]:
+    parts = backends.version(trt).split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def choose_selection(requested: str, backend: str, trt, cuda: bool | None = None) -> tuple[bool, str]:
+    """(use the plugin?, why) for `--selection requested` on this backend; refuses an impossible request."""
+    if requested not in SELECTIONS:
+        raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {requested!r}")
+    if requested == "body":
+        return False, "--selection body"
+    blocker = None
+    if backend == "tensorrt-rtx":
+        blocker = "TensorRT-RTX loads no plugins"
+    elif trt_version(trt) < AOT_PLUGINS:
+        blocker = (f"TensorRT {backends.version(trt)} has no AOT Python plugins "
+                   f"({AOT_PLUGINS[0]}.{AOT_PLUGINS[1]} is the first)")
+    elif not (_cuda_available() if cuda is None else cuda):
+        blocker = "there is no CUDA GPU to compile the plugin's kernel for"
+    elif importlib.util.find_spec("triton") is None:
+        blocker = "triton is not installed (pip install triton), and it compiles the plugin's kernel"
+    if blocker is None:
+        return True, f"TensorRT {backends.version(trt)} with a CUDA GPU"
+    if requested == "plugin":
+        raise ValueError(f"--selection plugin cannot be built: {blocker}; use --selection body (the inlined "
+                         "ONNX body) or auto")
+    return False, blocker
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOptions = BuildOptions(),
@@ -79,30 +128,41 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     sizes = {k: getattr(options, f"{k}_size") or tuple(plan["sizes"][k]) for k in ("min", "opt", "max")}
     dtype = options.dtype or plan["dtype"]
     out_root = writable_dir(output_dir or DEFAULT_OUTPUT)
+    use_plugin, why, ptx_version, capability = False, "ToMA off", None, None
+    if toma is not None:
+        use_plugin, why = choose_selection(options.selection, name, trt)
+    if use_plugin:
+        from ..plugins import ptx
+
+        capability = ptx.building_gpu()
+        ptx_version, ptx_why = ptx.choose(capability, options.ptx_version)
+        why += f"; PTX ISA {ptx_version / 10:.1f} ({ptx_why})"
+    elif options.ptx_version is not None and options.selection == "body":
+        raise ValueError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
 
     onnx_meta = export(model, toma, out_root / "onnx", ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"]),
         force=force, progress=progress)
-    use_plugin = name == "tensorrt" and onnx_meta["toma"] is not None
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
-                  plugin_version=plugin_version() if use_plugin else None, target=target)
+                  plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
     final = out_root / f"{Path(onnx_meta['model']).name}-{name}-{cache_key(fields)}"
     if (final / "engine.json").is_file() and not force:
         meta = json.loads((final / "engine.json").read_text())
         check_engine(final / "engine.json", trt_module=trt)
-        progress(f"[build] reusing {final}")
+        progress(f"[build] reusing {final} (selection: {meta['selection']})")
         return meta
 
-    progress(f"[build] building a {name} {backends.version(trt)} engine"
-             f"{f' for {target}' if target else ''} ({'plugin' if use_plugin else 'inlined ONNX body'} runs the "
-             "selection)")
+    selection = PLUGIN if use_plugin else BODY if onnx_meta["toma"] else NONE
+    progress(f"[build] building a {name} {backends.version(trt)} engine{f' for {target}' if target else ''}; "
+             f"selection: {selection} ({why})")
     t0 = time.perf_counter()
-    engine, selection = _build_engine(trt, name, onnx_meta, target, options, use_plugin)
+    engine = _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
     with staged_dir(final) as tmp:
         (tmp / "engine.plan").write_bytes(engine)
         meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
-                    onnx_key=onnx_meta["key"], selection=selection, dtype=dtype, dynamic=onnx_meta["dynamic"],
+                    onnx_key=onnx_meta["key"], selection=selection, selection_reason=why, dtype=dtype,
+                    dynamic=onnx_meta["dynamic"],
                     profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
                     toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
                     engine_bytes=len(engine))
@@ -123,7 +183,7 @@ def _target(name: str, trt, target: str | None) -> str | None:
     return target
 
 
-def _build_engine(trt, name, onnx_meta, target, options: BuildOptions, use_plugin) -> tuple[bytes, str]:
+def _build_engine(trt, name, onnx_meta, target, options: BuildOptions, use_plugin, capability, ptx_version) -> bytes:
     timing_cache = options.timing_cache
     logger = trt.Logger(trt.Logger.WARNING if options.verbose else trt.Logger.ERROR)
     builder = trt.Builder(logger)
@@ -131,19 +191,26 @@ def _build_engine(trt, name, onnx_meta, target, options: BuildOptions, use_plugi
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)   # the graph's dtypes rule
     if use_plugin:
-        import toma_export.plugins.trt_plugin  # noqa: F401  (registers toma::ToMASelect)
+        from ..plugins import trt_plugin     # importing registers toma::ToMASelect
+
+        trt_plugin.configure(capability=capability, ptx_version=ptx_version)
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if use_plugin:
-        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(onnx_meta["onnx"]):
+    # No OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE (10.15+ only, and it maps every node whose op_type matches any
+    # registered plugin): parsers from 10.7 take a registered plugin over a same-named local function, and
+    # 10.15+ do so for a node that carries `plugin_namespace`, which ours does.
+    with contextlib.nullcontext() if use_plugin else _plugin_hidden(trt):
+        parsed = parser.parse_from_file(onnx_meta["onnx"])
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
         raise BuildError(f"the {name} ONNX parser rejected {onnx_meta['onnx']}: {errors}")
     plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
-    if use_plugin and plugins != onnx_meta["toma"]["selection_nodes"]:
-        raise BuildError(f"the toma::ToMASelect plugin took {plugins} of {onnx_meta['toma']['selection_nodes']} "
-                         "selection nodes; is the plugin registered for this TensorRT version?")
+    nodes = onnx_meta["toma"]["selection_nodes"] if onnx_meta["toma"] else 0
+    if plugins != (nodes if use_plugin else 0):
+        raise BuildError(f"the parser turned {plugins} of the {nodes} selection nodes into plugin layers, where "
+                         f"{nodes if use_plugin else 0} were asked for; build with --selection body to inline the "
+                         "ONNX body instead")
     config = builder.create_builder_config()
     if target:
         config.num_compute_capabilities = 1
@@ -163,9 +230,26 @@ def _build_engine(trt, name, onnx_meta, target, options: BuildOptions, use_plugi
         raise BuildError(f"{name} could not build an engine from {onnx_meta['onnx']} (see the log above)")
     if cache is not None:
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    selection = ("plugin (AOT Triton kernel)" if use_plugin else
-                 "inlined ONNX body" if onnx_meta["toma"] else "none (ToMA off)")
-    return bytes(engine), selection
+    return bytes(engine)
+
+
+@contextlib.contextmanager
+def _plugin_hidden(trt):
+    """Keep a toma::ToMASelect plugin registered earlier in this process away from the parser, which would
+    prefer it over the body that was asked for."""
+    if "toma_export.plugins.trt_plugin" not in sys.modules:      # never registered here (and a registry lookup
+        yield                                                    # of a missing plugin logs an error)
+        return
+    registry = trt.get_plugin_registry()
+    creator = registry.get_creator("ToMASelect", "1", "toma")
+    if creator is None:
+        yield
+        return
+    registry.deregister_creator(creator)
+    try:
+        yield
+    finally:
+        registry.register_creator(creator, "toma")
 
 
 def check_engine(engine_json, trt_module=None) -> dict:
@@ -179,4 +263,12 @@ def check_engine(engine_json, trt_module=None) -> dict:
     if meta.get("plugin_version") and meta["plugin_version"] != plugin_version():
         raise EngineMismatch(f"{meta['engine']} embeds toma plugin {meta['plugin_version']} but this toolkit has "
                              f"{plugin_version()}; rebuild it with `toma-export build --model {meta['model']}`")
+    if meta.get("ptx_version"):
+        from ..plugins import ptx
+
+        cuda = ptx.driver_cuda()
+        if cuda is not None and ptx.for_cuda(*cuda) < meta["ptx_version"]:
+            raise EngineMismatch(f"{meta['engine']} embeds a PTX ISA {meta['ptx_version'] / 10:.1f} kernel, newer "
+                                 f"than the CUDA {cuda[0]}.{cuda[1]} driver loads; rebuild it here (`toma-export "
+                                 f"build --model {meta['model']}` picks the driver's version) or update the driver")
     return meta

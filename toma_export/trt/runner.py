@@ -29,13 +29,13 @@ class EngineRunner:
         self.outputs = [o["name"] for o in self.meta["outputs"]]
 
     def __call__(self, inputs: dict) -> dict:
+        set_input_shapes(self.context, self.meta, {name: tuple(t.shape) for name, t in inputs.items()})
         torch, trt = self.torch, self.trt
         stream = torch.cuda.current_stream()
         keep = {}
         for name, tensor in inputs.items():
             t = tensor.cuda().contiguous()
             keep[name] = t
-            self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         out = {}
         for name in self.outputs:
@@ -47,6 +47,26 @@ class EngineRunner:
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
         return out
+
+
+class ShapeOutOfProfile(ValueError):
+    """An input shape the engine's optimization profile does not cover."""
+
+
+def set_input_shapes(context, meta: dict, shapes: dict) -> None:
+    """context.set_input_shape for every input; a shape TensorRT refuses becomes one line naming the input,
+    the shape, what the engine accepts and how to rebuild it (instead of a crash at the next enqueue)."""
+    for name, shape in shapes.items():
+        if context.set_input_shape(name, tuple(shape)):
+            continue
+        profile = (meta.get("profiles") or {}).get(name)
+        recorded = next((i["shape"] for i in meta.get("inputs", []) if i["name"] == name), None)
+        accepts = (f"its profile takes {tuple(profile['min'])} to {tuple(profile['max'])}" if profile else
+                   f"it was built for exactly {tuple(recorded)}" if recorded is not None else
+                   "the engine has no such input")
+        raise ShapeOutOfProfile(f"{meta.get('engine', 'the engine')}: input {name} has shape {tuple(shape)}, but "
+                                f"{accepts}; rebuild covering it: `toma-export build --model {meta.get('model')} "
+                                "--min-size HxW --max-size HxW` (or --static at the size you serve)")
 
 
 def _torch_dtype(trt, torch, dtype):
