@@ -63,3 +63,42 @@ def run(model, inputs):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -- one JSON summary of the run, for scripts/gpu_checks.sh (TOMA_CHECKS_JSON names the file) --
+_checks: list = []
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("TOMA_CHECKS_JSON") or (report.when != "call" and report.passed):
+        return
+    entry = dict(test=report.nodeid, outcome=report.outcome, seconds=round(report.duration, 2))
+    if report.skipped and isinstance(report.longrepr, tuple):
+        entry["reason"] = report.longrepr[2].removeprefix("Skipped: ")
+    elif report.failed:
+        entry["error"] = report.longreprtext.strip().splitlines()[-1][:500]
+    _checks.append(entry)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("TOMA_CHECKS_JSON")
+    if not path:
+        return
+    import json
+    import platform
+
+    from toma_export.plugins import ptx
+
+    machine = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        machine.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                       torch_cuda=torch.version.cuda)
+    machine.update(driver_cuda=ptx.driver_cuda(), toma_export=te.__file__)
+    for name in ("triton", "tensorrt", "onnxruntime", "diffusers"):
+        try:
+            machine[name] = __import__(name).__version__
+        except Exception:   # noqa: BLE001  (absent, or a stub without bindings)
+            machine[name] = None
+    counts = {k: sum(c["outcome"] == k for c in _checks) for k in ("passed", "failed", "skipped")}
+    with open(path, "w") as f:
+        json.dump(dict(exit_status=int(exitstatus), counts=counts, machine=machine, checks=_checks), f, indent=2)
