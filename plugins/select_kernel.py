@@ -134,9 +134,11 @@ def compile_ptx(feature_dtype: str, index_dtype: str, n: int, c: int, num_dst: i
     if meta.shared > SHARED_LIMIT:
         raise KernelUnfit(f"the {where} needs {meta.shared} bytes of shared memory, over the 48 KiB TensorRT "
                           "launches plugin kernels with; use smaller tiles (--tile) or --selection body")
-    unsafe = {"global scratch bytes": meta.global_scratch_size, "profile scratch bytes": meta.profile_scratch_size,
-              "CTAs per program": meta.num_ctas - 1, "cooperative launch": meta.launch_cooperative_grid,
-              "programmatic dependent launch": meta.launch_pdl}
+    unsafe = {"global scratch bytes": getattr(meta, "global_scratch_size", 0),    # older Tritons lack some
+              "profile scratch bytes": getattr(meta, "profile_scratch_size", 0),
+              "extra CTAs per program": getattr(meta, "num_ctas", 1) - 1,
+              "cooperative launch": getattr(meta, "launch_cooperative_grid", False),
+              "programmatic dependent launch": getattr(meta, "launch_pdl", False)}
     unsafe = {k: v for k, v in unsafe.items() if v}
     if unsafe:
         raise KernelUnfit(f"the {where} needs {unsafe}, which TensorRT's AOT launch does not provide; "
