@@ -13,7 +13,7 @@ import subprocess
 
 DEFAULT = 84                      # PTX ISA 8.4: CUDA 12.4 and newer drivers
 OLDEST, NEWEST = 80, 94           # the range of ISAs Triton 3.9 emits
-_ARCH_MINIMUM = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 120: 87, 121: 88}
+_ARCH_MINIMUM = {100: 86, 101: 86, 103: 88, 120: 87, 121: 88}     # architectures that need more than 8.0
 
 
 def for_cuda(major: int, minor: int) -> int:
@@ -63,9 +63,9 @@ def compiler_newest(capability: int) -> int:
 
 
 def minimum(capability: int) -> int:
-    """The oldest ISA a Triton kernel for this architecture can declare: the architecture's own minimum,
-    and never below 8.0, the oldest that Triton 3.9 emits."""
-    return max(_ARCH_MINIMUM.get(capability, OLDEST), OLDEST)
+    """The oldest ISA a Triton kernel for this architecture can declare: 8.0, the oldest that Triton 3.9
+    emits, or the architecture's own minimum where that is higher."""
+    return _ARCH_MINIMUM.get(capability, OLDEST)
 
 
 def choose(capability: int, explicit: int | None = None) -> tuple[int, str]:
