@@ -67,6 +67,15 @@ def _progress(msg: str) -> None:
 
 
 def cmd_generate(args) -> int:
+    from ..cli import stdout_on_stderr
+
+    with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
+        result = _generate(args)
+    print(json.dumps(result) if args.json else _table(result))
+    return 0
+
+
+def _generate(args) -> dict:
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -120,10 +129,8 @@ def cmd_generate(args) -> int:
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
-    result = _result(args, spec, backend, network, toma_path, base_path, (height, width), guidance, stages,
-                     setup=t_ready - t_start, total=t_done - t_ready, out=out)
-    print(json.dumps(result) if args.json else _table(result))
-    return 0
+    return _result(args, spec, backend, network, toma_path, base_path, (height, width), guidance, stages,
+                   setup=t_ready - t_start, total=t_done - t_ready, out=out)
 
 
 def _config(args, toma_config):
