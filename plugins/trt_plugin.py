@@ -33,8 +33,10 @@ from . import ptx
 from .select_kernel import compile_ptx, launch
 
 NAME = "toma::ToMASelect"
-_NAMES = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32",
-          trt.int64: "int64"}
+# dtype name and array-interface typestr of every dtype the plugin takes; bf16 has no typestr (NVIDIA's
+# Tensor refuses it), so it travels as int16 and is viewed back by name
+_DTYPES = {trt.float32: ("float32", "<f4"), trt.float16: ("float16", "<f2"), trt.bfloat16: ("bfloat16", "<i2"),
+           trt.int32: ("int32", "<i4"), trt.int64: ("int64", "<i8")}
 _target = {"capability": None, "ptx_version": None}
 
 
@@ -80,7 +82,7 @@ def select_aot(tiles: trtp.TensorDesc, previous: trtp.TensorDesc, recompute: trt
     n, c = n_expr.constant_value(), c_expr.constant_value()
     capability = _target["capability"] or ptx.building_gpu()
     version = _target["ptx_version"] or ptx.choose(capability)[0]
-    kernel = compile_ptx(_NAMES[tiles.dtype], _NAMES[previous.dtype], n, c, _scalar(num_dst), _scalar(tie_tol),
+    kernel = compile_ptx(_DTYPES[tiles.dtype][0], _DTYPES[previous.dtype][0], n, c, _scalar(num_dst), _scalar(tie_tol),
                          capability, version)
     params = trtp.KernelLaunchParams()
     params.grid_x = tiles.shape_expr[0] * tiles.shape_expr[1]          # one program per tile
@@ -96,15 +98,9 @@ def _device() -> str:
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
-# typestr and the torch dtype to view the buffer as; bf16 has no array-interface code (NVIDIA's Tensor refuses
-# it), so it travels as int16 and is viewed back
-_TYPESTR = {trt.float32: ("<f4", None), trt.float16: ("<f2", None), trt.bfloat16: ("<i2", "bfloat16"),
-            trt.int32: ("<i4", None), trt.int64: ("<i8", None)}
-
-
 def array_interface(tensor: trtp.Tensor) -> dict:
     """The (CUDA) array interface of a plugin tensor, for every dtype the plugin takes, bf16 included."""
-    typestr, _ = _TYPESTR[tensor.dtype]
+    typestr = _DTYPES[tensor.dtype][1]
     itemsize = int(typestr[-1])
     return {"shape": tuple(tensor.shape), "typestr": typestr, "data": (tensor.data_ptr, False),
             "strides": tuple(s * itemsize for s in tensor.strides), "version": 3}
@@ -120,5 +116,4 @@ def _as_torch(tensor: trtp.Tensor, device: str):
     else:
         holder = type("HostBuffer", (), {"__array_interface__": interface})()
         out = torch.from_numpy(np.asarray(holder))
-    view = _TYPESTR[tensor.dtype][1]
-    return out.view(getattr(torch, view)) if view else out
+    return out.view(getattr(torch, _DTYPES[tensor.dtype][0]))          # a no-op but for bf16

@@ -87,10 +87,11 @@ def test_plugin_engine_matches_onnxruntime(tmp_path, name, selection):
     from toma_export.onnx.graph import RECOMPUTE
     from toma_export.toma.selection import recompute_flag
     from toma_export.trt import BuildOptions, build
+    from toma_export.trt.build import BODY, PLUGIN
     from toma_export.trt.runner import EngineRunner
 
     meta = build(name, te.ToMAConfig(), tmp_path, BuildOptions(backend="tensorrt", selection=selection))
-    assert meta["selection"].startswith(selection) or (selection == "body" and meta["selection"] == "inlined ONNX body")
+    assert meta["selection"] == {"plugin": PLUGIN, "body": BODY}[selection]
     assert (meta["ptx_version"] is not None) == (selection == "plugin")
     spec = te.models.get(name)
     model = spec.load()
