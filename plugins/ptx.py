@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import subprocess
 
+from ..errors import UsageError
+
 DEFAULT = 84                      # PTX ISA 8.4: CUDA 12.4 and newer drivers
 OLDEST, NEWEST = 80, 94           # the range of ISAs Triton 3.9 emits
 _ARCH_MINIMUM = {100: 86, 101: 86, 103: 88, 120: 87, 121: 88}     # architectures that need more than 8.0
@@ -73,7 +75,7 @@ def choose(capability: int, explicit: int | None = None) -> tuple[int, str]:
     low, high = minimum(capability), compiler_newest(capability)
     if explicit is not None:
         if not low <= explicit <= high:
-            raise ValueError(f"--ptx-version {explicit} is outside what sm_{capability} kernels from Triton can "
+            raise UsageError(f"--ptx-version {explicit} is outside what sm_{capability} kernels from Triton can "
                              f"declare ({low}..{high}, e.g. 84 for PTX ISA 8.4)")
         return explicit, "--ptx-version"
     cuda = driver_cuda()
@@ -81,7 +83,7 @@ def choose(capability: int, explicit: int | None = None) -> tuple[int, str]:
         return max(DEFAULT, low), "default: no CUDA driver to read"
     newest = for_cuda(*cuda)
     if newest < low:
-        raise ValueError(f"the CUDA {cuda[0]}.{cuda[1]} driver loads PTX ISA up to {newest / 10:.1f}, but sm_"
+        raise UsageError(f"the CUDA {cuda[0]}.{cuda[1]} driver loads PTX ISA up to {newest / 10:.1f}, but sm_"
                          f"{capability} kernels need {low / 10:.1f}; update the driver, or build with "
                          "--selection body")
     return min(newest, high), f"the installed CUDA {cuda[0]}.{cuda[1]} driver"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from ..errors import UsageError
+
 
 @triton.jit
 def select_kernel(x_ptr, prev_ptr, flag_ptr, n, C, out_ptr,
@@ -95,7 +97,7 @@ def launch(x, k: int, tie_tol: float, previous=None, recompute=True, out=None):
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
 
 
-class KernelUnfit(ValueError):
+class KernelUnfit(UsageError):
     """The compiled kernel cannot be launched the way TensorRT launches AOT plugin kernels."""
 
 

@@ -30,6 +30,7 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from . import ptx
+from ..errors import UsageError
 from .select_kernel import compile_ptx, launch
 
 NAME = "toma::ToMASelect"
@@ -78,7 +79,7 @@ def select_aot(tiles: trtp.TensorDesc, previous: trtp.TensorDesc, recompute: trt
                tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     n_expr, c_expr = tiles.shape_expr[2], tiles.shape_expr[3]
     if not (n_expr.is_constant and c_expr.is_constant):
-        raise ValueError("toma::ToMASelect needs static tile size and channels (export with a fixed tile)")
+        raise UsageError("toma::ToMASelect needs static tile size and channels (export with a fixed tile)")
     n, c = n_expr.constant_value(), c_expr.constant_value()
     capability = _target["capability"] or ptx.building_gpu()
     version = _target["ptx_version"] or ptx.choose(capability)[0]

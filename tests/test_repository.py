@@ -167,11 +167,10 @@ def test_bad_engine_json_is_a_one_line_error(engines, dynamic_export, tmp_path, 
     shutil.copy(engines["dynamic"] / "engine.json", bad / "short-plan")
     (bad / "short-plan" / "engine.plan").write_bytes((engines["dynamic"] / "engine.plan").read_bytes()[:4096])
     cases = {
-        tmp_path / "nowhere": "no engine.json at",
-        bad / "empty": "no engine.json at",
-        bad / "garbled": "is not JSON",
-        Path(onnx_meta["onnx"]).parent / "toma.json": "is not an engine.json written by `toma-export build` (no "
-                                                      "'backend', 'backend_version')",
+        tmp_path / "nowhere": "does not exist; pass a built engine's engine.json",
+        bad / "empty": "no engine.json in this folder",
+        bad / "garbled": "cannot be read as JSON",
+        Path(onnx_meta["onnx"]).parent / "toma.json": "is an export's metadata; pass a built engine's engine.json",
         bad / "no-plan": "has no engine.plan beside engine.json; rebuild it with `toma-export build --model "
                          "flux-tiny`",
         bad / "short-plan": "engine.plan is 4096 bytes but engine.json records",

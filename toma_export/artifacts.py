@@ -1,8 +1,11 @@
-"""Artifact folders: named by a hash of everything that changes their content, written atomically.
+"""Artifacts: exported model.onnx files and built engines, with the metadata written beside them.
 
-A stage builds into a hidden temporary folder beside the final one and renames it into place only when
-complete, so an interrupted run never leaves a half-written file under a final name, and an existing
-final folder is a finished artifact that can be reused.
+The one place that names, writes and reads them. Folders are named by a hash of everything that changes
+their content and written atomically: a stage builds into a hidden temporary folder beside the final one
+and renames it into place only when complete, so an existing final folder is a finished artifact that can
+be reused. Metadata (toma.json beside an export, engine.json beside an engine) is read only through
+`Artifact.load`, which turns a missing, corrupt or foreign file into one `ArtifactError` line, and the
+ToMA settings round-trip through `toma_section` / `config_from_section` with every ToMAConfig field.
 """
 from __future__ import annotations
 
@@ -12,7 +15,44 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+import torch
+
+from .errors import ArtifactError, UsageError
+from .toma.config import ToMAConfig
+
+EXPORT_META, ENGINE_META = "toma.json", "engine.json"
+EXPORT_FORMAT = 2          # bump when the layout of toma.json or the graph I/O changes (2: int32 [1] recompute)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# numpy dtype names, as the metadata records graph inputs and outputs
+NUMPY_TO_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_REQUIRED = {"onnx": ("format", "key", "model", "onnx", "dtype", "dynamic", "inputs", "outputs", "toma"),
+             "engine": ("backend", "backend_version", "model", "engine", "dtype", "dynamic", "inputs", "outputs",
+                        "profiles", "toma", "selection")}
+_MADE_BY = {"onnx": "`toma-export export`", "engine": "`toma-export build`"}
+
+
+def toma_section(config: ToMAConfig | None) -> dict | None:
+    """Every ToMAConfig field as JSON (tuples as lists); None for a model without ToMA."""
+    if config is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def config_from_section(section: dict | None, where: str = "the metadata") -> ToMAConfig | None:
+    """The ToMAConfig a toma section records, every field restored; derived keys (groups, node counts)
+    are ignored. A section ToMAConfig refuses is a corrupt artifact."""
+    if not section:
+        return None
+    names = {f.name for f in fields(ToMAConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
+    try:
+        return ToMAConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{where} records ToMA settings this toolkit refuses ({err}); export it again") from None
 
 
 def cache_key(fields: dict) -> str:
@@ -29,7 +69,7 @@ def writable_dir(path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise ValueError(f"output folder {path} is not writable ({err.strerror or err}); choose another "
+        raise UsageError(f"output folder {path} is not writable ({err.strerror or err}); choose another "
                          "--output-dir") from None
     return path
 
@@ -72,3 +112,162 @@ def versions(*packages: str) -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An export (kind "onnx": `path` is model.onnx) or an engine (kind "engine": `path` is engine.json,
+    the plan beside it), with its metadata."""
+
+    kind: str
+    path: Path
+    meta: dict
+
+    @classmethod
+    def load(cls, path, kind: str | None = None) -> "Artifact":
+        """From model.onnx, toma.json, engine.json, engine.plan or the folder holding one of them. `kind`
+        restricts what is accepted. Every problem is one ArtifactError that says what to pass instead."""
+        want = {"onnx": "an exported model.onnx (toma-export export)",
+                "engine": "a built engine's engine.json (toma-export build)"}
+        wanted = want[kind] if kind else f"{want['onnx']} or {want['engine']}"
+        path = Path(path).expanduser()
+        names = {"onnx": (EXPORT_META,), "engine": (ENGINE_META,)}.get(kind, (ENGINE_META, EXPORT_META))
+        if path.is_dir():
+            found = [path / n for n in names if (path / n).is_file()]
+            if not found:
+                raise ArtifactError(f"{path}: no {' or '.join(names)} in this folder; pass {wanted}")
+            meta_path = found[0]
+        else:
+            meta_path = {".plan": path.with_name(ENGINE_META), ".onnx": path.with_name(EXPORT_META)}.get(
+                path.suffix, path)
+            if not path.exists():
+                raise ArtifactError(f"{path} does not exist; pass {wanted}")
+            if meta_path.name not in names:
+                what = {EXPORT_META: "an export's metadata", ENGINE_META: "an engine's metadata"}.get(
+                    meta_path.name, "not an artifact of this toolkit")
+                raise ArtifactError(f"{path} is {what}; pass {wanted}")
+            if not meta_path.is_file():
+                raise ArtifactError(f"{path} has no {meta_path.name} beside it (written by "
+                                    f"{_MADE_BY['onnx' if meta_path.name == EXPORT_META else 'engine']}); pass {wanted}")
+        found_kind = "engine" if meta_path.name == ENGINE_META else "onnx"
+        meta = _read_json(meta_path, found_kind)
+        missing = [k for k in _REQUIRED[found_kind] if k not in meta]
+        if missing:
+            raise ArtifactError(f"{meta_path} is not metadata written by {_MADE_BY[found_kind]} (no "
+                                f"{', '.join(missing)}); pass {wanted}")
+        if found_kind == "onnx" and meta["format"] != EXPORT_FORMAT:
+            raise ArtifactError(f"{meta_path} is export format {meta['format']}, this toolkit reads {EXPORT_FORMAT}; "
+                                f"export it again (toma-export export --model {meta['model']} ...)")
+        bad = [t for t in list(meta["inputs"]) + list(meta["outputs"])
+               if not (isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("dtype") in NUMPY_TO_TORCH
+                       and isinstance(t.get("shape"), list))]
+        if bad or meta["dtype"] not in DTYPES:
+            raise ArtifactError(f"{meta_path} records a graph input/output or dtype this toolkit does not know; "
+                                "export or build it again")
+        config_from_section(meta["toma"], str(meta_path))        # a corrupt section fails here, not later
+        if found_kind == "engine":
+            plan = meta_path.with_name("engine.plan")
+            if not plan.is_file():
+                raise ArtifactError(f"{meta_path.parent} has no engine.plan beside engine.json; rebuild it with "
+                                    f"`toma-export build --model {meta['model']}`")
+            if meta.get("engine_bytes") not in (None, plan.stat().st_size):
+                raise ArtifactError(f"{plan} is {plan.stat().st_size} bytes but engine.json records "
+                                    f"{meta['engine_bytes']} (a partial copy?); rebuild it with "
+                                    f"`toma-export build --model {meta['model']}`")
+            return cls("engine", meta_path, meta)
+        onnx = meta_path.with_name("model.onnx")       # beside the metadata, so a moved folder still works
+        if not onnx.is_file():
+            raise ArtifactError(f"{meta_path.parent} has no model.onnx beside toma.json; export it again")
+        return cls("onnx", onnx, meta)
+
+    def save(self) -> None:
+        """Write the metadata beside the artifact (inside a staged folder, before it is renamed)."""
+        name = ENGINE_META if self.kind == "engine" else EXPORT_META
+        folder = self.path if self.path.is_dir() else self.path.parent
+        (folder / name).write_text(json.dumps(self.meta, indent=2))
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("engine") or self.path)
+
+    @property
+    def model(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.meta["dtype"]]
+
+    @property
+    def config(self) -> ToMAConfig | None:
+        """The ToMA settings the file was made with, every field (None: a baseline without ToMA)."""
+        return config_from_section(self.meta.get("toma"), self.name)
+
+    @property
+    def groups(self) -> list[str]:
+        return list((self.meta.get("toma") or {}).get("groups", {}))
+
+    @property
+    def static_size(self) -> tuple[int, int] | None:
+        """(height, width) pixels of a static export; None when the file has a dynamic profile."""
+        return None if self.meta.get("dynamic") else (self.meta["height"], self.meta["width"])
+
+    def check_model(self, model_name: str) -> None:
+        """Refuse to pair the artifact with another model than the one it was made from."""
+        if self.model != model_name:
+            raise ArtifactError(f"{self.name} was made from {self.model}, not {model_name}; pass --model "
+                                f"{self.model} or the matching file")
+
+    def input_dtypes(self) -> dict:
+        return {i["name"]: NUMPY_TO_TORCH[i["dtype"]] for i in self.meta["inputs"]}
+
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.meta["inputs"]]
+
+    def allowed(self, name: str) -> tuple[list, list]:
+        """(min shape, max shape) the artifact accepts for an input."""
+        profile = (self.meta.get("profiles") or {}).get(name)
+        if profile:
+            return profile["min"], profile["max"]
+        shape = next(i["shape"] for i in self.meta["inputs"] if i["name"] == name)
+        return shape, shape
+
+    def check_shapes(self, shapes: dict, pixels: tuple[int, int] | None = None) -> None:
+        """Raise a one-line UsageError naming the first input whose shape the artifact does not accept.
+        `pixels` is the requested image size, quoted in the message."""
+        for name, shape in shapes.items():
+            lo, hi = self.allowed(name)
+            ok = len(lo) == len(shape) and all(isinstance(a, int) and isinstance(b, int) and a <= s <= b
+                                               for a, s, b in zip(lo, shape, hi))
+            if ok:
+                continue
+            dynamic = bool(self.meta.get("profiles"))
+            allowed = (f"the profile allows {tuple(lo)} to {tuple(hi)}" if dynamic else
+                       f"the static export takes exactly {tuple(lo)}")
+            where = f" (image {pixels[0]}x{pixels[1]} px)" if pixels else ""
+            fix = ("re-export covering it: `toma-export export --dynamic --min-size HxW --max-size HxW` (or "
+                   "`build --min-size/--max-size`)" if dynamic else
+                   "re-export at this size (`toma-export export --height H --width W`, or `generate --size HxW` "
+                   "without --onnx/--engine) or with --dynamic")
+            raise UsageError(f"{self.name}: input {name} has shape {tuple(shape)}{where}, but {allowed}"
+                             f"{self._covered()}; {fix}")
+
+    def _covered(self) -> str:
+        if self.meta.get("profiles") and self.meta.get("ranges"):
+            (h0, w0), _, (h1, w1) = self.meta["ranges"]["sizes"]
+            b0, _, b1 = self.meta["ranges"]["batch"]
+            return f" ({h0}x{w0} to {h1}x{w1} px, batch {b0}-{b1}, CFG counts twice)"
+        if self.meta.get("height"):
+            return f" ({self.meta['height']}x{self.meta['width']} px, batch {self.meta.get('batch')}, CFG counts twice)"
+        return ""
+
+
+def _read_json(path: Path, kind: str) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path} cannot be read as JSON ({err}); {_MADE_BY[kind]} writes it, so make the "
+                            "artifact again") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is not metadata written by {_MADE_BY[kind]}; make the artifact again")
+    return meta

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from ..toma import ToMAConfig
 from ..toma import flux as toma_flux, sdxl as toma_sdxl
 from ..toma.merge import TileMerge
@@ -69,7 +70,7 @@ def flux_single_block(width: int = 1536, grid: int = 64, text: int = 512, seed: 
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock
 
     if width % 128:
-        raise ValueError(f"the FLUX block width must be a multiple of the 128-wide heads, got {width}")
+        raise UsageError(f"the FLUX block width must be a multiple of the 128-wide heads, got {width}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         block = FluxSingleTransformerBlock(width, width // 128, 128).eval()
@@ -166,7 +167,7 @@ def tomesd_net(case: BlockCase, **kwargs) -> torch.nn.Module:
     from diffusers import ModelMixin
 
     if not case.name.startswith("sdxl"):
-        raise ValueError("tomesd patches UNet BasicTransformerBlocks only; it has no FLUX support")
+        raise UsageError("tomesd patches UNet BasicTransformerBlocks only; it has no FLUX support")
     host = ModelMixin()               # tomesd.apply_patch looks for 'ModelMixin' among the class names
     host.block = copy.deepcopy(case.block)
     tomesd.apply_patch(host, **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UsageError
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -51,7 +53,7 @@ def plot(doc: dict, path: Path) -> Path:
             r["block"] and "engine" not in r["block"]]
     names = list(dict.fromkeys(r["block"] for r in rows))
     if not names:
-        raise ValueError("no block results to plot")
+        raise UsageError("no block results to plot")
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["block"] == name]
@@ -89,7 +91,7 @@ def check_readme(readme: Path) -> str:
     """The README's text, or a one-line error when it has no section to fill (checked before a long run)."""
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} section to fill; add the two markers where the "
+        raise UsageError(f"{readme} has no {BEGIN} ... {END} section to fill; add the two markers where the "
                          "results table belongs")
     return text
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..onnx.graph import RECOMPUTE
 from ..toma import ToMAConfig
 from ..toma.selection import recompute_flag
@@ -53,10 +54,10 @@ def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     torch.set_grad_enabled(False)
     if options.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU visible to PyTorch; drop it to benchmark on the CPU")
+        raise UsageError("--device cuda needs a CUDA GPU visible to PyTorch; drop it to benchmark on the CPU")
     unknown = set(options.blocks) - {"sdxl", "flux"} or set(options.backends) - {"torch", "onnxruntime"}
     if unknown:
-        raise ValueError(f"unknown block or backend {sorted(unknown)}: blocks are sdxl, flux; backends torch, "
+        raise UsageError(f"unknown block or backend {sorted(unknown)}: blocks are sdxl, flux; backends torch, "
                          "onnxruntime")
     for r in options.ratios:
         ToMAConfig(ratio=r)                      # a bad ratio fails before anything is built
@@ -217,7 +218,7 @@ def bench_engines(options: BenchOptions, notes: list, progress) -> list:
         notes.append("TensorRT engines not timed: the tensorrt module is not installed on this machine")
         return []
     from .. import models
-    from ..onnx.export import DTYPES
+    from ..artifacts import DTYPES
     from ..trt.build import BuildOptions, build
     from ..trt.runner import EngineRunner
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import flux, sdxl
+from ..errors import UsageError
 from .spec import ModelNotAvailable, ModelSpec, read_config
 
 _SPECS = {**flux.specs(), **sdxl.specs()}
@@ -30,9 +31,9 @@ def get(name: str) -> ModelSpec:
             config = read_config(path, base.subfolder)
             if config and _FAMILY_BY_CLASS.get(config.get("_class_name")) == family:
                 return replace(base, name=str(path), source=str(path), config={**base.config, **_dims(config)})
-        raise ValueError(f"{name}: no FLUX transformer or SDXL UNet config found (expected transformer/config.json "
+        raise UsageError(f"{name}: no FLUX transformer or SDXL UNet config found (expected transformer/config.json "
                          "or unet/config.json in a diffusers folder)")
-    raise ValueError(f"unknown model {name!r}: not a registered name ({', '.join(_SPECS)}) nor an existing "
+    raise UsageError(f"unknown model {name!r}: not a registered name ({', '.join(_SPECS)}) nor an existing "
                      "local diffusers folder")
 
 

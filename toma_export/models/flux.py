@@ -21,6 +21,10 @@ class FluxSpec(ModelSpec):
     pixels_per_token = 16   # 8x VAE, then 2x2 latent patches per token
     size_multiple = 16
     pixels_per_cell = 16    # the graph's spatial input is the token grid
+    grid_is_input = True
+    pipeline_class = "FluxPipeline"
+    network_class = "FluxNetwork"
+    default_guidance = 3.5
 
     @property
     def model_cls(self):
@@ -83,6 +87,18 @@ class FluxSpec(ModelSpec):
     def step_inputs(self, inputs: dict, scheduler, latent, t) -> dict:
         batch = latent.shape[0]
         return dict(inputs, hidden_states=latent, timestep=(t / 1000).expand(batch).to(latent.dtype))
+
+
+    def pipeline_kwargs(self) -> dict:
+        return dict(max_sequence_length=self.text_len)
+
+    def tiny_parts(self, seed: int = 0) -> dict:
+        from . import tiny
+
+        c = self.config
+        return dict(text_encoder=tiny.clip(c["pooled_projection_dim"], seed + 1), tokenizer=tiny.tokenizer(),
+                    text_encoder_2=tiny.t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tiny.tokenizer(self.text_len),
+                    vae=tiny.vae(c["in_channels"] // 4, seed + 3, scaling_factor=0.3611, shift_factor=0.1159))
 
 
 def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,22 @@ class SdxlSpec(ModelSpec):
     pixels_per_token = 16   # 8x VAE, then the first down-sampling: transformers start at level 1
     size_multiple = 32      # the latent is halved twice
     pixels_per_cell = 8     # the graph's spatial input is the latent
+    pipeline_class = "StableDiffusionXLPipeline"
+    network_class = "SdxlNetwork"
+    default_guidance = 5.0
+
+    def cfg_batch(self, guidance: float) -> int:
+        return 2 if guidance > 1 else 1
+
+    def tiny_parts(self, seed: int = 0) -> dict:
+        from . import tiny
+
+        c = self.config
+        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        first = c["cross_attention_dim"] // 2
+        return dict(text_encoder=tiny.clip(first, seed + 1), tokenizer=tiny.tokenizer(),
+                    text_encoder_2=tiny.clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
+                    tokenizer_2=tiny.tokenizer(), vae=tiny.vae(c["in_channels"], seed + 3, scaling_factor=0.13025))
 
     @property
     def model_cls(self):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingComponent, UsageError
 
-class ModelNotAvailable(RuntimeError):
+
+class ModelNotAvailable(MissingComponent):
     """Weights for a real model could not be found or loaded."""
 
 
@@ -32,6 +34,24 @@ class ModelSpec:
     # token grid, SDXL: the latent), and each input axis is named batch/height/width/text with a divisor.
     pixels_per_cell = 16
     output_name = "noise_pred"
+    grid_is_input = False   # the graph's spatial input is the token grid itself (FLUX); else hooks read theirs
+    # Serving: the diffusers pipeline around the network (which it keeps under `subfolder`), the drop-in
+    # class of toma_export.serve.families, and the default guidance scale.
+    pipeline_class = ""
+    network_class = ""
+    default_guidance = 1.0
+
+    def cfg_batch(self, guidance: float) -> int:
+        """How many samples one image puts through the network (2 where guidance runs CFG)."""
+        return 1
+
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments of the pipeline call that the exported graph fixes."""
+        return {}
+
+    def tiny_parts(self, seed: int = 0) -> dict:
+        """The pipeline's random parts besides the network and scheduler (tiny models only)."""
+        raise NotImplementedError
 
     @property
     def model_cls(self):
@@ -58,7 +78,7 @@ class ModelSpec:
         """(height, width) in pixels, defaulted and checked against the model's size multiple."""
         h, w = height or self.default_size[0], width or self.default_size[1]
         if h <= 0 or w <= 0 or h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"{self.name}: {h}x{w} px is not a positive multiple of {self.size_multiple} px")
+            raise UsageError(f"{self.name}: {h}x{w} px is not a positive multiple of {self.size_multiple} px")
         return h, w
 
     def token_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:

@@ -8,7 +8,6 @@ the file, so an existing export is reused.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -20,15 +19,16 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..artifacts import cache_key, source_digest, staged_dir, versions, writable_dir
+from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, source_digest, staged_dir,
+                         toma_section, versions, writable_dir)
+from ..errors import ArtifactError
+from ..errors import UsageError
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IR_VERSION = 10            # onnx 1.23 writes 14 by default; onnxruntime 1.3x loads <= 10
 TWO_GB = 2 ** 31
-FORMAT = 2                 # bump when the layout of toma.json or the graph I/O changes (2: int32 [1] recompute)
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,18 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = models.get(model_name)
     if options.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if not 17 <= options.opset <= 22:
-        raise ValueError(f"opset must be between 17 and 22 (20 recommended; 23 emits Attention, which TensorRT "
+        raise UsageError(f"opset must be between 17 and 22 (20 recommended; 23 emits Attention, which TensorRT "
                          f"builds reject), got {options.opset}")
     if options.batch < 1:
-        raise ValueError(f"batch must be >= 1, got {options.batch}")
+        raise UsageError(f"batch must be >= 1, got {options.batch}")
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
     out_root = writable_dir(output_dir)
 
     # the key holds resolved values, so equal requests phrased differently share one export
-    key_fields = dict(format=FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
+    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
                       toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
                       dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
                       size=(height, width), ranges=ranges if options.dynamic else None,
@@ -72,10 +72,13 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                                     sources=source_digest()))
     key = cache_key(key_fields)
     final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
-    if (final / "toma.json").is_file() and not force:
-        meta = json.loads((final / "toma.json").read_text())
-        progress(f"[export] reusing {final}")
-        return meta
+    if (final / EXPORT_META).is_file() and not force:
+        try:
+            meta = Artifact.load(final, "onnx").meta
+            progress(f"[export] reusing {final}")
+            return meta
+        except ArtifactError as err:       # a damaged cache entry is made again, not trusted
+            progress(f"[export] exporting again: {err}")
 
     t0 = time.perf_counter()
     progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
@@ -108,7 +111,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         meta = _metadata(spec, config, options, report, graph, onnx_path, external, (height, width), ranges, key,
                          key_fields["versions"], time.perf_counter() - t0)
         meta["onnx"] = str(final / "model.onnx")
-        (tmp / "toma.json").write_text(json.dumps(meta, indent=2))
+        Artifact("onnx", onnx_path, meta).save()
     progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
     return meta
 
@@ -117,7 +120,7 @@ def _ranges(spec, options: ExportOptions, opt: tuple[int, int]) -> dict:
     lo, _, hi = spec.size_range
     sizes = [spec.size(*(options.min_size or lo)), opt, spec.size(*(options.max_size or hi))]
     if not (sizes[0][0] <= opt[0] <= sizes[2][0] and sizes[0][1] <= opt[1] <= sizes[2][1]):
-        raise ValueError(f"size {opt[0]}x{opt[1]} lies outside the range {sizes[0][0]}x{sizes[0][1]} .. "
+        raise UsageError(f"size {opt[0]}x{opt[1]} lies outside the range {sizes[0][0]}x{sizes[0][1]} .. "
                          f"{sizes[2][0]}x{sizes[2][1]} px; widen --min-size/--max-size")
     return dict(sizes=sizes, batch=list(spec.batch_range), text=list(spec.text_range))
 
@@ -137,7 +140,7 @@ def _check_size(spec, units, height: int, width: int) -> None:
     for (name, unit), n in zip(units.items(), cells):
         if n % unit:
             px = unit * spec.pixels_per_cell
-            raise ValueError(f"{spec.name}: {height}x{width} px does not fit the tiles: the {name} must be a "
+            raise UsageError(f"{spec.name}: {height}x{width} px does not fit the tiles: the {name} must be a "
                              f"multiple of {px} px (tile times the merged level's down-sampling)")
 
 
@@ -215,12 +218,12 @@ def _metadata(spec, config, options, report, graph, path, external, size, ranges
         profiles = {name: dict(min=list(shapes[0][name]), opt=list(shapes[1][name]), max=list(shapes[2][name]))
                     for name in shapes[0]}
     return dict(
-        format=FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
+        format=EXPORT_FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
         onnx=str(path), external_data=external, dtype=options.dtype, opset=options.opset, ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
         ranges=ranges if options.dynamic else None, profiles=profiles,
         inputs=_io(model.graph.input), outputs=_io(model.graph.output),
-        toma=dict(asdict(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),
+        toma=dict(toma_section(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),
                   recompute_input="toma_recompute",
                   groups={g: dict(blocks=report.groups[g], downsample=report.downsample[g],
                                   input=f"toma_dst.{g}", output=f"toma_dst_out.{g}") for g in report.groups},

@@ -53,7 +53,7 @@ class ToMAGraph(torch.nn.Module):
         net, previous, recompute = inputs[:k], inputs[k:-1], inputs[-1]
         state = toma_state(self.model)
         state.graph = GraphDestinations(dict(zip(self.groups, previous)), recompute)
-        if self.spec.family == "flux":           # the FLUX grid is the graph's (H, W); SDXL hooks read theirs
+        if self.spec.grid_is_input:              # (B, H, W, C): the grid is the input's (H, W)
             for g in self.groups:
                 state.grids[g] = tuple(net[0].shape[1:3])
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from ..errors import UsageError
 from ..toma.selection import OP_DOMAIN, OP_NAME, TIE_TOL
 
 _MASK = -1e9   # gain of picked tokens: below any real gain (>= 0), finite so every runtime handles it
@@ -80,7 +81,7 @@ def attach(model: onnx.ModelProto, opset: int) -> int:
     nodes = [n for n in model.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_NAME]
     counts = {helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "num_dst"}
     if len(counts) > 1:
-        raise ValueError(f"ToMASelect nodes with different destination counts {sorted(counts)}: one function "
+        raise UsageError(f"ToMASelect nodes with different destination counts {sorted(counts)}: one function "
                          "per model carries one unrolled count")
     del model.functions[:]
     if counts:

@@ -11,6 +11,8 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from ..errors import ArtifactError
+
 
 class TorchRunner(BaseRunner):
     """Runs a ToMAGraph eagerly on the device its weights are on; `graph.last_tiles` then holds the features
@@ -43,13 +45,24 @@ class TorchRunner(BaseRunner):
         pass
 
 
+def onnxruntime_provider() -> str:
+    """The provider sessions will run on: CUDA when onnxruntime-gpu can use it, else CPU."""
+    import onnxruntime as ort
+
+    return next(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers())
+
+
 def onnxruntime_runner(path: str):
-    """(OnnxrtRunner, provider that will run it): CUDA when onnxruntime-gpu can use it, else CPU."""
+    """(OnnxrtRunner, provider that will run it); a file ONNX Runtime cannot load is one ArtifactError."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    session = ort.InferenceSession(path, providers=wanted)
+    try:
+        session = ort.InferenceSession(path, providers=wanted)
+    except Exception as err:     # noqa: BLE001 - onnxruntime raises its own types for a corrupt or foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first[:300]}); export it again") from None
     return OnnxrtRunner(session, name="onnxruntime"), session.get_providers()[0]
 
 

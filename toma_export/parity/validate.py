@@ -22,27 +22,28 @@ import numpy as np
 import torch
 
 from .. import models
+from ..artifacts import DTYPES, Artifact, config_from_section, toma_section
+from ..errors import ArtifactError, UsageError
 from ..onnx import ExportOptions, ToMAGraph, export
-from ..onnx.export import DTYPES
 from ..onnx.graph import RECOMPUTE, dst_input, dst_output
 from ..toma.selection import recompute_flag
 from ..toma import ToMAConfig, apply_toma, remove_toma
 from ..trt.build import DEFAULT_OUTPUT
 from .metrics import compare, selection_agreement, tolerance
-from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_runner
+from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_provider, onnxruntime_runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MIN_OBJECTIVE_RATIO = 0.999   # a candidate's own picks may differ on near-ties, not cover the tile worse
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2          # 2: the full ToMA configuration in the record's metadata
 
 
 @dataclass(frozen=True)
 class ValidateOptions:
     backends: tuple = ("torch", "onnxruntime")
-    dtype: str = "fp32"
+    dtype: str | None = None      # None: the --onnx file's dtype, else fp32
     sizes: tuple | None = None    # ((height, width), ...) pixels; None = the model's default size
     steps: int = 0                # > 0: also a whole loop of that many steps
-    batch: int = 2
+    batch: int | None = None      # None: a static export's batch, else 2 (CFG)
     atol: float | None = None
     rtol: float | None = None
     onnx: str | None = None       # an exported file (its toma.json gives the ToMA settings); None = export
@@ -58,22 +59,26 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     unknown = set(options.backends) - set(BACKENDS)
     if unknown or ("torch" not in options.backends and not options.load_reference):
-        raise ValueError(f"backends must include torch (the reference, unless --load-reference) and come from "
+        raise UsageError(f"backends must include torch (the reference, unless --load-reference) and come from "
                          f"{', '.join(BACKENDS)}; got {','.join(options.backends)}")
-    if options.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.dtype not in (None, *DTYPES):
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.steps < 0:
+        raise UsageError(f"--steps must be >= 0 (0: one step, N: also an N-step loop), got {options.steps}")
     spec = models.get(model)
     stored = load_records(options.load_reference) if options.load_reference else None
     if stored and stored["meta"]["model"] != spec.name:
-        raise ValueError(f"{options.load_reference} holds a reference for {stored['meta']['model']}, not {spec.name}")
+        raise ArtifactError(f"{options.load_reference} holds a reference for {stored['meta']['model']}, not "
+                            f"{spec.name}")
     if stored:
         config, options = _from_stored(stored["meta"], options)
     elif options.onnx:
-        config = _config_of(options.onnx, config)
+        config, options = _from_export(options.onnx, spec, options)
+    options = replace(options, batch=options.batch or 2, dtype=options.dtype or "fp32")
     sizes = list(options.sizes or [spec.size(None, None)])
     report = dict(model=spec.name, dtype=options.dtype, providers={}, skipped={}, comparisons=[], selection=[],
-                  fidelity=[], toma=dict(ratio=config.ratio, tile=list(config.tile), scale=config.scale)
-                  if config else None, reference="loaded from " + options.load_reference if stored else "torch fp32")
+                  fidelity=[], toma=toma_section(config),
+                  reference="loaded from " + options.load_reference if stored else "torch fp32")
 
     reference = None if stored else _graph(spec, config, torch.float32)
     candidates = _candidates(model, spec, config, options, report, progress)
@@ -104,27 +109,39 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     if options.save_reference and not stored:
         save_records(options.save_reference, records, dict(
             format=RECORD_FORMAT, model=spec.name, sizes=sizes, steps=options.steps, batch=options.batch,
-            toma=report["toma"], dst_every=config.dst_every if config else 1))
+            toma=report["toma"]))
         report["saved_reference"] = options.save_reference
-    report["passed"] = (all(c["passed"] for c in report["comparisons"]) and
+    if not report["comparisons"]:           # nothing compared is not a pass (e.g. --backends torch in fp32)
+        report["nothing_compared"] = ("no candidate ran: add onnxruntime or tensorrt to --backends, or validate "
+                                      "torch in --dtype fp16/bf16")
+    report["passed"] = (bool(report["comparisons"]) and all(c["passed"] for c in report["comparisons"]) and
                         all(s["passed"] for s in report["selection"]))
     return report
 
 
-def _config(toma: dict | None, **extra) -> ToMAConfig | None:
-    """The ToMA settings recorded in toma.json or a reference file (None: the file has no ToMA)."""
-    return ToMAConfig(ratio=toma["ratio"], tile=tuple(toma["tile"]), scale=toma["scale"], **extra) if toma else None
-
-
-def _config_of(onnx_path: str, fallback):
-    meta_path = Path(onnx_path).with_name("toma.json")
-    return _config(json.loads(meta_path.read_text())["toma"]) if meta_path.is_file() else fallback
-
-
 def _from_stored(meta: dict, options: ValidateOptions):
-    config = _config(meta["toma"], dst_every=meta["dst_every"])
+    config = config_from_section(meta["toma"], options.load_reference)
     sizes = tuple(tuple(s) for s in meta["sizes"])
     return config, replace(options, sizes=sizes, steps=meta["steps"], batch=meta["batch"])
+
+
+def _from_export(onnx_path: str, spec, options: ValidateOptions):
+    """The file's ToMA settings, every field, and for a static export its own size and batch."""
+    artifact = Artifact.load(onnx_path, "onnx")
+    artifact.check_model(spec.name)
+    size = artifact.static_size
+    if size is not None:
+        if options.sizes and any(tuple(s) != size for s in options.sizes):
+            raise UsageError(f"{onnx_path} is a static {size[0]}x{size[1]} export; validate it at that size (drop "
+                             "--sizes) or export with --dynamic")
+        if options.batch not in (None, artifact.meta["batch"]):
+            raise UsageError(f"{onnx_path} is a static export at batch {artifact.meta['batch']}; drop --batch or "
+                             "export with --dynamic")
+        options = replace(options, sizes=(size,), batch=artifact.meta["batch"])
+    if options.dtype not in (None, artifact.meta["dtype"]):
+        raise UsageError(f"{onnx_path} is a {artifact.meta['dtype']} export; drop --dtype {options.dtype} or pass an "
+                         f"export in {options.dtype}")
+    return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"])
 
 
 def _candidates(model, spec, config, options, report, progress) -> dict:
@@ -135,10 +152,10 @@ def _candidates(model, spec, config, options, report, progress) -> dict:
     if "onnxruntime" in options.backends:
         path = options.onnx or export(model, config, Path(options.output_dir or DEFAULT_OUTPUT) / "onnx",
                                       ExportOptions(dynamic=True, dtype=options.dtype), progress=progress)["onnx"]
-        runner, provider = onnxruntime_runner(path)
-        if options.dtype == "bf16" and provider == "CPUExecutionProvider":
-            raise ValueError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
+        if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before loading it
+            raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
                              "--backends torch,tensorrt on a GPU, or export fp16/fp32 for ONNX Runtime")
+        runner, provider = onnxruntime_runner(path)
         candidates["onnxruntime"] = runner
         report["providers"]["onnxruntime"] = provider
         report["onnx"] = path
@@ -148,6 +165,8 @@ def _candidates(model, spec, config, options, report, progress) -> dict:
             report["skipped"]["tensorrt"] = reason
             progress(f"[validate] tensorrt skipped: {reason}")
         else:
+            if options.engine:
+                Artifact.load(options.engine, "engine").check_model(spec.name)
             candidates["tensorrt"] = EngineRunnerAdapter(options.engine or _build_engine(model, config, options,
                                                                                          progress))
     return candidates
@@ -173,8 +192,7 @@ def make_record(spec, ref_runner, config, options, size) -> dict:
     record = dict(feeds=feeds, step=step,
                   tiles={g: t.detach().cpu().numpy() for g, t in ref_runner.graph.last_tiles.items()})
     if options.steps:
-        record["latents"], record["used"] = run_loop(spec, ref_runner, feeds, options.steps,
-                                                     config.dst_every if config else 1, "fp32")
+        record["latents"], record["used"] = run_loop(spec, ref_runner, feeds, options.steps, config, "fp32")
     return record
 
 
@@ -245,9 +263,12 @@ def selection_step(record: dict, candidates: dict, options, size) -> list:
     return entries
 
 
-def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, forced: list | None = None):
+def run_loop(spec, runner, feeds: dict, steps: int, config: ToMAConfig | None, dtype: str,
+             forced: list | None = None):
     """A denoising loop on one runner: the latents after every step and the destinations each step used.
-    With `forced`, step i reuses forced[i] instead of selecting."""
+    Every step runs the ToMA graph, refreshing destinations by the config's rule; with `forced`, step i
+    reuses forced[i] instead of selecting."""
+    every_step = replace(config, merge_steps=None) if config else None
     scheduler = spec.scheduler()
     scheduler.set_timesteps(steps)
     latent = torch.as_tensor(feeds[spec.latent_input]).float() * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -258,7 +279,7 @@ def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, 
         feed = spec.step_inputs(state, scheduler, latent, t)
         if RECOMPUTE in feed:
             feed.update({k: torch.as_tensor(v) for k, v in forced[i].items()} if forced else dst)
-            feed[RECOMPUTE] = recompute_flag(forced is None and i % dst_every == 0)
+            feed[RECOMPUTE] = recompute_flag(forced is None and (every_step is None or every_step.refreshes_at(i)))
         out = runner.infer(_cast({k: v.numpy() for k, v in feed.items()}, dtype, runner), check_inputs=False)
         names = list(out)
         noise = torch.as_tensor(np.asarray(out[names[0]], dtype=np.float32)).reshape(latent.shape)
@@ -270,10 +291,9 @@ def run_loop(spec, runner, feeds: dict, steps: int, dst_every: int, dtype: str, 
 
 
 def compare_loop(spec, record, candidates, options, size, config) -> list:
-    every = config.dst_every if config else 1
     entries = []
     for name, runner in candidates.items():
-        latents, _ = run_loop(spec, runner, record["feeds"], options.steps, every, options.dtype,
+        latents, _ = run_loop(spec, runner, record["feeds"], options.steps, config, options.dtype,
                               forced=record["used"])
         for i, (r, c) in enumerate(zip(record["latents"], latents)):
             entries.append(_entry("loop", name, size, i, "latents", r, c, options))
@@ -288,7 +308,7 @@ def fidelity(spec, ref_runner, record, options, size, config) -> dict:
         plain = TorchRunner(ToMAGraph(model, spec, None), name="torch-fp32-no-toma")
         with plain:
             feeds = {k: v for k, v in record["feeds"].items() if k in plain.graph.input_names}
-            base, _ = run_loop(spec, plain, feeds, options.steps, 1, "fp32")
+            base, _ = run_loop(spec, plain, feeds, options.steps, None, "fp32")
     finally:
         apply_toma(model, config)
     final = compare(base[-1], record["latents"][-1], 0.0, 0.0)
@@ -318,9 +338,9 @@ def load_records(path) -> dict:
         data = np.load(path, allow_pickle=False)
         meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a toma-export reference file ({err}); make one with --save-reference") from None
+        raise ArtifactError(f"{path} is not a toma-export reference file ({err}); make one with --save-reference") from None
     if meta.get("format") != RECORD_FORMAT:
-        raise ValueError(f"{path} has reference format {meta.get('format')}, this toolkit reads {RECORD_FORMAT}; "
+        raise ArtifactError(f"{path} has reference format {meta.get('format')}, this toolkit reads {RECORD_FORMAT}; "
                          "save the reference again with this version")
     records = []
     for i in range(len(meta["sizes"])):
@@ -384,6 +404,8 @@ def table(report: dict) -> str:
                      f"{b['first_failing_block'] or 'none (the error comes after the transformer blocks)'}")
     for backend, reason in report["skipped"].items():
         lines.append(f"{backend}: skipped ({reason})")
+    if report.get("nothing_compared"):
+        lines.append(f"nothing compared: {report['nothing_compared']}")
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
 

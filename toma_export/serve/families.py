@@ -1,12 +1,16 @@
 """The pipelines' calls in the graphs' layout: FluxPipeline -> FluxNetwork, StableDiffusionXLPipeline ->
 SdxlNetwork. Their forwards take what the diffusers models take and refuse, by name, what an exported
-graph cannot honour (IP-Adapter / attention kwargs, ControlNet residuals)."""
+graph cannot honour (IP-Adapter / attention kwargs, ControlNet residuals). `load_network` picks the class
+its model spec names."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
 
+from .. import models
+from ..artifacts import Artifact
+from ..errors import UsageError
 from ..models.flux import image_ids
 from .network import ServedNetwork
 
@@ -22,7 +26,7 @@ def _output(sample: torch.Tensor, return_dict: bool, cls_path: tuple[str, str]):
 def _refuse(**kwargs) -> None:
     used = [k for k, v in kwargs.items() if v is not None and not (isinstance(v, dict) and not v)]
     if used:
-        raise ValueError(f"exported graphs take no {', '.join(used)}; run the PyTorch model for those features")
+        raise UsageError(f"exported graphs take no {', '.join(used)}; run the PyTorch model for those features")
 
 
 class FluxNetwork(ServedNetwork):
@@ -42,7 +46,7 @@ class FluxNetwork(ServedNetwork):
                    pooled_projections=pooled_projections, timestep=_per_sample(timestep, b), txt_ids=txt_ids)
         if self.config.get("guidance_embeds"):
             if guidance is None:
-                raise ValueError("this FLUX graph embeds guidance: the call must pass guidance")
+                raise UsageError("this FLUX graph embeds guidance: the call must pass guidance")
             net["guidance"] = _per_sample(guidance, b)
         pixels = (rows * self.spec.pixels_per_token, cols * self.spec.pixels_per_token)
         out = self.run_graph(net, timestep, pixels).reshape(b, n, -1).to(hidden_states.dtype)
@@ -52,11 +56,11 @@ class FluxNetwork(ServedNetwork):
         """(rows, cols) of the raster image grid img_ids describe; anything else (reference-image tokens,
         Kontext) is refused because the graph rebuilds raster ids from the grid."""
         if img_ids is None:
-            raise ValueError("FLUX calls must pass img_ids (the graph needs the token grid)")
+            raise UsageError("FLUX calls must pass img_ids (the graph needs the token grid)")
         ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         if rows * cols != n or not torch.equal(ids.float().cpu(), image_ids(rows, cols, ids.float().cpu())):
-            raise ValueError(f"img_ids do not describe one raster grid of the {n} image tokens (extra reference-image "
+            raise UsageError(f"img_ids do not describe one raster grid of the {n} image tokens (extra reference-image "
                              "tokens?); exported FLUX graphs take a single image grid")
         return rows, cols
 
@@ -82,7 +86,7 @@ class SdxlNetwork(ServedNetwork):
                 encoder_attention_mask=encoder_attention_mask)
         cond = added_cond_kwargs or {}
         if set(cond) - {"text_embeds", "time_ids"} or len(cond) != 2:
-            raise ValueError(f"SDXL graphs take added_cond_kwargs text_embeds and time_ids, got {sorted(cond)}")
+            raise UsageError(f"SDXL graphs take added_cond_kwargs text_embeds and time_ids, got {sorted(cond)}")
         b = sample.shape[0]
         net = dict(sample=sample, timestep=_per_sample(timestep, b), encoder_hidden_states=encoder_hidden_states,
                    text_embeds=cond["text_embeds"], time_ids=cond["time_ids"])
@@ -94,3 +98,17 @@ class SdxlNetwork(ServedNetwork):
 def _per_sample(value, batch: int) -> torch.Tensor:
     t = torch.as_tensor(value).reshape(-1)
     return t.expand(batch) if t.numel() == 1 else t
+
+
+def load_network(artifact, baseline=None, share_weights: bool = True, cuda_graphs: bool = True,
+                 schedule=None) -> ServedNetwork:
+    """The drop-in for an exported model.onnx / built engine.json (paths or Artifacts). `baseline`: the same
+    model exported or built without ToMA, needed when the ToMA schedule leaves steps unmerged. `schedule`: a
+    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file)."""
+    artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    baseline = baseline if baseline is None or isinstance(baseline, Artifact) else Artifact.load(baseline)
+    if baseline is not None and baseline.kind != artifact.kind:
+        raise UsageError(f"{baseline.name} is an {baseline.kind} artifact but {artifact.name} is an {artifact.kind} "
+                         "one; serve both through the same backend")
+    cls = globals()[models.get(artifact.model).network_class]
+    return cls(artifact, baseline, share_weights, cuda_graphs, schedule)

@@ -4,16 +4,17 @@ sessions each holding its own weights, and both sessions sharing one copy (ort_b
 Each configuration is measured in a fresh process (RSS after `malloc_trim`, before and after creating
 the sessions, then after one run of each), so allocator state from one never flatters another.
 
-    python -m toma_export.serve.memory --model flux-tiny --size 128x128 [--output-dir D] [--json]
+    python scripts/serve_memory.py --model flux-tiny --size 128x128 [--output-dir D] [--json]
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
 import subprocess
 import sys
+
+from ..errors import UsageError
 
 MODES = {
     "toma": "ToMA session alone (ORT defaults)",
@@ -43,7 +44,7 @@ def _feeds(session) -> dict:
     feeds = {}
     for i in session.get_inputs():
         if any(not isinstance(d, int) for d in i.shape):
-            raise ValueError(f"{i.name} has a dynamic shape {i.shape}; measure static exports")
+            raise UsageError(f"{i.name} has a dynamic shape {i.shape}; measure static exports")
         dtype = types[i.type]
         feeds[i.name] = (rng.standard_normal(i.shape).astype(dtype) if dtype in (np.float32, np.float16) else
                          np.ones(i.shape, dtype) if dtype == np.bool_ else np.zeros(i.shape, dtype))
@@ -76,11 +77,16 @@ def child(mode: str, toma: str, baseline: str) -> dict:
     return dict(mode=mode, sessions_mib=round(created - before, 1), after_run_mib=round(ran - before, 1))
 
 
+_CHILD = ("import json, sys; from toma_export.serve.memory import child; "
+          "print(json.dumps(child(*sys.argv[1:])))")
+
+
 def measure(toma: str, baseline: str) -> list[dict]:
+    """One row per mode in MODES, each measured in a fresh process."""
     rows = []
     for mode in MODES:
-        out = subprocess.run([sys.executable, "-m", "toma_export.serve.memory", "--child", mode, toma, baseline],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _CHILD, mode, toma, baseline], capture_output=True, text=True,
+                             check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -89,39 +95,3 @@ def weight_bytes(path: str) -> int:
     import onnx
 
     return sum(len(t.raw_data) for t in onnx.load(path).graph.initializer)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m toma_export.serve.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="flux-tiny")
-    parser.add_argument("--size", default=None, help="HEIGHTxWIDTH of the static exports (the model's default)")
-    parser.add_argument("--output-dir", default=None, help="export cache (engines/out)")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(*args.child)))
-        return 0
-    from ..toma import ToMAConfig
-    from .pipeline import serving_artifacts
-
-    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else (None, None)
-    from .. import models
-
-    size = models.get(args.model).size(*size)
-    toma, base = serving_artifacts(args.model, ToMAConfig(merge_steps=2), size, 1, "onnxruntime", args.output_dir)
-    rows = measure(toma, base)
-    weights = dict(toma=weight_bytes(toma) / 2**20, baseline=weight_bytes(base) / 2**20)
-    if args.json:
-        print(json.dumps(dict(model=args.model, size=list(size), weights_mib=weights, rows=rows)))
-        return 0
-    print(f"{args.model} at {size[0]}x{size[1]} px: initializers {weights['toma']:.1f} MiB (ToMA file), "
-          f"{weights['baseline']:.1f} MiB (baseline file); RSS growth in MiB")
-    print(f"  {'configuration':<60} {'sessions':>9} {'+1 run':>8}")
-    for r in rows:
-        print(f"  {MODES[r['mode']]:<60} {r['sessions_mib']:>9.1f} {r['after_run_mib']:>8.1f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

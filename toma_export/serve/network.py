@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..artifacts import Artifact
+from ..errors import UsageError
 from ..models.spec import read_config
 from ..onnx.graph import call_grid, dst_shapes
-from .artifact import Artifact
 from .schedule import DestinationSchedule
 
 
@@ -58,7 +59,7 @@ class ServedNetwork(torch.nn.Module):
         config = _schedule(toma, schedule) if toma else None
         self.schedule = DestinationSchedule(config, toma.groups if toma else [])
         if toma is not None and self.schedule.has_unmerged_steps and baseline is None:
-            raise ValueError(f"{toma.name}: the ToMA schedule merge_steps={config.merge_steps!r} leaves steps "
+            raise UsageError(f"{toma.name}: the ToMA schedule merge_steps={config.merge_steps!r} leaves steps "
                              "unmerged, which need the baseline export of the same model (toma-export export "
                              "--no-toma, or generate without --onnx/--engine) passed as baseline=")
         if baseline is not None and toma is not None:
@@ -140,31 +141,15 @@ def _schedule(toma: Artifact, schedule):
     fixed = ("ratio", "tile", "scale", "blocks", "levels", "sublayers")
     differ = [f for f in fixed if getattr(schedule, f) != getattr(recorded, f)]
     if differ:
-        raise ValueError(f"schedule differs from {toma.name} in {', '.join(differ)}: only merge_steps, dst_every and "
+        raise UsageError(f"schedule differs from {toma.name} in {', '.join(differ)}: only merge_steps, dst_every and "
                          "weights_every can change without exporting again")
     return schedule
 
 
 def _check_pair(toma: Artifact, baseline: Artifact) -> None:
     if baseline.config is not None:
-        raise ValueError(f"{baseline.name} is a ToMA export; the baseline must be exported without ToMA (--no-toma)")
+        raise UsageError(f"{baseline.name} is a ToMA export; the baseline must be exported without ToMA (--no-toma)")
     for key in ("model", "dtype", "dynamic", "batch", "height", "width", "ranges"):
         if toma.meta.get(key) != baseline.meta.get(key):
-            raise ValueError(f"{baseline.name} does not pair with {toma.name}: {key} {baseline.meta.get(key)!r} vs "
+            raise UsageError(f"{baseline.name} does not pair with {toma.name}: {key} {baseline.meta.get(key)!r} vs "
                              f"{toma.meta.get(key)!r}; export both with the same options")
-
-
-def load_network(artifact, baseline=None, share_weights: bool = True, cuda_graphs: bool = True,
-                 schedule=None) -> ServedNetwork:
-    """The drop-in for an exported model.onnx / built engine.json (paths or Artifacts). `baseline`: the same
-    model exported or built without ToMA, needed when the ToMA schedule leaves steps unmerged. `schedule`: a
-    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file)."""
-    from .families import FluxNetwork, SdxlNetwork
-
-    artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
-    baseline = baseline if baseline is None or isinstance(baseline, Artifact) else Artifact.load(baseline)
-    if baseline is not None and baseline.kind != artifact.kind:
-        raise ValueError(f"{baseline.name} is an {baseline.kind} artifact but {artifact.name} is an {artifact.kind} "
-                         "one; serve both through the same backend")
-    family = models.get(artifact.model).family
-    return {"flux": FluxNetwork, "sdxl": SdxlNetwork}[family](artifact, baseline, share_weights, cuda_graphs, schedule)

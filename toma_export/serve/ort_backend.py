@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 log = logging.getLogger("toma_export")
 MIN_SHARED_BYTES = 1024          # small constants (shapes, scalars) are left to each session
 
@@ -119,7 +121,7 @@ class OrtGraph:
                   for n, v in feeds.items()}
         missing = set(self.inputs) - set(arrays)
         if missing:
-            raise ValueError(f"missing graph inputs: {', '.join(sorted(missing))}")
+            raise UsageError(f"missing graph inputs: {', '.join(sorted(missing))}")
         signature = tuple((n, arrays[n].shape) for n in self.inputs)
         bound = self.bindings.get(signature)
         if bound is None:

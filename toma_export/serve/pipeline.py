@@ -1,7 +1,7 @@
 """Pipelines to serve: a diffusers pipeline for a model name, the artifacts it needs, and the drop-in.
 
 Real models load with `FluxPipeline` / `StableDiffusionXLPipeline.from_pretrained` (hub cache or a local
-folder); the tiny models get a seeded random pipeline from tiny.py. With `network=False` the PyTorch
+folder); the tiny models get a seeded random pipeline (their spec's tiny_parts). With `network=False` the PyTorch
 transformer/UNet is not loaded at all: the served graph replaces it, so its weights are held once, by the
 runtime.
 """
@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..errors import UsageError
 from ..models import ModelNotAvailable
 from ..toma import ToMAConfig
 
-PIPELINES = {"flux": "FluxPipeline", "sdxl": "StableDiffusionXLPipeline"}
-NETWORK_ATTR = {"flux": "transformer", "sdxl": "unet"}
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, seed: int = 0):
@@ -29,13 +28,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
     import diffusers
 
     spec = models.get(model)
-    cls = getattr(diffusers, PIPELINES[spec.family])
-    attr = NETWORK_ATTR[spec.family]
+    cls = getattr(diffusers, spec.pipeline_class)
+    attr = spec.subfolder
     given = {} if network is True else {attr: network or None}
     if spec.source is None:
-        from . import tiny
-
-        parts = (tiny.flux_parts if spec.family == "flux" else tiny.sdxl_parts)(spec, seed)
+        parts = spec.tiny_parts(seed)
         net = spec.load(dtype) if network is True else given[attr]
         pipe = cls(scheduler=spec.scheduler(), **parts, **{attr: net})
         for name in ("text_encoder", "text_encoder_2", "vae"):
@@ -101,5 +98,5 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
                                                        max_size=size), force=force, progress=progress)
             paths[cfg is not None] = str(Path(meta["engine"]).with_name("engine.json"))
         else:
-            raise ValueError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
+            raise UsageError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
     return paths.get(True), paths.get(False)

@@ -25,7 +25,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..artifacts import staged_dir, writable_dir
+from ..artifacts import Artifact, staged_dir, writable_dir
+from ..errors import UsageError
 
 # numpy dtype names (as engine.json records them) -> Triton's ModelConfig DataType
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -33,10 +34,9 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYP
                 "bool": "TYPE_BOOL"}
 BATCH_AXIS = "batch"          # the symbolic name the model specs give the batch axis
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_REQUIRED = ("backend", "backend_version", "model", "inputs", "outputs", "profiles")
 
 
-class RepositoryError(ValueError):
+class RepositoryError(UsageError):
     """A one-line refusal: bad engine.json, unservable engine, existing model folder, bad option."""
 
 
@@ -45,33 +45,8 @@ def load_engine(path) -> tuple[dict, Path]:
 
     The plan is taken from the folder, not from the absolute path recorded at build time, so that a
     moved or copied engine folder still works."""
-    path = Path(path).expanduser()
-    meta_path = path / "engine.json" if path.is_dir() else path
-    if not meta_path.is_file():
-        raise RepositoryError(f"no engine.json at {path}; pass the engine.json that `toma-export build` wrote, "
-                              "or its folder")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RepositoryError(f"{meta_path} is not JSON ({err}); pass the engine.json that `toma-export build` "
-                              "wrote") from None
-    missing = [repr(k) for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
-    if not missing:
-        missing = ["name, dtype and shape of every input and output"
-                   for t in list(meta["inputs"]) + list(meta["outputs"])
-                   if not (isinstance(t, dict) and isinstance(t.get("name"), str)
-                           and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list))][:1]
-    if missing:
-        raise RepositoryError(f"{meta_path} is not an engine.json written by `toma-export build` (no "
-                              f"{', '.join(missing)}); pass the engine.json of a built engine")
-    plan = meta_path.parent / "engine.plan"
-    if not plan.is_file():
-        raise RepositoryError(f"{meta_path.parent} has no engine.plan beside engine.json; rebuild it with "
-                              f"`toma-export build --model {meta['model']}`")
-    if meta.get("engine_bytes") not in (None, plan.stat().st_size):
-        raise RepositoryError(f"{plan} is {plan.stat().st_size} bytes but engine.json records "
-                              f"{meta['engine_bytes']}; rebuild it with `toma-export build --model {meta['model']}`")
-    return meta, plan
+    artifact = Artifact.load(path, "engine")
+    return artifact.meta, artifact.path.with_name("engine.plan")
 
 
 def _dims(shape) -> list[int]:
@@ -156,24 +131,3 @@ def export_repo(engine, out, name: str | None = None, max_batch_size: int = 0, i
         shutil.copyfile(plan, tmp / "1" / "model.plan")
         (tmp / "config.pbtxt").write_text(text)
     return final
-
-
-def cmd_export_repo(args) -> int:
-    final = export_repo(args.engine, args.out, args.name, args.max_batch_size, args.instances, args.force,
-                        args.allow_tensorrt_rtx)
-    print(f"{final}\n  config.pbtxt, 1/model.plan\n  serve: tritonserver --model-repository={final.parent}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("export-repo", help="write a Triton Inference Server model repository for a built engine")
-    p.add_argument("--engine", required=True, help="engine.json written by `toma-export build`, or its folder")
-    p.add_argument("--out", required=True, help="the model repository folder (created if needed)")
-    p.add_argument("--name", help="model name, the folder under REPO (default: the model's name)")
-    p.add_argument("--max-batch-size", type=int, default=0,
-                   help="Triton's max_batch_size (0: requests carry the batch; ToMA engines need 0)")
-    p.add_argument("--instances", type=int, default=1, help="model instances per GPU (1)")
-    p.add_argument("--force", action="store_true", help="replace an existing model folder")
-    p.add_argument("--allow-tensorrt-rtx", action="store_true",
-                   help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
-    p.set_defaults(func=cmd_export_repo)

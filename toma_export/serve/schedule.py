@@ -56,8 +56,7 @@ class DestinationSchedule:
             self.carried.clear()              # a new generation: nothing carries over
         if self.config is None or not self.config.merges_at(clock.step):
             return Plan(False, clock.step, clock.call)
-        index = self.config.merged_index(clock.step)
-        return Plan(True, clock.step, clock.call, recompute=index % self.config.dst_every == 0)
+        return Plan(True, clock.step, clock.call, recompute=self.config.refreshes_at(clock.step))
 
     def toma_feeds(self, plan: Plan, shapes: dict, device="cpu") -> dict:
         """toma_dst.<group> and toma_recompute for a merged call; `shapes` are the graph's dst shapes.

@@ -13,13 +13,15 @@ import logging
 
 import torch
 
+from ..errors import ExecutionError, MissingComponent
+
 log = logging.getLogger("toma_export")
 
 
 class EngineGraph:
     def __init__(self, engine_json, cuda_graphs: bool = True):
         if not torch.cuda.is_available():
-            raise RuntimeError("the tensorrt backend needs a CUDA GPU; use --backend onnxruntime (the CPU fallback)")
+            raise MissingComponent("the tensorrt backend needs a CUDA GPU; use --backend onnxruntime (the CPU fallback)")
         from ..trt.runner import EngineRunner, _torch_dtype
 
         self.runner = EngineRunner(engine_json)
@@ -69,7 +71,7 @@ class EngineGraph:
 
     def _enqueue(self, stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise ExecutionError("TensorRT execution failed")
 
     def _capture(self):
         """Capture one enqueue after a warm-up run; on failure keep plain enqueues (and say so once)."""

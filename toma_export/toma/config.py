@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+from ..errors import UsageError
+
 SUBLAYERS = ("attn", "cross_attn", "mlp")
 
 
@@ -41,37 +43,37 @@ class ToMAConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1) (the share of tokens merged away), got {self.ratio!r}")
+            raise UsageError(f"ratio must be in [0, 1) (the share of tokens merged away), got {self.ratio!r}")
         tile = (self.tile, self.tile) if isinstance(self.tile, int) else tuple(self.tile)
         if len(tile) != 2 or not all(isinstance(v, int) and v >= 1 for v in tile):
-            raise ValueError(f"tile must be two positive ints (rows, cols) in tokens, got {self.tile!r}")
+            raise UsageError(f"tile must be two positive ints (rows, cols) in tokens, got {self.tile!r}")
         set_("tile", tile)
         if not self.scale > 0:
-            raise ValueError(f"scale must be positive, got {self.scale!r}")
+            raise UsageError(f"scale must be positive, got {self.scale!r}")
         if self.blocks is not None:
             blocks = (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks)
             if not blocks:
-                raise ValueError("blocks must name at least one pattern, or be None for the model default")
+                raise UsageError("blocks must name at least one pattern, or be None for the model default")
             set_("blocks", blocks)
         if not isinstance(self.levels, int) or self.levels < 1:
-            raise ValueError(f"levels must be an int >= 1, got {self.levels!r}")
+            raise UsageError(f"levels must be an int >= 1, got {self.levels!r}")
         sub = (self.sublayers,) if isinstance(self.sublayers, str) else tuple(self.sublayers)
         unknown = [s for s in sub if s not in SUBLAYERS]
         if unknown or not sub:
-            raise ValueError(f"sublayers must be a non-empty subset of {SUBLAYERS}, got {self.sublayers!r}")
+            raise UsageError(f"sublayers must be a non-empty subset of {SUBLAYERS}, got {self.sublayers!r}")
         set_("sublayers", tuple(s for s in SUBLAYERS if s in sub))
         steps = self.merge_steps
         if isinstance(steps, bool) or (isinstance(steps, int) and steps < 1):
-            raise ValueError(f"merge_steps as an int is a period >= 1, got {steps!r}")
+            raise UsageError(f"merge_steps as an int is a period >= 1, got {steps!r}")
         if steps is not None and not isinstance(steps, int):
             steps = tuple(sorted(set(int(s) for s in steps)))
             if not steps or steps[0] < 0:
-                raise ValueError(f"merge_steps must list non-negative step indices, got {self.merge_steps!r}")
+                raise UsageError(f"merge_steps must list non-negative step indices, got {self.merge_steps!r}")
             set_("merge_steps", steps)
         for name in ("dst_every", "weights_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                raise UsageError(f"{name} must be an int >= 1, got {v!r}")
 
     def merges_at(self, step: int) -> bool:
         """Whether denoising step `step` (0-based) runs on merged tokens."""
@@ -80,6 +82,15 @@ class ToMAConfig:
         if isinstance(self.merge_steps, int):
             return step % self.merge_steps == 0
         return step in self.merge_steps
+
+    def refreshes_at(self, step: int) -> bool:
+        """Whether merged step `step` selects destinations anew (else it reuses the last ones): the one
+        refresh rule the patch, the served schedule and parity all follow."""
+        return self.merged_index(step) % self.dst_every == 0
+
+    def reweights_at(self, step: int) -> bool:
+        """Whether merged step `step` recomputes merge weights (always when it refreshes destinations)."""
+        return self.refreshes_at(step) or self.merged_index(step) % self.weights_every == 0
 
     def merged_index(self, step: int) -> int:
         """How many merged steps came before `step`: the clock of the dst/weights refresh periods."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
+from ..errors import UsageError
+
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 # The official run leaves the first 5 of 19 double and 5 of 38 single blocks unmerged.
 _SKIP = {DOUBLE: 5 / 19, SINGLE: 5 / 38}
@@ -63,7 +65,7 @@ def token_grid(img_ids: torch.Tensor, n_tokens: int) -> tuple[int, int]:
     ids = img_ids.reshape(-1, img_ids.shape[-1])
     h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     if h * w != n_tokens or ids.shape[0] != n_tokens:
-        raise ValueError(
+        raise UsageError(
             f"ToMA: img_ids describe a {h}x{w} grid but hidden_states has {n_tokens} image tokens; "
             "ToMA needs one raster-ordered image grid (no extra reference-image tokens)"
         )

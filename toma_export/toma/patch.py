@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import flux, sdxl
+from ..errors import UsageError
 from .config import ToMAConfig
 from .state import ToMAState
 
@@ -94,11 +95,11 @@ def apply_toma(target, config: ToMAConfig | None = None) -> PatchReport:
         chosen = [c for c in found if any(fnmatch.fnmatchcase(c.name, p) for p in config.blocks)]
         if not chosen:
             names = ", ".join(c.name for c in found[:3])
-            raise ValueError(f"ToMA: blocks={list(config.blocks)} match none of the {len(found)} {family_name} "
+            raise UsageError(f"ToMA: blocks={list(config.blocks)} match none of the {len(found)} {family_name} "
                              f"blocks (names look like {names}, ...)")
     chosen = [c for c in chosen if set(c.mixin._toma_sublayers) & set(config.sublayers)]
     if not chosen:
-        raise ValueError(f"ToMA: nothing to patch in this {family_name} model with sublayers={config.sublayers}")
+        raise UsageError(f"ToMA: nothing to patch in this {family_name} model with sublayers={config.sublayers}")
     for c in chosen:
         family.check_block(c.name, c.block, config)
 

@@ -15,6 +15,8 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
+from ..errors import UsageError
+
 
 def supports(model) -> bool:
     return isinstance(model, UNet2DConditionModel)
@@ -56,7 +58,7 @@ def check_block(name, block, config) -> None:
     if block.only_cross_attention:
         problems.append("only_cross_attention")
     if problems:
-        raise ValueError(f"ToMA cannot patch {name}: it has {', '.join(problems)}; only SDXL-style blocks "
+        raise UsageError(f"ToMA cannot patch {name}: it has {', '.join(problems)}; only SDXL-style blocks "
                          "(layer_norm, no positional embedding) are supported")
 
 

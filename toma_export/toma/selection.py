@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 # Gains closer than this count as ties and go to the lowest index. Exact ties are common (two tokens that
 # only cover each other give equal gains), and fp32 sums in different orders would otherwise break them by
 # rounding noise, differently in every backend. 1e-4 of a cosine sum is far below any meaningful gain.
@@ -30,16 +32,16 @@ def facility_location(x: torch.Tensor, k: int, impl: str = "torch") -> torch.Ten
     impl="triton" runs the Triton kernel of plugins/ (CUDA tensors, or CPU under TRITON_INTERPRET=1).
     """
     if x.dim() != 3:
-        raise ValueError(f"facility_location expects x of shape (B, n, C), got {tuple(x.shape)}")
+        raise UsageError(f"facility_location expects x of shape (B, n, C), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"facility_location expects floating-point features, got {x.dtype}")
     n = x.shape[1]
     if not 1 <= k <= n:
-        raise ValueError(f"facility_location: k={k} destinations must be between 1 and the {n} tokens per problem")
+        raise UsageError(f"facility_location: k={k} destinations must be between 1 and the {n} tokens per problem")
     if impl == "triton":
         return _triton(x, k)
     if impl != "torch":
-        raise ValueError(f"facility_location: impl must be 'torch' or 'triton', got {impl!r}")
+        raise UsageError(f"facility_location: impl must be 'torch' or 'triton', got {impl!r}")
     sim = similarity(x)
     batch = torch.arange(x.shape[0], device=x.device)
     picked = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
@@ -61,11 +63,11 @@ def _triton(x: torch.Tensor, k: int) -> torch.Tensor:
     import os
 
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("facility_location(impl='triton') needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        raise UsageError("facility_location(impl='triton') needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     try:
         from ..plugins.select_kernel import launch
     except ImportError as err:
-        raise ValueError(f"facility_location(impl='triton') needs triton: pip install triton ({err})") from None
+        raise UsageError(f"facility_location(impl='triton') needs triton: pip install triton ({err})") from None
     return launch(x, k, TIE_TOL)
 
 

@@ -86,13 +86,12 @@ class ToMAState:
         if cached is not None and cached.step == self.step:
             return cached.merge
         cfg = self.config
-        index = cfg.merged_index(self.step)
         stale = cached is None or cached.merge.grid != tuple(grid) or cached.merge.batch != features.shape[0]
-        if stale or index % cfg.dst_every == 0:
+        if stale or cfg.refreshes_at(self.step):
             merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale)
             self.counts["select"] += 1
             self.counts["weights"] += 1
-        elif index % cfg.weights_every == 0:
+        elif cfg.reweights_at(self.step):
             merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=cached.merge.dst)
             self.counts["weights"] += 1
         else:

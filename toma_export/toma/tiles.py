@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
+
 
 def check_tiling(grid: tuple[int, int], tile: tuple[int, int]) -> None:
     """Raise a one-line error when the tile shape does not divide the token grid."""
     (h, w), (th, tw) = grid, tile
     if h % th or w % tw:
-        raise ValueError(
+        raise UsageError(
             f"tile {th}x{tw} does not divide the {h}x{w} token grid; pick a tile whose sides divide "
             f"{h} and {w} (e.g. tile=({_divisor(h, th)}, {_divisor(w, tw)})) or a resolution that is a multiple of the tile"
         )

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import MissingComponent, UsageError
+
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL = ("install TensorRT (on a GPU machine: `pip install tensorrt`, or the TensorRT SDK's Python wheel) "
            "or TensorRT-RTX (`pip install tensorrt-rtx-cu13`, builds RTX engines ahead of time, no GPU needed)")
 
 
-class BackendMissing(RuntimeError):
+class BackendMissing(MissingComponent):
     """The requested TensorRT flavour cannot be imported."""
 
 
 def load(name: str | None = None):
     """(name, module) for `name`, or for the first of tensorrt / tensorrt-rtx that imports."""
     if name is not None and name not in MODULES:
-        raise ValueError(f"backend must be one of {', '.join(MODULES)}, got {name!r}")
+        raise UsageError(f"backend must be one of {', '.join(MODULES)}, got {name!r}")
     errors = []
     for candidate in [name] if name else list(MODULES):
         try:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models
-from ..artifacts import cache_key, staged_dir, writable_dir
+from ..artifacts import ENGINE_META, Artifact, cache_key, staged_dir, writable_dir
+from ..errors import ArtifactError, ExecutionError, UsageError
 from ..onnx import ExportOptions, export
 from ..toma import ToMAConfig
 from . import backend as backends
@@ -33,11 +34,11 @@ AOT_PLUGINS = (10, 9)          # TensorRT's first version with AOT Python plugin
 PLUGIN, BODY, NONE = "plugin (AOT Triton kernel)", "inlined ONNX body", "none (ToMA off)"
 
 
-class BuildError(RuntimeError):
+class BuildError(ExecutionError):
     """The parser or builder refused the network."""
 
 
-class EngineMismatch(RuntimeError):
+class EngineMismatch(ArtifactError):
     """An engine built by another TensorRT or plugin version than the one installed."""
 
 
@@ -86,7 +87,7 @@ def trt_version(trt) -> tuple[int, int]:
 def choose_selection(requested: str, backend: str, trt, cuda: bool | None = None) -> tuple[bool, str]:
     """(use the plugin?, why) for `--selection requested` on this backend; refuses an impossible request."""
     if requested not in SELECTIONS:
-        raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {requested!r}")
+        raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got {requested!r}")
     if requested == "body":
         return False, "--selection body"
     blocker = None
@@ -102,7 +103,7 @@ def choose_selection(requested: str, backend: str, trt, cuda: bool | None = None
     if blocker is None:
         return True, f"TensorRT {backends.version(trt)} with a CUDA GPU"
     if requested == "plugin":
-        raise ValueError(f"--selection plugin cannot be built: {blocker}; use --selection body (the inlined "
+        raise UsageError(f"--selection plugin cannot be built: {blocker}; use --selection body (the inlined "
                          "ONNX body) or auto")
     return False, blocker
 
@@ -138,7 +139,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
         ptx_version, ptx_why = ptx.choose(capability, options.ptx_version)
         why += f"; PTX ISA {ptx_version / 10:.1f} ({ptx_why})"
     elif options.ptx_version is not None and options.selection == "body":
-        raise ValueError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
+        raise UsageError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
 
     onnx_meta = export(model, toma, out_root / "onnx", ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
@@ -147,9 +148,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
     final = out_root / f"{Path(onnx_meta['model']).name}-{name}-{cache_key(fields)}"
-    if (final / "engine.json").is_file() and not force:
-        meta = json.loads((final / "engine.json").read_text())
-        check_engine(final / "engine.json", trt_module=trt)
+    if (final / ENGINE_META).is_file() and not force:
+        meta = check_engine(final / ENGINE_META, trt_module=trt)
         progress(f"[build] reusing {final} (selection: {meta['selection']})")
         return meta
 
@@ -166,7 +166,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
                     profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
                     toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
                     engine_bytes=len(engine))
-        (tmp / "engine.json").write_text(json.dumps(meta, indent=2))
+        Artifact("engine", tmp / ENGINE_META, meta).save()
     progress(f"[build] wrote {meta['engine']} ({len(engine) / 2**20:.1f} MiB) in {meta['build_seconds']:.0f} s")
     return meta
 
@@ -174,12 +174,12 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
 def _target(name: str, trt, target: str | None) -> str | None:
     if name == "tensorrt":
         if target:
-            raise ValueError("--target applies to tensorrt-rtx only: TensorRT builds for the GPU it runs on")
+            raise UsageError("--target applies to tensorrt-rtx only: TensorRT builds for the GPU it runs on")
         return None
     target = (target or "sm89").lower()
     if not hasattr(trt.ComputeCapability, target.upper()):
         known = [c.lower() for c in dir(trt.ComputeCapability) if c.startswith("SM")]
-        raise ValueError(f"target {target!r} is not one TensorRT-RTX builds for; choose one of {', '.join(known)}")
+        raise UsageError(f"target {target!r} is not one TensorRT-RTX builds for; choose one of {', '.join(known)}")
     return target
 
 
@@ -253,8 +253,9 @@ def _plugin_hidden(trt):
 
 
 def check_engine(engine_json, trt_module=None) -> dict:
-    """Refuse an engine whose TensorRT or plugin version differs from the installed ones."""
-    meta = json.loads(Path(engine_json).read_text())
+    """The engine's metadata; refuses an engine whose TensorRT or plugin version differs from the installed
+    ones."""
+    meta = Artifact.load(engine_json, "engine").meta
     name, trt = (meta["backend"], trt_module) if trt_module else backends.load(meta["backend"])
     installed = backends.version(trt)
     if meta["backend_version"] != installed:

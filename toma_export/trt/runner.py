@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import backend as backends
+from ..errors import ExecutionError, UsageError
 from .build import check_engine
 
 
@@ -23,7 +24,7 @@ class EngineRunner:
         runtime = self.trt.Runtime(self.logger)
         self.engine = runtime.deserialize_cuda_engine(Path(self.meta["engine"]).read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"could not deserialize {self.meta['engine']} on this GPU")
+            raise ExecutionError(f"could not deserialize {self.meta['engine']} on this GPU")
         self.context = self.engine.create_execution_context()
         self.torch = torch
         self.outputs = [o["name"] for o in self.meta["outputs"]]
@@ -44,12 +45,12 @@ class EngineRunner:
             out[name] = torch.empty(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, out[name].data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise ExecutionError("TensorRT execution failed")
         stream.synchronize()
         return out
 
 
-class ShapeOutOfProfile(ValueError):
+class ShapeOutOfProfile(UsageError):
     """An input shape the engine's optimization profile does not cover."""
 
 

@@ -1,19 +1,22 @@
-"""`toma-export bench` (and scripts/bench.py): argparse only here; the benchmark imports lazily."""
+"""`toma-export bench` (also scripts/bench.py): ToMA against the baseline and tomesd per block and backend."""
 from __future__ import annotations
 
 import json
 import sys
+
+from ..errors import UsageError
+from .common import add_json
 
 
 def _floats(text: str) -> tuple:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--ratios must be a comma list of numbers in [0, 1), e.g. 0.25,0.5,0.75, got {text!r}") \
+        raise UsageError(f"--ratios must be a comma list of numbers in [0, 1), e.g. 0.25,0.5,0.75, got {text!r}") \
             from None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub):
     p = sub.add_parser("bench", help="time ToMA against the baseline and tomesd per block and backend (JSON, "
                                      "table, plot)")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="ToMA ratios to time (0.25,0.5,0.75)")
@@ -34,20 +37,20 @@ def add_parser(sub) -> None:
                    help="cuda: fp16 blocks in PyTorch (SDPA), Triton vs PyTorch selection, TensorRT engines")
     p.add_argument("--out", help="folder for results.json, results.md and latency.png")
     p.add_argument("--readme", help="also put the table and plot into this README between the bench markers")
-    p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
-    p.set_defaults(func=cmd_bench)
+    add_json(p, "the table")
+    return p
 
 
-def cmd_bench(args) -> int:
+def run(args) -> int:
     from pathlib import Path
 
-    from . import report
-    from .run import BenchOptions, run
+    from ..bench import report
+    from ..bench.run import BenchOptions, run as run_bench
 
     if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if args.readme and not args.out:
-        raise ValueError("--readme needs --out (the plot the README shows is written there)")
+        raise UsageError("--readme needs --out (the plot the README shows is written there)")
     if args.readme:
         report.check_readme(Path(args.readme))
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731
@@ -55,7 +58,7 @@ def cmd_bench(args) -> int:
                            repeats=args.repeats, warmup=args.warmup, flux_width=args.flux_width, grid=args.grid,
                            text=args.text, peer=not args.no_peer, models=split(args.models), model_size=args.model_size,
                            device=args.device)
-    doc = run(options)
+    doc = run_bench(options)
     if args.out:
         files = report.write(doc, Path(args.out))
         if args.readme:

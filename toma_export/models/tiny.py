@@ -1,4 +1,5 @@
-"""Tiny random-initialised pipeline parts for flux-tiny and sdxl-tiny: text encoders, tokenizers, VAE.
+"""Tiny random-initialised pipeline parts (text encoders, tokenizers, VAE) the families assemble for
+flux-tiny and sdxl-tiny.
 
 Why: `generate` and the serving tests need a whole diffusers pipeline on a machine without a model hub.
 The widths match the tiny networks (FLUX: T5 width = joint_attention_dim, CLIP pooled width =
@@ -72,21 +73,3 @@ def vae(latent_channels: int, seed: int, **factors):
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
         latent_channels=latent_channels, norm_num_groups=8, sample_size=256, **factors))
-
-
-def flux_parts(spec, seed: int = 0) -> dict:
-    """FluxPipeline components besides the transformer and scheduler."""
-    c = spec.config
-    return dict(text_encoder=clip(c["pooled_projection_dim"], seed + 1), tokenizer=tokenizer(),
-                text_encoder_2=t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tokenizer(spec.text_len),
-                vae=vae(c["in_channels"] // 4, seed + 3, scaling_factor=0.3611, shift_factor=0.1159))
-
-
-def sdxl_parts(spec, seed: int = 0) -> dict:
-    """StableDiffusionXLPipeline components besides the UNet and scheduler."""
-    c = spec.config
-    pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
-    first = c["cross_attention_dim"] // 2
-    return dict(text_encoder=clip(first, seed + 1), tokenizer=tokenizer(),
-                text_encoder_2=clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
-                tokenizer_2=tokenizer(), vae=vae(c["in_channels"], seed + 3, scaling_factor=0.13025))

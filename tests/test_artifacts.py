@@ -1,0 +1,179 @@
+"""Artifact metadata: every ToMAConfig field survives export -> toma.json -> validate and -> serve, and a
+missing, corrupt or foreign artifact is one ArtifactError line, in the library and through the CLI.
+
+Real layers: the toma-export CLI, torch.onnx export, ONNX Runtime, the diffusers pipeline. Nothing stands in."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import toma_export as te
+from toma_export.artifacts import (EXPORT_FORMAT, Artifact, config_from_section, toma_section)
+from toma_export.errors import ArtifactError, ToMAExportError
+from toma_export.onnx import ExportOptions, export
+
+SIZE = 128
+# every field away from its default (levels matters only for UNets, but must still round-trip)
+EVERY_FIELD = te.ToMAConfig(ratio=0.25, tile=(2, 4), scale=500.0, blocks=("single_transformer_blocks.*",), levels=2,
+                            sublayers=("attn",), merge_steps=3, dst_every=2, weights_every=2)
+quiet = dict(progress=lambda m: None)
+
+
+@pytest.mark.parametrize("config", [te.ToMAConfig(), EVERY_FIELD, te.ToMAConfig(merge_steps=(0, 2, 5), blocks="x.*"),
+                                    None])
+def test_section_round_trips_every_field(config):
+    section = json.loads(json.dumps(toma_section(config)))       # through JSON, as toma.json stores it
+    assert config_from_section(section) == config
+
+
+def test_a_section_toma_refuses_is_an_artifact_error():
+    with pytest.raises(ArtifactError, match="export it again"):
+        config_from_section(dict(toma_section(te.ToMAConfig()), ratio=3.0), "x/toma.json")
+
+
+@pytest.fixture(scope="module")
+def every_field_export(artifacts):
+    """flux-tiny at 128x128 exported with EVERY_FIELD through the CLI, and the baseline its schedule needs."""
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "export", "--model", "flux-tiny", "--height",
+                          str(SIZE), "--width", str(SIZE), "--ratio", "0.25", "--tile", "2x4", "--scale", "500",
+                          "--blocks", "single_transformer_blocks.*", "--levels", "2", "--sublayers", "attn",
+                          "--merge-steps", "3", "--dst-every", "2", "--weights-every", "2",
+                          "--output-dir", str(artifacts / "onnx"), "--json"], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    base = export("flux-tiny", None, artifacts / "onnx", ExportOptions(height=SIZE, width=SIZE), **quiet)
+    return json.loads(res.stdout)["onnx"], base["onnx"]
+
+
+def test_every_field_round_trips_through_export_validate_and_serve(every_field_export, tmp_path):
+    onnx, base = every_field_export
+    artifact = Artifact.load(onnx)
+    assert artifact.config == EVERY_FIELD
+    assert list(artifact.groups) == ["single_transformer_blocks"]          # --blocks reached the patch
+    # validate reads the file's settings, not the defaults: parity passes and reports every field
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", "--model", "flux-tiny", "--onnx", onnx,
+                          "--steps", "2", "--json"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["passed"] and config_from_section(report["toma"]) == EVERY_FIELD
+    assert {c["size"] for c in report["comparisons"]} == {f"{SIZE}x{SIZE}"}         # the static file's own size
+    # serve: the drop-in follows the recorded schedule (merge every 3rd step, new destinations every 2nd merge)
+    from toma_export.serve import load_network
+
+    network = load_network(onnx, base)
+    assert network.schedule.config == EVERY_FIELD
+    out = tmp_path / "fox.png"
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "generate", "--model", "flux-tiny", "--onnx", onnx,
+                          "--baseline", base, "--prompt", "a fox", "--steps", "7", "--size", f"{SIZE}x{SIZE}", "--out",
+                          str(out), "--json"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout)
+    assert config_from_section(result["toma"]) == EVERY_FIELD
+    # steps 0, 3, 6 merge; destinations are selected on merged steps 0 and 2 (steps 0 and 6)
+    assert result["calls"] == dict(toma=3, recompute=2, baseline=4)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_files_with_own_settings_refuse_other_toma_options(every_field_export, tmp_path):
+    onnx, base = every_field_export
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "generate", "--model", "flux-tiny", "--onnx", onnx,
+                          "--baseline", base, "--ratio", "0.5", "--prompt", "x", "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "carry their own ToMA settings" in res.stderr and "--ratio" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", "--model", "sdxl-tiny", "--onnx", onnx],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "was made from flux-tiny, not sdxl-tiny" in res.stderr
+
+
+def _copy(onnx, dest):
+    """An export folder's model.onnx and toma.json, copied so the test can damage them."""
+    import shutil
+
+    shutil.copytree(Artifact.load(onnx).path.parent, dest)
+    return dest
+
+
+def _damaged(every_field_export, tmp_path):
+    onnx, _ = every_field_export
+    cases = {}
+    cases["missing file"] = (tmp_path / "nowhere" / "model.onnx", "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases["folder without metadata"] = (empty, "toma.json in this folder")
+    bare = _copy(onnx, tmp_path / "bare")
+    (bare / "toma.json").unlink()
+    cases["no toma.json"] = (bare / "model.onnx", "has no toma.json beside it")
+    broken = _copy(onnx, tmp_path / "broken")
+    (broken / "toma.json").write_text('{"format": 2,')
+    cases["corrupt toma.json"] = (broken / "model.onnx", "cannot be read as JSON")
+    foreign = _copy(onnx, tmp_path / "foreign")
+    (foreign / "toma.json").write_text(json.dumps({"format": EXPORT_FORMAT, "model": "flux-tiny"}))
+    cases["foreign toma.json"] = (foreign / "model.onnx", "is not metadata written by `toma-export export`")
+    old = _copy(onnx, tmp_path / "old")
+    meta = json.loads((old / "toma.json").read_text())
+    (old / "toma.json").write_text(json.dumps(dict(meta, format=1)))
+    cases["older format"] = (old / "model.onnx", "export format 1")
+    return cases
+
+
+def test_damaged_artifacts_are_one_artifact_error(every_field_export, tmp_path):
+    for what, (path, message) in _damaged(every_field_export, tmp_path).items():
+        with pytest.raises(ArtifactError) as err:
+            Artifact.load(path)
+        assert message in str(err.value) and "\n" not in str(err.value), what
+
+
+def test_engine_metadata_without_its_plan_is_refused(every_field_export, tmp_path):
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    meta = dict(Artifact.load(every_field_export[0]).meta, backend="tensorrt-rtx", backend_version="1.0",
+                engine=str(engine / "engine.plan"), selection="inlined ONNX body", engine_bytes=10)
+    (engine / "engine.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="no engine.plan beside engine.json"):
+        Artifact.load(engine, "engine")
+    (engine / "engine.plan").write_bytes(b"12345")
+    with pytest.raises(ArtifactError, match="is 5 bytes but engine.json records 10"):
+        Artifact.load(engine / "engine.plan")
+    with pytest.raises(ArtifactError, match="no toma.json"):
+        Artifact.load(engine, "onnx")
+
+
+def test_validate_with_a_missing_or_corrupt_file_is_one_line(every_field_export, tmp_path):
+    """Through the CLI: exit 2, one line naming the fix, no traceback; a model.onnx ONNX Runtime cannot read
+    (toma.json intact) included."""
+    cases = _damaged(every_field_export, tmp_path)
+    garbage = _copy(every_field_export[0], tmp_path / "garbage")
+    (garbage / "model.onnx").write_bytes(b"not a protobuf")
+    cases["corrupt model.onnx"] = (garbage / "model.onnx", "ONNX Runtime cannot load")
+    for what, (path, message) in cases.items():
+        res = subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", "--model", "flux-tiny", "--onnx",
+                              str(path)], capture_output=True, text=True, timeout=300)
+        lines = [line for line in res.stderr.splitlines() if line.startswith("toma-export: error:")]
+        assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (what, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, what
+
+
+def test_validation_that_checks_nothing_fails(capsys):
+    from toma_export.cli import main
+
+    assert main(["validate", "--model", "flux-tiny", "--backends", "torch", "--sizes", "128x128", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["passed"] and report["comparisons"] == [] and "no candidate ran" in report["nothing_compared"]
+    assert main(["validate", "--model", "flux-tiny", "--steps", "-1"]) == 2
+    assert "--steps must be >= 0" in capsys.readouterr().err
+
+
+def test_every_toolkit_error_derives_from_one_base():
+    from toma_export.models import ModelNotAvailable
+    from toma_export.serve.repository import RepositoryError
+    from toma_export.trt import EngineMismatch
+    from toma_export.trt.backend import BackendMissing
+    from toma_export.trt.build import BuildError
+    from toma_export.trt.runner import ShapeOutOfProfile
+
+    for cls in (ModelNotAvailable, RepositoryError, EngineMismatch, BackendMissing, BuildError, ShapeOutOfProfile,
+                ArtifactError):
+        assert issubclass(cls, ToMAExportError), cls
+    with pytest.raises(ToMAExportError):
+        te.ToMAConfig(ratio=1.5)

@@ -1,0 +1,55 @@
+"""`toma-export build`: export (or reuse) the ONNX file and build a TensorRT / TensorRT-RTX engine."""
+from __future__ import annotations
+
+import json
+
+from .common import MODEL_HELP, add_json, add_toma_options, size, stdout_on_stderr, toma_config
+
+
+def add_parser(sub):
+    p = sub.add_parser("build", help="build a TensorRT (plugin) or TensorRT-RTX (inlined body) engine")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--backend", choices=["tensorrt", "tensorrt-rtx"],
+                   help="default: tensorrt where it imports, else tensorrt-rtx")
+    p.add_argument("--target", help="TensorRT-RTX compute capability to build for, e.g. sm86, sm89, sm120 (sm89)")
+    p.add_argument("--selection", choices=["auto", "plugin", "body"], default="auto",
+                   help="what runs the destination selection: the toma::ToMASelect plugin (TensorRT 10.9+ and a "
+                        "CUDA GPU), the inlined ONNX body, or auto: the plugin where it can run, else the body (auto)")
+    p.add_argument("--ptx-version", type=int, metavar="N",
+                   help="PTX ISA of the plugin's kernel, e.g. 84 for 8.4 (default: what the installed driver loads; "
+                        "8.4 where none can be read)")
+    p.add_argument("--no-toma", action="store_true", help="build the baseline engine without ToMA")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the recipe's (FLUX bf16, SDXL fp16)")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}-size", type=size, help=f"{which} HEIGHTxWIDTH of the profile (recipe)")
+    p.add_argument("--static", action="store_true", help="one shape (the opt size, batch 1) instead of a profile")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
+    p.add_argument("--output-dir", help="artifacts go to keyed subfolders (engines/out)")
+    p.add_argument("--force", action="store_true", help="export and build again even if cached")
+    add_json(p)
+    add_toma_options(p, defaults="recipe")
+    return p
+
+
+def run(args) -> int:
+    from ..trt import BuildOptions, build, recipe
+
+    plan = recipe(args.model)
+    config = None if args.no_toma else toma_config(args, plan["toma"])
+    options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
+                           opt_size=args.opt_size, max_size=args.max_size, static=args.static,
+                           timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
+                           ptx_version=args.ptx_version)
+    with stdout_on_stderr():
+        meta = build(args.model, config, args.output_dir, options, force=args.force)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
+          f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
+          f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
+    print(f"  selection: {meta['selection']} ({meta.get('selection_reason', '')})")
+    print(f"  onnx: {meta['onnx']}")
+    for name, shapes in (meta["profiles"] or {}).items():
+        print(f"    {name:<44} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
+    return 0

@@ -1,0 +1,108 @@
+"""What several commands share: value parsers, the ToMA options (every ToMAConfig field), and keeping
+native libraries' stdout off the --json object."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+MODEL_HELP = "flux, sdxl, flux-tiny, sdxl-tiny or a local diffusers folder"
+
+
+def size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (height=1024, width=768)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH in pixels, e.g. 1024x768, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def sizes(text: str) -> tuple:
+    return tuple(size(part) for part in text.split(","))
+
+
+def tile(text: str) -> tuple[int, int]:
+    """'4x8' -> (4, 8); '4' -> (4, 4)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"tile must look like ROWSxCOLS in tokens, e.g. 4x4, got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+def merge_steps(text: str):
+    """'3' -> every 3rd step; '0,1,4' -> those steps."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"merge steps must be a period (3) or a list of steps (0,2,5), got {text!r}")
+    return int(parts[0]) if len(parts) == 1 and "," not in text else [int(p) for p in parts]
+
+
+def names(text: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b')."""
+    items = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+    return items
+
+
+# ToMAConfig field -> (flag, parser, help); the default shown in the help is ToMAConfig's unless a command
+# says otherwise (build: the recipe's)
+TOMA_FIELDS = {
+    "ratio": ("--ratio", float, "share of image tokens merged away, in [0, 1) (0.5)"),
+    "tile": ("--tile", tile, "tile shape in tokens, ROWSxCOLS (4x4)"),
+    "scale": ("--scale", float, "merge softmax sharpness on cosines (1000)"),
+    "blocks": ("--blocks", names, "comma list of fnmatch patterns on block names, e.g. 'single_transformer_blocks.*' "
+                                  "(the model's default)"),
+    "levels": ("--levels", int, "UNet: transformer resolution levels to merge, highest first (1)"),
+    "sublayers": ("--sublayers", names, "comma list of sub-layers run on merged tokens, from attn, cross_attn, mlp "
+                                        "(all)"),
+    "merge_steps": ("--merge-steps", merge_steps, "steps that merge: a period k (0, k, 2k...) or a list 0,2,5 "
+                                                  "(all); the others run without ToMA"),
+    "dst_every": ("--dst-every", int, "recompute destinations every n-th merged step (1)"),
+    "weights_every": ("--weights-every", int, "recompute merge weights every n-th merged step (1)"),
+}
+SCHEDULE = ("merge_steps", "dst_every", "weights_every")
+
+
+def add_toma_options(p: argparse.ArgumentParser, defaults: str = "") -> None:
+    """One option per ToMAConfig field; `defaults` names where unset values come from instead."""
+    group = p.add_argument_group("ToMA" + (f" (defaults: the {defaults})" if defaults else ""))
+    for name, (flag, parse, text) in TOMA_FIELDS.items():
+        group.add_argument(flag, dest=name, type=parse, help=text)
+
+
+def toma_options(args) -> dict:
+    """The ToMA fields given on the command line."""
+    return {name: getattr(args, name) for name in TOMA_FIELDS if getattr(args, name, None) is not None}
+
+
+def toma_config(args, base: dict | None = None):
+    """ToMAConfig from the command line, falling back to `base` (a recipe's toma section), then defaults."""
+    from ..toma import ToMAConfig
+
+    return ToMAConfig(**{**(base or {}), **toma_options(args)})    # ToMAConfig normalises lists itself
+
+
+def add_json(p: argparse.ArgumentParser, instead: str = "the summary") -> None:
+    p.add_argument("--json", action="store_true", help=f"print one JSON object instead of {instead}")
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stdout_on_stderr():
+    """Native libraries (TensorRT's logger) write to file descriptor 1: point it at stderr while they run, so
+    stdout carries only our own output (the --json object)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -1,0 +1,60 @@
+"""`toma-export export`: the ToMA-patched network as ONNX, the selection as toma::ToMASelect."""
+from __future__ import annotations
+
+import json
+
+from .common import MODEL_HELP, add_json, add_toma_options, size, toma_config
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="export the ToMA-patched network to ONNX (selection as toma::ToMASelect)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's default size)")
+    p.add_argument("--width", type=int, help="image width in pixels")
+    p.add_argument("--batch", type=int, default=1, help="static batch (CFG counts twice) (1)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="one file valid across the model's batch, size and text-length ranges")
+    p.add_argument("--min-size", type=size, help="dynamic: smallest HEIGHTxWIDTH (default: the model's range)")
+    p.add_argument("--max-size", type=size, help="dynamic: largest HEIGHTxWIDTH")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights and activations (SDXL engines: fp16, FLUX: bf16) (fp32)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20)")
+    p.add_argument("--no-toma", action="store_true", help="export the network without ToMA (the baseline)")
+    p.add_argument("--output-dir", required=True, help="artifacts go to a keyed subfolder of this folder")
+    p.add_argument("--force", action="store_true", help="export again even if an identical export exists")
+    add_json(p)
+    add_toma_options(p)
+    return p
+
+
+def run(args) -> int:
+    from .. import models
+    from ..onnx import ExportOptions, export
+    from ..toma.tiles import check_tiling
+
+    config = None if args.no_toma else toma_config(args)
+    spec = models.get(args.model)
+    if config is not None:
+        check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
+    options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
+                            dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size)
+    meta = export(args.model, config, args.output_dir, options, force=args.force)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
+            f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
+            if meta["dynamic"] else f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px")
+    print(f"{meta['onnx']}\n  {meta['model']} {meta['dtype']} opset {meta['opset']}, {kind}")
+    toma = meta["toma"]
+    if toma:
+        print(f"  ToMA ratio {toma['ratio']}, tile {toma['tile'][0]}x{toma['tile'][1]}, {toma['destinations_per_tile']} "
+              f"destinations per tile, {toma['selection_nodes']} toma::ToMASelect node(s), sublayers "
+              f"{','.join(toma['sublayers'])}")
+    else:
+        print("  no ToMA (baseline)")
+    for io in ("inputs", "outputs"):
+        print(f"  {io}:")
+        for v in meta[io]:
+            print(f"    {v['name']:<44} {v['dtype']:<8} {v['shape']}")
+    return 0

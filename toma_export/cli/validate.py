@@ -1,0 +1,53 @@
+"""`toma-export validate`: parity of ONNX Runtime / TensorRT against the fp32 PyTorch reference; exit 0 only
+when something was compared and everything passed."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import MODEL_HELP, add_json, add_toma_options, names, sizes, stdout_on_stderr, toma_config
+
+
+def add_parser(sub):
+    p = sub.add_parser("validate", help="accuracy parity of ONNX Runtime / TensorRT against the PyTorch reference")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--onnx", help="an exported model.onnx (default: export one, or reuse the cached export); its "
+                                  "ToMA settings, dtype and, when static, size and batch are used")
+    p.add_argument("--engine", help="a built engine's engine.json (default: build one when tensorrt is asked for)")
+    p.add_argument("--backends", type=names, default=("torch", "onnxruntime"),
+                   help="comma list from torch (the fp32 reference; also a candidate in --dtype), onnxruntime, "
+                        "tensorrt (torch,onnxruntime)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="candidates' dtype (--onnx: the file's; fp32)")
+    p.add_argument("--sizes", type=sizes, help="comma list of HEIGHTxWIDTH (the model's default size)")
+    p.add_argument("--steps", type=int, default=0, help="also run a whole denoising loop of N steps (0: one step)")
+    p.add_argument("--batch", type=int, help="batch of the sample inputs (a static --onnx file's, else 2)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default 0)")
+    p.add_argument("--rtol", type=float, help="tolerance relative to the output scale (default by dtype: fp32 "
+                                              "1e-4 per step / 1e-3 over a loop, fp16 2e-2 / 5e-2, bf16 5e-2 / 1e-1)")
+    p.add_argument("--no-toma", action="store_true", help="validate the network without ToMA")
+    p.add_argument("--output-dir", help="where exports and engines are cached (engines/out)")
+    p.add_argument("--save-reference", metavar="F", help="store inputs and fp32 reference outputs in F (.npz)")
+    p.add_argument("--load-reference", metavar="F", help="compare candidates against a stored reference "
+                                                        "(e.g. made on another machine) instead of running PyTorch")
+    p.add_argument("--report", metavar="DIR", help="write report.json, report.txt and errors.png there")
+    p.add_argument("--bisect", action="store_true",
+                   help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
+    add_json(p, "the table")
+    add_toma_options(p)
+    return p
+
+
+def run(args) -> int:
+    from ..parity import ValidateOptions, table, validate, write_report
+
+    options = ValidateOptions(backends=args.backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
+                              batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
+                              output_dir=args.output_dir, save_reference=args.save_reference,
+                              load_reference=args.load_reference, bisect=args.bisect)
+    with stdout_on_stderr():
+        report = validate(args.model, None if args.no_toma else toma_config(args), options)
+    if args.report:
+        files = write_report(report, args.report)
+        print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)
+    print(json.dumps(report) if args.json else table(report))
+    return 0 if report["passed"] else 1

@@ -1,0 +1,151 @@
+"""Generate one image with a diffusers pipeline whose transformer / UNet is an exported ToMA graph (ONNX
+Runtime) or engine (TensorRT), timing each stage.
+
+Without an ONNX file or engine it exports (or reuses from the cache) what the machine's best backend needs:
+the static ONNX export at the size, plus the baseline export when the schedule leaves steps unmerged.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..artifacts import toma_section
+from ..errors import UsageError
+from ..toma import ToMAConfig
+
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    model: str
+    prompt: str
+    out: str                               # PNG file to write
+    steps: int = 28
+    size: tuple | None = None              # (height, width) pixels; None: the model's default
+    seed: int = 0
+    guidance: float | None = None          # None: the family's default
+    config: ToMAConfig | None = None       # None: serve the baseline (no ToMA); ignored with onnx/engine
+    schedule: dict | None = None           # merge_steps / dst_every / weights_every overriding a file's
+    onnx: str | None = None
+    engine: str | None = None
+    baseline: str | None = None
+    backend: str | None = None             # onnxruntime | tensorrt; None: the machine's best
+    share_weights: bool = True
+    output_dir: str | None = None
+    force: bool = False
+
+
+def generate(args: GenerateRequest, progress) -> dict:
+    """Run the request; returns what was made and how long each stage took."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    # transformers warns about torchvision-backed image processors that these pipelines never use
+    transformers_logging.set_verbosity_error()
+
+    from .. import models
+    from .families import load_network
+    from .pipeline import attach, best_backend, load_pipeline, serving_artifacts
+
+    torch.set_grad_enabled(False)
+    spec = models.get(args.model)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    height, width = spec.size(*(args.size or (None, None)))
+    backend = ("tensorrt" if args.engine else "onnxruntime" if args.onnx else None) or args.backend or best_backend()
+    if (args.engine and args.backend == "onnxruntime") or (args.onnx and args.backend == "tensorrt"):
+        raise UsageError(f"--backend {args.backend} does not run {'--engine' if args.engine else '--onnx'} files")
+    guidance = spec.default_guidance if args.guidance is None else args.guidance
+    cfg_batch = spec.cfg_batch(guidance)
+    t_start = time.perf_counter()
+    schedule = None
+    if args.onnx or args.engine:
+        toma_path, base_path = args.onnx or args.engine, args.baseline
+        if args.schedule:                  # the file's settings, another schedule
+            from ..artifacts import Artifact
+
+            recorded = Artifact.load(toma_path).config
+            schedule = recorded and replace(recorded, **args.schedule)
+    else:
+        toma_path, base_path = serving_artifacts(args.model, args.config, (height, width), cfg_batch, backend,
+                                                 args.output_dir, args.force, progress)
+    progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
+    network = load_network(toma_path or base_path, base_path if toma_path else None,
+                           share_weights=args.share_weights, schedule=schedule)
+    pipe = load_pipeline(args.model, network=False, seed=args.seed)
+    attach(pipe, network)
+    if network.device.type == "cuda":
+        pipe.to("cuda")
+    stages = _instrument(pipe)
+    t_ready = time.perf_counter()
+    kwargs = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=stages.step_end)
+    kwargs.update(spec.pipeline_kwargs())
+    progress(f"[generate] {args.steps} steps at {height}x{width} px on {network.provider}")
+    image = pipe(args.prompt, **kwargs).images[0]
+    t_done = time.perf_counter()
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
+    return _result(args, spec, backend, network, toma_path, base_path, (height, width), guidance, stages,
+                   setup=t_ready - t_start, total=t_done - t_ready, out=out)
+
+
+class _Stages:
+    """Wall times of the pipeline's stages: text encoding and VAE decoding are wrapped, denoising steps
+    are the intervals between step-end callbacks, starting when encoding ends."""
+
+    def __init__(self):
+        self.encode = self.decode = 0.0
+        self.encode_end = None
+        self.step_ends: list[float] = []
+
+    def step_end(self, pipe, step, timestep, kwargs):
+        self.step_ends.append(time.perf_counter())
+        return kwargs
+
+    def steps(self) -> list[float]:
+        marks = [self.encode_end] + self.step_ends
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _instrument(pipe) -> _Stages:
+    stages = _Stages()
+    encode, decode = pipe.encode_prompt, pipe.vae.decode
+
+    def timed_encode(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return encode(*a, **k)
+        finally:
+            stages.encode_end = time.perf_counter()
+            stages.encode += stages.encode_end - t0
+
+    def timed_decode(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return decode(*a, **k)
+        finally:
+            stages.decode += time.perf_counter() - t0
+
+    pipe.encode_prompt, pipe.vae.decode = timed_encode, timed_decode
+    return stages
+
+
+def _result(args, spec, backend, network, toma_path, base_path, size, guidance, stages, setup, total, out) -> dict:
+    steps = stages.steps()
+    graph = [t for _, t in network.timings]
+    ms = lambda s: round(s * 1e3, 2)  # noqa: E731
+    config = network.schedule.config
+    return dict(
+        image=str(out), model=spec.name, backend=backend, provider=network.provider, onnx_or_engine=toma_path,
+        baseline=base_path, height=size[0], width=size[1], steps=args.steps, seed=args.seed, guidance=guidance,
+        prompt=args.prompt,
+        toma=toma_section(config),
+        calls=dict(network.calls), weights_shared=network.sharing.summary() if network.sharing else None,
+        latency_ms=dict(setup=ms(setup), text_encode=ms(stages.encode), denoise_total=ms(sum(steps)),
+                        denoise_per_step=ms(statistics.mean(steps)) if steps else None,
+                        network_per_call_median=ms(statistics.median(graph)) if graph else None,
+                        vae_decode=ms(stages.decode), total=ms(total)))
