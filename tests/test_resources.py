@@ -1,11 +1,11 @@
-"""toma_export.resources: the recipes of this environment and the default-output rule. A checkout's and a
-wheel's layouts are laid out in tmp_path (the package lookup is redirected to them); tests/test_wheel.py
-installs a real wheel."""
+"""toma_export.resources: the recipes of this environment, the default-output rule, and a source digest that
+names files the same way in a checkout and in an installed wheel. The two layouts are laid out in tmp_path
+(the package lookup is redirected to them); tests/test_wheel.py installs a real wheel."""
 from pathlib import Path
 
 import pytest
 
-from toma_export import resources
+from toma_export import artifacts, resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,22 @@ def layout(tmp_path, kind) -> dict:
         (dirs[package] / rel).parent.mkdir(parents=True, exist_ok=True)
         (dirs[package] / rel).write_text(text)
     return dirs
+
+
+@pytest.mark.parametrize("kind", ["checkout", "wheel"])
+def test_source_files_are_named_alike_in_both_layouts(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(resources, "package_dir", layout(tmp_path, kind).__getitem__)
+    assert [name for name, _ in resources.source_files()] == [
+        "toma_export/__init__.py", "toma_export/trt/build.py", "toma_export.plugins/__init__.py",
+        "toma_export.plugins/ptx.py", "toma_export.recipes/flux.json"]
+
+
+def test_source_digest_is_the_same_in_both_layouts(tmp_path, monkeypatch):
+    digests = []
+    for kind in ("checkout", "wheel"):
+        monkeypatch.setattr(resources, "package_dir", layout(tmp_path, kind).__getitem__)
+        digests.append(artifacts.source_digest())
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.parametrize("kind", ["checkout", "wheel"])

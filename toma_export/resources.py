@@ -20,6 +20,10 @@ from pathlib import Path
 
 RECIPES = "toma_export.recipes"
 PLUGINS = "toma_export.plugins"
+# What `source_digest` covers: (package, file pattern, recursive?). The recipes are not walked recursively:
+# in a checkout their folder holds engines/out/, whose JSON files are artifacts, not sources.
+SOURCES = (("toma_export", "*.py", True), (PLUGINS, "*.py", True), (RECIPES, "*.json", False))
+
 
 def package_dir(package: str) -> Path:
     """The folder of an installed package, found through the import system."""
@@ -55,3 +59,18 @@ def default_output() -> Path:
     cache = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"   # XDG: relative values are invalid
     return cache / "toma-export" / "artifacts"
 
+
+def source_files() -> list[tuple[str, Path]]:
+    """(stable name, path) of every source file that `artifacts.source_digest` hashes, in a fixed order.
+
+    The name is the file's place in its package, so an editable checkout and the wheel built from it name
+    the same files alike, although in the wheel the plugins and recipes lie inside toma_export/."""
+    roots = {package: package_dir(package) for package, _, _ in SOURCES}
+    files = []
+    for package, pattern, recursive in SOURCES:
+        root = roots[package]
+        nested = [r for p, r in roots.items() if p != package and r.is_relative_to(root)]
+        for path in sorted(root.rglob(pattern) if recursive else root.glob(pattern)):
+            if not any(path.is_relative_to(r) for r in nested):
+                files.append((f"{package}/{path.relative_to(root).as_posix()}", path))
+    return files
