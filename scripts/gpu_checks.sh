@@ -8,8 +8,8 @@
 # Where `make venv` made .venv (a machine with a package index) it runs there. Otherwise (a bare GPU machine
 # with PyTorch, Triton, onnx and onnxruntime, or PYTHON=... given) it uses that Python: it installs the wheels
 # in $TOMA_WHEELS (default .whl; scripts/fetch_gpu_wheels.sh fetches them elsewhere) into a temporary folder,
-# and runs from a temporary copy of this checkout laid out as the installed package (plugins/ inside
-# toma_export/), so nothing needs building or installing here.
+# and runs from a temporary copy of this checkout laid out as the installed package (plugins/ and the
+# recipes of engines/ inside toma_export/, as pyproject maps them), so nothing needs building or installing.
 # Usage: scripts/gpu_checks.sh [pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,8 @@ else
         export PYTHONPATH="$stage/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     mkdir -p "$stage/tree"
-    cp -r toma_export tests engines pyproject.toml "$stage/tree/" && cp -r plugins "$stage/tree/toma_export/plugins" \
+    cp -r toma_export tests pyproject.toml "$stage/tree/" && cp -r plugins "$stage/tree/toma_export/plugins" \
+        && mkdir "$stage/tree/toma_export/recipes" && cp engines/*.py engines/*.json "$stage/tree/toma_export/recipes/" \
         || { echo "gpu_checks: could not copy the checkout to $stage" >&2; exit 2; }
     cd "$stage/tree"
 fi

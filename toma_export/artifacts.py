@@ -92,12 +92,12 @@ def staged_dir(final: Path):
 def source_digest() -> str:
     """A hash of the toolkit's own sources: part of every artifact key, so an edited checkout (where the
     version number stays put) never reuses an artifact made by other code."""
-    root = Path(__file__).resolve().parent
+    from .resources import source_files     # the installed package's files, found through the import system
+
     digest = hashlib.sha256()
-    for folder in (root, root.parent / "plugins"):
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for name, path in source_files():
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 

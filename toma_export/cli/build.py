@@ -24,7 +24,7 @@ def add_parser(sub):
         p.add_argument(f"--{which}-size", type=size, help=f"{which} HEIGHTxWIDTH of the profile (recipe)")
     p.add_argument("--static", action="store_true", help="one shape (the opt size, batch 1) instead of a profile")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
-    p.add_argument("--output-dir", help="artifacts go to keyed subfolders (engines/out)")
+    p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export and build again even if cached")
     add_json(p)
     add_toma_options(p, defaults="recipe")

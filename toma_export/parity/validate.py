@@ -28,7 +28,7 @@ from ..onnx import ExportOptions, ToMAGraph, export
 from ..onnx.graph import RECOMPUTE, dst_input, dst_output
 from ..toma.selection import recompute_flag
 from ..toma import ToMAConfig, apply_toma, remove_toma
-from ..trt.build import DEFAULT_OUTPUT
+from ..resources import default_output
 from .metrics import compare, selection_agreement, tolerance
 from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_provider, onnxruntime_runner
 
@@ -150,7 +150,7 @@ def _candidates(model, spec, config, options, report, progress) -> dict:
         candidates[f"torch-{options.dtype}"] = TorchRunner(_graph(spec, config, DTYPES[options.dtype]),
                                                            name=f"torch-{options.dtype}")
     if "onnxruntime" in options.backends:
-        path = options.onnx or export(model, config, Path(options.output_dir or DEFAULT_OUTPUT) / "onnx",
+        path = options.onnx or export(model, config, Path(options.output_dir or default_output()) / "onnx",
                                       ExportOptions(dynamic=True, dtype=options.dtype), progress=progress)["onnx"]
         if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before loading it
             raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "

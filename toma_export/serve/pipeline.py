@@ -78,10 +78,10 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
 
     ONNX Runtime gets static exports at `size` and `batch`; TensorRT gets engines whose profile is pinned to
     `size` (batch and text length stay ranges, so CFG batches fit)."""
-    from ..trt.build import DEFAULT_OUTPUT
+    from ..resources import default_output
 
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(output_dir or DEFAULT_OUTPUT)
+    out = Path(output_dir or default_output())
     wanted = ([config] if config is not None else []) + ([None] if config is None or needs_baseline(config) else [])
     paths = {}
     for cfg in wanted:

@@ -19,16 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import models
+from .. import models, resources
 from ..artifacts import ENGINE_META, Artifact, cache_key, staged_dir, writable_dir
 from ..errors import ArtifactError, ExecutionError, UsageError
 from ..onnx import ExportOptions, export
 from ..toma import ToMAConfig
 from . import backend as backends
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "engines"
-DEFAULT_OUTPUT = RECIPES / "out"
 SELECTIONS = ("auto", "plugin", "body")
 AOT_PLUGINS = (10, 9)          # TensorRT's first version with AOT Python plugins (aot_impl, PREFER_AOT_...)
 PLUGIN, BODY, NONE = "plugin (AOT Triton kernel)", "inlined ONNX body", "none (ToMA off)"
@@ -60,9 +57,7 @@ class BuildOptions:
 def recipe(model: str) -> dict:
     """The build recipe for a registered model, or defaults for its family (local folders)."""
     spec = models.get(model)
-    path = RECIPES / f"{spec.name}.json"
-    if not path.is_file():
-        path = RECIPES / f"{spec.family}.json"
+    path = resources.recipe_path(spec.name if spec.name in resources.recipe_names() else spec.family)
     data = json.loads(path.read_text())
     data["model"] = model
     return data
@@ -128,7 +123,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     plan = recipe(model)
     sizes = {k: getattr(options, f"{k}_size") or tuple(plan["sizes"][k]) for k in ("min", "opt", "max")}
     dtype = options.dtype or plan["dtype"]
-    out_root = writable_dir(output_dir or DEFAULT_OUTPUT)
+    out_root = writable_dir(output_dir or resources.default_output())
     use_plugin, why, ptx_version, capability = False, "ToMA off", None, None
     if toma is not None:
         use_plugin, why = choose_selection(options.selection, name, trt)
