@@ -1,9 +1,12 @@
 """`toma-export bench` end to end at small token counts: real blocks, real ONNX Runtime, real tomesd."""
 import json
+import types
 
 import pytest
+import torch
 
-from toma_export.bench import report
+from toma_export.bench import report, timing
+from toma_export.bench.run import BenchOptions, bench_block
 from toma_export.cli import main
 
 QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.25,0.5", "--repeats", "1",
@@ -33,10 +36,13 @@ def test_json_has_every_row_with_consistent_ratios(quick_run):
             assert {(block, backend, "toma", 0.25), (block, backend, "toma", 0.5)} <= keys
     assert ("sdxl", "torch", "tomesd", 0.5) in keys
     assert not any(r["method"] == "tomesd" and r["block"].startswith("flux") for r in rows)
+    baselines = {(r["block"], r["backend"]): r for r in rows if r["method"] == "baseline"}
     for r in rows:
-        assert r["median_ms"] > 0 and r["baseline_median_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["baseline_median_ms"] / r["median_ms"], rel=0.01)
-        assert r["latency_ratio"] == pytest.approx(r["median_ms"] / r["baseline_median_ms"], rel=0.01)
+        assert r["median_ms"] > 0
+        # every row is set against the baseline row timed in the same run, for the same block and backend
+        assert r["baseline_median_ms"] == baselines[r["block"], r["backend"]]["median_ms"]
+        if r["method"] == "baseline":
+            assert r["speedup"] == r["latency_ratio"] == 1.0 and r["overhead_share"] is None
         if r["method"] == "toma" and "whole model" not in r["block"]:
             assert 0 < r["overhead_share"] < 5          # measured on the same backend, never missing
             assert 0 < r["rel_l2_vs_baseline"] < 0.5     # merged, so different from the baseline, but close
@@ -77,3 +83,49 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(errors) == 3
     assert "ratio" in errors[0] and "sd15" in errors[1] and "markers" in errors[2]
     assert readme.read_text() == "no markers\n"
+
+
+def test_rows_come_from_the_median_of_the_timed_rounds(monkeypatch, tmp_path):
+    """bench_block on a stand-in block whose variants take known times on a fake clock (timing's
+    perf_counter): the real round-robin and row code must turn those samples into the numbers worked out by
+    hand below: warm-up rounds dropped, the median (not the mean) of the timed rounds, and speedup, latency
+    ratio and overhead share against the baseline's median."""
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Variant(torch.nn.Module):
+        def __init__(self, ms, scale=1.0):
+            super().__init__()
+            self.ms, self.scale, self.calls = ms, scale, 0
+
+        def forward(self, x, *_):
+            clock.now += self.ms[min(self.calls, len(self.ms) - 1)] / 1e3
+            self.calls += 1
+            return x * self.scale
+
+    # one warm-up round (slow, must be dropped), then three timed rounds
+    times = {"baseline": [90.0, 12.0, 10.0, 20.0],      # median 12 ms (mean 14)
+             "toma@0.5": [90.0, 6.0, 5.0, 30.0],        # median 6 ms: speedup 12 / 6 = 2, ratio 0.5
+             "toma@0.25": [90.0, 9.0, 8.0, 7.0],        # median 8 ms: speedup 1.5, ratio 0.667
+             "overhead@0.5": [90.0, 0.24, 0.2, 0.3],    # median 0.24 ms: 2 % of 12 ms
+             "overhead@0.25": [90.0, 0.12, 0.6, 0.1]}   # median 0.12 ms: 1 % of 12 ms
+    case = types.SimpleNamespace(
+        name="stand-in", inputs=dict(x=torch.ones(2, 3)),
+        baseline=lambda: Variant(times["baseline"]),
+        toma=lambda config: Variant(times[f"toma@{config.ratio}"], scale=1.1 if config.ratio == 0.5 else 0.8),
+        overhead=lambda config: Variant(times[f"overhead@{config.ratio}"]))
+    rows = bench_block(case, "torch", BenchOptions(ratios=(0.25, 0.5), repeats=3, warmup=1), tmp_path, [],
+                       lambda msg: None)
+    got = {(r["method"], r["ratio"]): r for r in rows}
+    assert list(got) == [("baseline", 0.0), ("toma", 0.25), ("toma", 0.5)]
+    assert all(r["baseline_median_ms"] == pytest.approx(12.0) for r in rows)
+    base, quarter, half = got["baseline", 0.0], got["toma", 0.25], got["toma", 0.5]
+    assert (base["median_ms"], base["speedup"], base["latency_ratio"]) == pytest.approx((12.0, 1.0, 1.0))
+    assert (half["median_ms"], half["speedup"], half["latency_ratio"]) == pytest.approx((6.0, 2.0, 0.5))
+    assert (quarter["median_ms"], quarter["speedup"], quarter["latency_ratio"]) == pytest.approx(
+        (8.0, 1.5, 0.667), abs=1e-3)
+    assert (half["overhead_ms"], half["overhead_share"]) == pytest.approx((0.24, 0.02))
+    assert (quarter["overhead_ms"], quarter["overhead_share"]) == pytest.approx((0.12, 0.01))
+    # outputs 1.1x and 0.8x the baseline's: 10 % and 20 % away from it
+    assert (half["rel_l2_vs_baseline"], quarter["rel_l2_vs_baseline"]) == pytest.approx((0.1, 0.2))
+    assert half["default"] and not quarter["default"] and not base["default"]

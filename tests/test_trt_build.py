@@ -1,5 +1,6 @@
 """Engine builds with TensorRT-RTX, which builds ahead of time on this CPU machine: the parser must take
 every exported graph (the selection body inlined) and the builder must write an engine."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import toma_export as te
 from toma_export.trt import BuildOptions, EngineMismatch, build, check_engine
 from toma_export.trt.build import choose_selection
-from toma_export.trt.backend import BackendMissing, load
+from toma_export.trt.backend import BackendMissing, load, version
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
 RTX = BuildOptions(backend="tensorrt-rtx")
@@ -109,7 +110,45 @@ def test_bad_build_requests_are_clear_errors(artifacts):
         build("flux-tiny", te.ToMAConfig(), artifacts, BuildOptions(backend="tensorrt-rtx", target="sm90"), **quiet)
     with pytest.raises(ValueError, match="backend must be one of tensorrt, tensorrt-rtx"):
         load("onnxruntime")
-    try:
+
+
+def test_full_tensorrt_is_taken_where_it_imports_and_named_missing_where_not(monkeypatch):
+    """Which backend `load` returns, and the error when none can be used.
+
+    Real: the loader, TensorRT-RTX (imported from its wheel) and, on a machine with full TensorRT, the
+    `tensorrt` module itself. Full TensorRT cannot be installed on this CPU machine, so the second half drives
+    the loader with stand-ins put in sys.modules as `tensorrt`: a module carrying `__version__` and `Builder`
+    (what the real wheel exposes), and one without `Builder` (the bare `tensorrt` stub wheel)."""
+    assert load("tensorrt-rtx") == ("tensorrt-rtx", trt_rtx)
+    tensorrt = importlib.import_module("tensorrt") if importlib.util.find_spec("tensorrt") else None
+    if tensorrt is None or not hasattr(tensorrt, "Builder"):     # here: not installed (or the bare stub wheel)
+        with pytest.raises(BackendMissing) as err:
+            load("tensorrt")
+        why = "No module named 'tensorrt'" if tensorrt is None else "module 'tensorrt' has no attribute 'Builder'"
+        assert str(err.value).startswith(f"backend 'tensorrt' is not usable (tensorrt: {why})")
+        assert "pip install tensorrt-rtx-cu13" in str(err.value)
+        assert load(None) == ("tensorrt-rtx", trt_rtx)           # the first backend that imports
+    else:                                                       # a machine with full TensorRT: the real module
+        assert load("tensorrt") == ("tensorrt", tensorrt)
+        assert load(None) == ("tensorrt", tensorrt)              # full TensorRT is preferred over TensorRT-RTX
+        assert version(tensorrt) == tensorrt.__version__ and version(tensorrt)[0].isdigit()
+
+    full = types.ModuleType("tensorrt")                          # stand-in: full TensorRT with its bindings
+    full.__version__, full.Builder = "10.13.3.9", object
+    monkeypatch.setitem(sys.modules, "tensorrt", full)
+    assert load("tensorrt") == ("tensorrt", full) and load(None) == ("tensorrt", full)
+    assert version(full) == "10.13.3.9"
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))   # stand-in: the stub wheel
+    with pytest.raises(BackendMissing, match=r"^backend 'tensorrt' is not usable \(tensorrt: module 'tensorrt' "
+                                             r"has no attribute 'Builder'\); install TensorRT"):
         load("tensorrt")
-    except BackendMissing as err:
-        assert "pip install tensorrt-rtx-cu13" in str(err) and "backend 'tensorrt' is not usable" in str(err)
+    assert load(None) == ("tensorrt-rtx", trt_rtx)               # the stub is passed over
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)           # neither imports: one error naming both
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(BackendMissing) as err:
+        load(None)
+    message = str(err.value)
+    assert message.startswith("no TensorRT backend found (tensorrt: ") and "; tensorrt-rtx: " in message
+    assert "pip install tensorrt-rtx-cu13" in message
