@@ -170,7 +170,7 @@ def test_every_toolkit_error_derives_from_one_base():
     from toma_export.trt import EngineMismatch
     from toma_export.trt.backend import BackendMissing
     from toma_export.trt.build import BuildError
-    from toma_export.trt.runner import ShapeOutOfProfile
+    from toma_export.runtime.tensorrt import ShapeOutOfProfile
 
     for cls in (ModelNotAvailable, RepositoryError, EngineMismatch, BackendMissing, BuildError, ShapeOutOfProfile,
                 ArtifactError):

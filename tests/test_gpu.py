@@ -88,7 +88,7 @@ def test_plugin_engine_matches_onnxruntime(tmp_path, name, selection):
     from toma_export.toma.selection import recompute_flag
     from toma_export.trt import BuildOptions, build
     from toma_export.trt.build import BODY, PLUGIN
-    from toma_export.trt.runner import EngineRunner
+    from toma_export.runtime.tensorrt import EngineRunner
 
     meta = build(name, te.ToMAConfig(), tmp_path, BuildOptions(backend="tensorrt", selection=selection))
     assert meta["selection"] == {"plugin": PLUGIN, "body": BODY}[selection]

@@ -4,8 +4,7 @@ set_input_shape returns False for a shape outside the profile."""
 import pytest
 import torch
 
-from toma_export.serve.trt_backend import EngineGraph
-from toma_export.trt.runner import EngineRunner, ShapeOutOfProfile, set_input_shapes
+from toma_export.runtime.tensorrt import EngineGraph, EngineRunner, ShapeOutOfProfile, set_input_shapes
 
 META = {"engine": "out/flux-tiny/engine.plan", "model": "flux-tiny",
         "inputs": [{"name": "hidden_states", "dtype": "float32", "shape": ["batch", "seq", 16]},

@@ -13,7 +13,9 @@ import torch
 import toma_export as te
 from toma_export.onnx import ToMAGraph
 from toma_export.parity.metrics import compare
-from toma_export.parity.validate import ValidateOptions, _feeds, compare_step
+from toma_export.parity.compare import compare_step
+from toma_export.parity.record import sample_feeds
+from toma_export.parity.validate import ValidateOptions
 from toma_export.parity.runners import TorchRunner, onnxruntime_runner
 from toma_export.trt.backend import BackendMissing, load
 
@@ -83,7 +85,7 @@ def test_nan_in_an_input_is_reported_as_such(dynamic_export):
     spec = te.models.get("flux-tiny")
     model = spec.load()
     graph = ToMAGraph(model, spec, te.apply_toma(model)).eval()
-    feeds = _feeds(spec, graph, 1, (256, 256))
+    feeds = sample_feeds(spec, graph, 1, (256, 256))
     feeds["encoder_hidden_states"][0, 0, 0] = np.nan
     runner, _ = onnxruntime_runner(meta["onnx"])
     with TorchRunner(graph) as ref, runner:

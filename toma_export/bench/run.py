@@ -220,7 +220,7 @@ def bench_engines(options: BenchOptions, notes: list, progress) -> list:
     from .. import models
     from ..artifacts import DTYPES
     from ..trt.build import BuildOptions, build
-    from ..trt.runner import EngineRunner
+    from ..runtime.tensorrt import EngineRunner
 
     rows = []
     for name in options.models:

@@ -47,15 +47,12 @@ def export_onnx(module: torch.nn.Module, inputs: tuple, path: Path) -> Path:
 def onnxruntime_call(path: Path, inputs: tuple, threads: int):
     """A callable running the file in ONNX Runtime's CPU provider with the given intra-op threads, and the
     first output of one run (for the quality column)."""
-    import onnxruntime as ort
+    from ..runtime.onnxruntime import load_session, session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
     # Each session owns a thread pool whose threads spin after a run; timed round-robin, one session's
     # spinning threads would steal the cores from the next one (short graphs suffer most), so they sleep.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts = session_options(threads, spinning=False, quiet=True)
+    session = load_session(path, opts, ["CPUExecutionProvider"])
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
 
     def run():

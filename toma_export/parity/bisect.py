@@ -46,7 +46,8 @@ class _Levels:
 def onnx_block_outputs(onnx_path: str, blocks: list[str], feeds: dict) -> dict[str, list[np.ndarray]]:
     """Every boundary value of each block's scope, computed by ONNX Runtime."""
     import onnx
-    import onnxruntime as ort
+
+    from ..runtime.onnxruntime import load_session
 
     model = onnx.load(onnx_path)
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -75,7 +76,7 @@ def onnx_block_outputs(onnx_path: str, blocks: list[str], feeds: dict) -> dict[s
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bisect.onnx"
         onnx.save(model, str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = load_session(path, provider_list=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, session.run(None, {k: np.asarray(v) for k, v in feeds.items()})))
     return {b: [values[v] for v in vs if v in values] for b, vs in wanted.items()}

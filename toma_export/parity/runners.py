@@ -11,7 +11,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from ..errors import ArtifactError
+from ..runtime.onnxruntime import load_session, providers
 
 
 class TorchRunner(BaseRunner):
@@ -47,34 +47,26 @@ class TorchRunner(BaseRunner):
 
 def onnxruntime_provider() -> str:
     """The provider sessions will run on: CUDA when onnxruntime-gpu can use it, else CPU."""
-    import onnxruntime as ort
-
-    return next(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers())
+    return providers()[0]
 
 
 def onnxruntime_runner(path: str):
-    """(OnnxrtRunner, provider that will run it); a file ONNX Runtime cannot load is one ArtifactError."""
-    import onnxruntime as ort
+    """(polygraphy OnnxrtRunner over the runtime layer's session, the provider that will run it)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        session = ort.InferenceSession(path, providers=wanted)
-    except Exception as err:     # noqa: BLE001 - onnxruntime raises its own types for a corrupt or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first[:300]}); export it again") from None
+    session = load_session(path)
     return OnnxrtRunner(session, name="onnxruntime"), session.get_providers()[0]
 
 
 class EngineRunnerAdapter(BaseRunner):
-    """A TensorRT engine (toma_export.trt.runner) as a polygraphy runner; needs a CUDA GPU."""
+    """A TensorRT engine (toma_export.runtime.tensorrt) as a polygraphy runner; needs a CUDA GPU."""
 
     def __init__(self, engine_json, name: str = "tensorrt"):
         super().__init__(name=name)
         self.engine_json = engine_json
 
     def activate_impl(self):
-        from ..trt.runner import EngineRunner
+        from ..runtime.tensorrt import EngineRunner
         self.runner = EngineRunner(self.engine_json)
 
     def get_input_metadata_impl(self):

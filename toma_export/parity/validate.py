@@ -13,28 +13,23 @@ that can be saved on one machine and loaded on another, where only the candidate
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import models
 from ..artifacts import DTYPES, Artifact, config_from_section, toma_section
 from ..errors import ArtifactError, UsageError
 from ..onnx import ExportOptions, ToMAGraph, export
-from ..onnx.graph import RECOMPUTE, dst_input, dst_output
-from ..toma.selection import recompute_flag
-from ..toma import ToMAConfig, apply_toma, remove_toma
 from ..resources import default_output
-from .metrics import compare, selection_agreement, tolerance
+from ..toma import ToMAConfig, apply_toma
+from .compare import bisect_step, compare_loop, compare_step, fidelity, selection_step
+from .record import RECORD_FORMAT, load_records, make_record, save_records
 from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_provider, onnxruntime_runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-MIN_OBJECTIVE_RATIO = 0.999   # a candidate's own picks may differ on near-ties, not cover the tile worse
-RECORD_FORMAT = 2          # 2: the full ToMA configuration in the record's metadata
 
 
 @dataclass(frozen=True)
@@ -97,7 +92,7 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
             report["comparisons"] += step
             if options.bisect and reference is not None:
                 report.setdefault("bisect", []).extend(
-                    _bisect(reference, report.get("onnx"), record, options, size, step))
+                    bisect_step(reference, report.get("onnx"), record, options, size, step))
             report["selection"] += selection_step(record, candidates, options, size)
             if options.steps:
                 report["comparisons"] += compare_loop(spec, record, candidates, options, size, config)
@@ -179,190 +174,6 @@ def _graph(spec, config, dtype):
     return ToMAGraph(model, spec, report).eval()
 
 
-def _feeds(spec, graph: ToMAGraph, batch: int, size) -> dict:
-    net = spec.graph_inputs(batch=batch, height=size[0], width=size[1], smooth=True)
-    toma = graph.sample_toma_inputs(net, recompute=True)
-    return {n: t.numpy() for n, t in zip(graph.input_names, [*net.values(), *toma.values()])}
-
-
-def make_record(spec, ref_runner, config, options, size) -> dict:
-    """Everything the candidates are compared against at one size, computed by the fp32 reference."""
-    feeds = _feeds(spec, ref_runner.graph, options.batch, size)
-    step = dict(ref_runner.infer(feeds, check_inputs=False))
-    record = dict(feeds=feeds, step=step,
-                  tiles={g: t.detach().cpu().numpy() for g, t in ref_runner.graph.last_tiles.items()})
-    if options.steps:
-        record["latents"], record["used"] = run_loop(spec, ref_runner, feeds, options.steps, config, "fp32")
-    return record
-
-
-def _cast(feeds: dict, dtype: str, runner) -> dict:
-    """Float inputs in the candidate's dtype (the ONNX file's); torch runners cast for themselves."""
-    if dtype == "fp16" and not isinstance(runner, TorchRunner):
-        return {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
-    return feeds
-
-
-def _entry(kind, backend, size, step, output, ref, cand, options) -> dict:
-    atol, rtol = tolerance(kind, options.dtype, options.atol, options.rtol)
-    stats = compare(ref, cand, atol, rtol)
-    ref_bad = int((~np.isfinite(np.asarray(ref, dtype=np.float64))).sum())
-    if ref_bad:                      # NaN/Inf in the reference: the inputs are bad, not the candidate
-        stats.update(passed=False, reference_nonfinite=ref_bad)
-    return dict(kind=kind, backends=["torch-fp32", backend], size=f"{size[0]}x{size[1]}", step=step, output=output,
-                **stats)
-
-
-def _forced(feeds: dict, outputs: dict) -> dict:
-    """Inputs that make a graph reuse the destinations in `outputs` instead of selecting."""
-    forced = dict(feeds)
-    forced.update({dst_input(n[len("toma_dst_out."):]): np.asarray(v) for n, v in outputs.items()
-                   if n.startswith("toma_dst_out.")})
-    if RECOMPUTE in forced:
-        forced[RECOMPUTE] = recompute_flag(False).numpy()
-    return forced
-
-
-def compare_step(record: dict, candidates: dict, options, size) -> list:
-    """One forward: every candidate gets the reference's destinations (recompute off)."""
-    ref = record["step"]
-    out_name = next(iter(ref))
-    forced = _forced(record["feeds"], ref)
-    entries = []
-    for name, runner in candidates.items():
-        out = runner.infer(_cast(forced, options.dtype, runner), check_inputs=False)
-        entries.append(_entry("step", name, size, 0, out_name, ref[out_name], out[out_name], options))
-    return entries
-
-
-def _bisect(reference, onnx_path, record, options, size, step_entries) -> list:
-    from .bisect import bisect
-
-    failed = [e for e in step_entries if not e["passed"] and e["backends"][1] == "onnxruntime"]
-    if not failed or onnx_path is None:
-        return []
-    _, rtol = tolerance("step", options.dtype, options.atol, options.rtol)
-    result = bisect(reference, onnx_path, _cast(_forced(record["feeds"], record["step"]), options.dtype, None), rtol)
-    return [dict(result, backend="onnxruntime", size=f"{size[0]}x{size[1]}")]
-
-
-def selection_step(record: dict, candidates: dict, options, size) -> list:
-    """Each candidate selects on its own; compare picks and objective with the reference's."""
-    if RECOMPUTE not in record["feeds"]:
-        return []
-    entries = []
-    for name, runner in candidates.items():
-        out = runner.infer(_cast(record["feeds"], options.dtype, runner), check_inputs=False)
-        per_group = {g: selection_agreement(torch.as_tensor(t), record["step"][dst_output(g)], out[dst_output(g)])
-                     for g, t in record["tiles"].items()}
-        identical = float(np.mean([v["identical"] for v in per_group.values()]))
-        ratio = min(v["objective_ratio"] for v in per_group.values())
-        entries.append(dict(backend=name, size=f"{size[0]}x{size[1]}", identical=identical, objective_ratio=ratio,
-                            min_objective_ratio=MIN_OBJECTIVE_RATIO, passed=bool(ratio >= MIN_OBJECTIVE_RATIO),
-                            groups=per_group))
-    return entries
-
-
-def run_loop(spec, runner, feeds: dict, steps: int, config: ToMAConfig | None, dtype: str,
-             forced: list | None = None):
-    """A denoising loop on one runner: the latents after every step and the destinations each step used.
-    Every step runs the ToMA graph, refreshing destinations by the config's rule; with `forced`, step i
-    reuses forced[i] instead of selecting."""
-    every_step = replace(config, merge_steps=None) if config else None
-    scheduler = spec.scheduler()
-    scheduler.set_timesteps(steps)
-    latent = torch.as_tensor(feeds[spec.latent_input]).float() * getattr(scheduler, "init_noise_sigma", 1.0)
-    state = {k: torch.as_tensor(v) for k, v in feeds.items()}
-    dst = {k: v for k, v in state.items() if k.startswith("toma_dst.")}
-    latents, used = [], []
-    for i, t in enumerate(scheduler.timesteps):
-        feed = spec.step_inputs(state, scheduler, latent, t)
-        if RECOMPUTE in feed:
-            feed.update({k: torch.as_tensor(v) for k, v in forced[i].items()} if forced else dst)
-            feed[RECOMPUTE] = recompute_flag(forced is None and (every_step is None or every_step.refreshes_at(i)))
-        out = runner.infer(_cast({k: v.numpy() for k, v in feed.items()}, dtype, runner), check_inputs=False)
-        names = list(out)
-        noise = torch.as_tensor(np.asarray(out[names[0]], dtype=np.float32)).reshape(latent.shape)
-        dst = {dst_input(n[len("toma_dst_out."):]): torch.as_tensor(np.asarray(out[n])) for n in names[1:]}
-        used.append({k: v.numpy() for k, v in dst.items()})
-        latent = scheduler.step(noise, t, latent).prev_sample
-        latents.append(latent.numpy().copy())
-    return latents, used
-
-
-def compare_loop(spec, record, candidates, options, size, config) -> list:
-    entries = []
-    for name, runner in candidates.items():
-        latents, _ = run_loop(spec, runner, record["feeds"], options.steps, config, options.dtype,
-                              forced=record["used"])
-        for i, (r, c) in enumerate(zip(record["latents"], latents)):
-            entries.append(_entry("loop", name, size, i, "latents", r, c, options))
-    return entries
-
-
-def fidelity(spec, ref_runner, record, options, size, config) -> dict:
-    """What merging itself costs: the reference loop against the same loop without ToMA."""
-    model = ref_runner.graph.model
-    remove_toma(model)               # the same weights, unpatched for this loop (no second copy in memory)
-    try:
-        plain = TorchRunner(ToMAGraph(model, spec, None), name="torch-fp32-no-toma")
-        with plain:
-            feeds = {k: v for k, v in record["feeds"].items() if k in plain.graph.input_names}
-            base, _ = run_loop(spec, plain, feeds, options.steps, None, "fp32")
-    finally:
-        apply_toma(model, config)
-    final = compare(base[-1], record["latents"][-1], 0.0, 0.0)
-    return dict(size=f"{size[0]}x{size[1]}", steps=options.steps, compared="torch ToMA vs torch without ToMA",
-                max_abs=final["max_abs"], cosine=final["cosine"],
-                relative_l2=float(np.linalg.norm(record["latents"][-1] - base[-1]) /
-                                  max(np.linalg.norm(base[-1]), 1e-30)))
-
-
-def save_records(path, records: list, meta: dict) -> None:
-    """Reference records as one .npz (written under a temporary name, then renamed)."""
-    flat = {"meta": np.array(json.dumps(meta))}
-    for i, rec in enumerate(records):
-        for part in ("feeds", "step", "tiles"):
-            flat.update({f"{i}/{part}/{k}": np.asarray(v) for k, v in rec[part].items()})
-        for s, latent in enumerate(rec.get("latents", [])):
-            flat[f"{i}/latents/{s}"] = latent
-            flat.update({f"{i}/used/{s}/{k}": v for k, v in rec["used"][s].items()})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **flat)
-    tmp.replace(path)
-
-
-def load_records(path) -> dict:
-    try:
-        data = np.load(path, allow_pickle=False)
-        meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise ArtifactError(f"{path} is not a toma-export reference file ({err}); make one with --save-reference") from None
-    if meta.get("format") != RECORD_FORMAT:
-        raise ArtifactError(f"{path} has reference format {meta.get('format')}, this toolkit reads {RECORD_FORMAT}; "
-                         "save the reference again with this version")
-    records = []
-    for i in range(len(meta["sizes"])):
-        rec = {part: {} for part in ("feeds", "step", "tiles")}
-        rec["latents"], rec["used"] = [None] * meta["steps"], [dict() for _ in range(meta["steps"])]
-        for key in data.files:
-            head, _, rest = key.partition("/")
-            if head != str(i):
-                continue
-            part, _, name = rest.partition("/")
-            if part in rec and part not in ("latents", "used"):
-                rec[part][name] = data[key]
-            elif part == "latents":
-                rec["latents"][int(name)] = data[key]
-            elif part == "used":
-                s, _, tensor = name.partition("/")
-                rec["used"][int(s)][tensor] = data[key]
-        rec["step"] = {k: rec["step"][k] for k in sorted(rec["step"], key=lambda n: n.startswith("toma_dst_out."))}
-        records.append(rec)
-    return dict(meta=meta, records=records)
-
-
 def _tensorrt_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (TensorRT engines run only on one)"
@@ -379,72 +190,3 @@ def _build_engine(model, config, options, progress) -> str:
 
     meta = build(model, config, options.output_dir, BuildOptions(dtype=options.dtype), progress=progress)
     return str(Path(meta["engine"]).with_name("engine.json"))
-
-
-def table(report: dict) -> str:
-    """The human-readable verdict."""
-    lines = [f"reference: {report['reference']}",
-             f"{'comparison':<34} {'size':>9} {'step':>4} {'max abs':>10} {'p99 abs':>10} {'cosine':>9} "
-             f"{'tolerance':>10}  result"]
-    for c in report["comparisons"]:
-        p99 = f"{c['p99_abs']:.3g}" if c["p99_abs"] is not None else "-"
-        verdict = "ok" if c["passed"] else ("FAIL" + (f" (NaN {c['nan']}, Inf {c['inf']})" if c["nan"] or c["inf"]
-                                                      else ""))
-        lines.append(f"{' vs '.join(c['backends']) + ' ' + c['kind']:<34} {c['size']:>9} {c['step']:>4} "
-                     f"{c['max_abs']:>10.3g} {p99:>10} {c['cosine']:>9.6f} {c['tolerance']:>10.3g}  {verdict}")
-    for s in report["selection"]:
-        lines.append(f"selection {s['backend']:<24} {s['size']:>9}  identical picks {s['identical']:.1%}, objective "
-                     f"ratio {s['objective_ratio']:.6f} (>= {s['min_objective_ratio']})  "
-                     f"{'ok' if s['passed'] else 'FAIL'}")
-    for f in report["fidelity"]:
-        lines.append(f"ToMA fidelity {f['size']}, {f['steps']} steps: final latents {f['relative_l2']:.2%} relative L2 "
-                     f"from the model without ToMA (cosine {f['cosine']:.4f}); reported, not judged")
-    for b in report.get("bisect", []):
-        lines.append(f"bisect {b['backend']} {b['size']}: first block out of tolerance: "
-                     f"{b['first_failing_block'] or 'none (the error comes after the transformer blocks)'}")
-    for backend, reason in report["skipped"].items():
-        lines.append(f"{backend}: skipped ({reason})")
-    if report.get("nothing_compared"):
-        lines.append(f"nothing compared: {report['nothing_compared']}")
-    lines.append("PASSED" if report["passed"] else "FAILED")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, folder) -> list[str]:
-    """report.json, report.txt and errors.png (error per step per backend) in `folder`; returns the files."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
-    (folder / "report.txt").write_text(table(report) + "\n")
-    files = [str(folder / "report.json"), str(folder / "report.txt")]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return files
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series = {}
-    for c in report["comparisons"]:
-        if c["kind"] == "loop":
-            series.setdefault((c["backends"][1], c["size"]), []).append((c["step"], c["max_abs"] / max(c["scale"], 1e-30)))
-    for (backend, size), points in sorted(series.items()):
-        steps, errs = zip(*sorted(points))
-        ax.semilogy(steps, [max(e, 1e-12) for e in errs], marker="o", label=f"{backend} {size}")
-    step_errs = [(c["backends"][1], c["size"], c["max_abs"] / max(c["scale"], 1e-30))
-                 for c in report["comparisons"] if c["kind"] == "step"]
-    for backend, size, err in step_errs:
-        if (backend, size) not in series:
-            ax.semilogy([0], [max(err, 1e-12)], marker="s", label=f"{backend} {size} (one step)")
-    from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("denoising step")
-    ax.set_ylabel("max |candidate - reference| / max |reference|")
-    ax.set_title(f"{report['model']} {report['dtype']}: error against the fp32 PyTorch reference")
-    ax.grid(True, which="both", alpha=0.3)
-    if series or step_errs:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "errors.png", dpi=100)
-    plt.close(fig)
-    return files + [str(folder / "errors.png")]

@@ -1,5 +1,5 @@
 """What a merge-step schedule costs in memory on ONNX Runtime: the ToMA session alone, ToMA + baseline
-sessions each holding its own weights, and both sessions sharing one copy (ort_backend.shared_options).
+sessions each holding its own weights, and both sessions sharing one copy (runtime.onnxruntime.shared_options).
 
 Each configuration is measured in a fresh process (RSS after `malloc_trim`, before and after creating
 the sessions, then after one run of each), so allocator state from one never flatters another.
@@ -16,6 +16,7 @@ import sys
 
 from ..errors import UsageError
 
+CPU = ["CPUExecutionProvider"]
 MODES = {
     "toma": "ToMA session alone (ORT defaults)",
     "separate": "ToMA + baseline, separate weights (ORT defaults)",
@@ -55,21 +56,20 @@ def child(mode: str, toma: str, baseline: str) -> dict:
     """One measurement, in this process."""
     import onnx  # noqa: F401  (imported before the first reading: sharing parses the files with it)
     import onnx.numpy_helper  # noqa: F401
-    import onnxruntime as ort
 
-    from .ort_backend import lean_options, shared_options
+    from ..runtime.onnxruntime import lean_options, load_session, session_options, shared_options
 
     before = _rss_mib()
     if mode == "toma":
-        sessions = [ort.InferenceSession(toma)]
+        sessions = [load_session(toma, session_options(), CPU)]
     elif mode == "separate":
-        sessions = [ort.InferenceSession(toma), ort.InferenceSession(baseline)]
+        sessions = [load_session(toma, session_options(), CPU), load_session(baseline, session_options(), CPU)]
     else:
         if mode == "shared":
             so_toma, so_base, _ = shared_options(toma, baseline)
         else:
             so_toma, so_base = lean_options(), lean_options()
-        sessions = [ort.InferenceSession(toma, so_toma), ort.InferenceSession(baseline, so_base)]
+        sessions = [load_session(toma, so_toma, CPU), load_session(baseline, so_base, CPU)]
     created = _rss_mib()
     for s in sessions:
         s.run(None, _feeds(s))

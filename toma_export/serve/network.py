@@ -67,13 +67,13 @@ class ServedNetwork(torch.nn.Module):
         self.backend = artifact.kind
         self.sharing = None
         if self.backend == "onnx":
-            from .ort_backend import open_graphs
+            from ..runtime.onnxruntime import open_pair
 
-            self.toma_graph, self.baseline_graph, self.sharing = open_graphs(
+            self.toma_graph, self.baseline_graph, self.sharing = open_pair(
                 toma.path if toma else None, baseline.path if baseline else None, share=share_weights)
             self._device = torch.device("cpu")
         else:
-            from .trt_backend import EngineGraph
+            from ..runtime.tensorrt import EngineGraph
 
             self.toma_graph = EngineGraph(toma.path, cuda_graphs) if toma else None
             self.baseline_graph = EngineGraph(baseline.path, cuda_graphs) if baseline else None

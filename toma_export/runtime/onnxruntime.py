@@ -1,5 +1,5 @@
-"""ONNX Runtime backend: the ToMA session, the optional baseline session holding the same weights once,
-and I/O buffers bound once per input signature.
+"""ONNX Runtime: sessions from a file with the toolkit's options, the ToMA and baseline sessions holding the
+same weights once, and runners whose I/O buffers are bound once per input signature.
 
 Why sharing works, and how: the ToMA and the baseline export wrap the same module through ToMAGraph, so
 their weights are the same tensors. Names do not always match (the exporter's optimizer folds e.g. the
@@ -21,16 +21,43 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import ArtifactError, UsageError
 
 log = logging.getLogger("toma_export")
 MIN_SHARED_BYTES = 1024          # small constants (shapes, scalars) are left to each session
 
 
 def providers() -> list[str]:
+    """CUDA first where onnxruntime-gpu can use it, then CPU."""
     import onnxruntime as ort
 
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+
+
+def session_options(threads: int | None = None, spinning: bool = True, quiet: bool = False):
+    """SessionOptions with `threads` intra-op threads (one inter-op); spinning=False lets idle pool threads
+    sleep, so sessions timed in turn do not steal each other's cores; quiet drops ORT's warnings."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if quiet:
+        so.log_severity_level = 3
+    return so
+
+
+def load_session(path, options=None, provider_list=None):
+    """The one place a session is created: a file ONNX Runtime cannot load is one ArtifactError."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=provider_list or providers())
+    except Exception as err:     # noqa: BLE001 - onnxruntime raises its own types for a corrupt or foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first[:300]}); export it again") from None
 
 
 @dataclass
@@ -101,7 +128,7 @@ def shared_options(toma_path, baseline_path):
     return options[0], options[1], sharing
 
 
-class OrtGraph:
+class OrtRunner:
     """One session; inputs and outputs live in numpy buffers bound once per input signature (IOBinding),
     so a denoising loop at one size allocates nothing per step besides the returned copies."""
 
@@ -149,17 +176,13 @@ class OrtGraph:
         return binding, in_bufs, out_bufs
 
 
-def open_graphs(toma_path, baseline_path=None, share: bool = True, provider_list=None):
-    """(toma OrtGraph or None, baseline OrtGraph or None, Sharing or None)."""
-    import onnxruntime as ort
-
-    provider_list = provider_list or providers()
+def open_pair(toma_path, baseline_path=None, share: bool = True, provider_list=None):
+    """(toma OrtRunner or None, baseline OrtRunner or None, Sharing or None)."""
     if toma_path and baseline_path and share:
         so_toma, so_base, sharing = shared_options(toma_path, baseline_path)
         log.info("onnxruntime: %s", sharing.summary())
     else:
-        so_toma, so_base, sharing = ort.SessionOptions(), ort.SessionOptions(), None
-    toma = OrtGraph(ort.InferenceSession(str(toma_path), so_toma, providers=provider_list)) if toma_path else None
-    base = (OrtGraph(ort.InferenceSession(str(baseline_path), so_base, providers=provider_list))
-            if baseline_path else None)
+        so_toma, so_base, sharing = session_options(), session_options(), None
+    toma = OrtRunner(load_session(toma_path, so_toma, provider_list)) if toma_path else None
+    base = OrtRunner(load_session(baseline_path, so_base, provider_list)) if baseline_path else None
     return toma, base, sharing
