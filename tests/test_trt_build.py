@@ -2,6 +2,7 @@
 every exported graph (the selection body inlined) and the builder must write an engine."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -97,6 +98,7 @@ def test_engine_from_another_version_is_refused(artifacts, dynamic_export, tmp_p
     meta = build("flux-tiny", te.ToMAConfig(), artifacts, RTX, **quiet)
     info = json.loads(open(meta["engine"].replace("engine.plan", "engine.json")).read())
     stale = tmp_path / "engine.json"
+    shutil.copy(meta["engine"], tmp_path / "engine.plan")        # a complete engine folder, but stale metadata
     stale.write_text(json.dumps(dict(info, backend_version="1.0.0.1")))
     with pytest.raises(EngineMismatch, match=r"built by tensorrt-rtx 1.0.0.1 but 1.7.* is installed; rebuild"):
         check_engine(stale)

@@ -58,7 +58,10 @@ def test_wheel_installs_and_builds_an_engine_outside_the_checkout(tmp_path):
     run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel)
     # Only now the running environment's packages: pip must not see (or try to replace) its toma-export.
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
-    paths = [p for p in sys.path if p and Path(p).is_dir() and not Path(p).resolve().is_relative_to(ROOT)]
+    # not the checkout's sources (its root, tests/), but its .venv, where `make test` keeps the packages
+    prefix = Path(sys.prefix).resolve()
+    paths = [p for p in sys.path if p and Path(p).is_dir() and (not Path(p).resolve().is_relative_to(ROOT)
+                                                                or Path(p).resolve().is_relative_to(prefix))]
     (site / "running_env.pth").write_text("\n".join(paths) + "\n")
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOMA_EXPORT_OUTPUT")}

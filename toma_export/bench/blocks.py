@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .. import families
 from ..errors import UsageError
 from ..toma import ToMAConfig
-from ..toma import flux as toma_flux, sdxl as toma_sdxl
 from ..toma.merge import TileMerge
 from ..toma.patch import _swapped
 from ..toma.selection import select_or_reuse
@@ -23,7 +24,6 @@ from ..toma.state import GraphDestinations, ToMAState
 from ..toma.tiles import destinations_per_tile, fold
 
 GROUP = "block"
-FLUX_WIDTH = 3072          # FLUX.1's real width (24 heads of 128)
 
 
 @dataclass
@@ -38,6 +38,7 @@ class BlockCase:
     mixin: type                  # the ToMA patch class swapped in front of the block's class
     merge_pairs: int             # merge/unmerge pairs per call with the default sublayers
     extra: dict                  # constant per-call tensors the forward needs besides inputs (RoPE tables)
+    call: Callable               # call(block, net holding `extra` as buffers, *inputs) -> one output tensor
 
     def baseline(self) -> torch.nn.Module:
         return _Net(self, copy.deepcopy(self.block))
@@ -50,49 +51,13 @@ class BlockCase:
 
 
 def sdxl_block(grid: int = 64, seed: int = 0) -> BlockCase:
-    """SDXL's 64x64-level BasicTransformerBlock: width 640, 10 heads of 64, GEGLU, text over 77 x 2048
-    (`grid` other than 64 only to make quick runs quicker)."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        block = BasicTransformerBlock(640, 10, 64, cross_attention_dim=2048, activation_fn="geglu",
-                                      norm_type="layer_norm").eval()
-        inputs = dict(hidden_states=_smooth((1, grid, grid, 640)).flatten(1, 2), context=torch.randn(1, 77, 2048))
-    return BlockCase(f"sdxl-block-{grid}x{grid}", f"SDXL BasicTransformerBlock, {grid}x{grid} level ({grid * grid} "
-                     "tokens, width 640, 10 heads, cross-attention 77x2048)", block, inputs, (grid, grid),
-                     toma_sdxl._Block, 3, {})
+    """SDXL's 64x64-level BasicTransformerBlock (the family's bench block)."""
+    return BlockCase(**families.sdxl.bench_block(grid=grid, seed=seed))
 
 
 def flux_single_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 0) -> BlockCase:
-    """FLUX single-stream block at 1024x1024 px: 4096 image + 512 text tokens, heads of 128 as in FLUX.1;
-    `width` below 3072 keeps the real head size and token counts with fewer heads."""
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock
-
-    if width % 128:
-        raise UsageError(f"the FLUX block width must be a multiple of the 128-wide heads, got {width}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        block = FluxSingleTransformerBlock(width, width // 128, 128).eval()
-        inputs = dict(hidden_states=_smooth((1, grid, grid, width)).flatten(1, 2), text=torch.randn(1, text, width),
-                      temb=torch.randn(1, width))
-    ids = torch.zeros(text + grid * grid, 3)
-    ids[text:, 1] = torch.arange(grid).repeat_interleave(grid)
-    ids[text:, 2] = torch.arange(grid).repeat(grid)
-    cos, sin = FluxPosEmbed(10000, [16, 56, 56])(ids)
-    share = "" if width == FLUX_WIDTH else f", {width / FLUX_WIDTH:.3g} of FLUX.1's width 3072"
-    return BlockCase("flux-single-block", f"FLUX single-stream block ({grid * grid} image + {text} text tokens, "
-                     f"width {width}, {width // 128} heads of 128{share})", block, inputs, (grid, grid),
-                     toma_flux._SingleBlock, 1, dict(cos=cos.float(), sin=sin.float()))
-
-
-def _smooth(shape) -> torch.Tensor:
-    """Spatially correlated features (B, H, W, C), like a latent's: a coarse random field upsampled plus
-    noise, so the selection sees structure rather than white noise."""
-    b, h, w, c = shape
-    coarse = torch.randn(b, c, h // 8, w // 8)
-    field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    return (field + 0.1 * torch.randn(b, c, h, w)).permute(0, 2, 3, 1).contiguous()
+    """A FLUX single-stream block at 1024x1024 px token counts (the family's bench block)."""
+    return BlockCase(**families.flux.bench_block(width=width, grid=grid, text=text, seed=seed))
 
 
 class _Net(torch.nn.Module):
@@ -100,17 +65,12 @@ class _Net(torch.nn.Module):
 
     def __init__(self, case: BlockCase, block: torch.nn.Module):
         super().__init__()
-        self.block, self.family = block, case.name.split("-")[0]
+        self.block, self.call = block, case.call
         for name, tensor in case.extra.items():
             self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, *inputs):
-        if self.family == "sdxl":
-            hidden, context = inputs
-            return self.block(hidden, encoder_hidden_states=context)
-        image, text, temb = inputs
-        text_out, image_out = self.block(image, text, temb, image_rotary_emb=(self.cos, self.sin))
-        return torch.cat([text_out, image_out], dim=1)
+        return self.call(self.block, self, *inputs)
 
 
 class _ToMANet(_Net):
@@ -156,6 +116,11 @@ class _MergeOnly(torch.nn.Module):
         return out
 
 
+def tomesd_supports(case: BlockCase) -> bool:
+    """tomesd patches diffusers' UNet BasicTransformerBlock only."""
+    return type(getattr(case, "block", None)).__name__ == "BasicTransformerBlock"
+
+
 def tomesd_net(case: BlockCase, **kwargs) -> torch.nn.Module:
     """tomesd's patch (its defaults unless kwargs say otherwise) on a copy of the SDXL block.
 
@@ -166,7 +131,7 @@ def tomesd_net(case: BlockCase, **kwargs) -> torch.nn.Module:
     import tomesd
     from diffusers import ModelMixin
 
-    if not case.name.startswith("sdxl"):
+    if not tomesd_supports(case):
         raise UsageError("tomesd patches UNet BasicTransformerBlocks only; it has no FLUX support")
     host = ModelMixin()               # tomesd.apply_patch looks for 'ModelMixin' among the class names
     host.block = copy.deepcopy(case.block)

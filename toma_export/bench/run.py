@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..errors import UsageError
 from ..onnx.graph import RECOMPUTE
 from ..toma import ToMAConfig
@@ -81,7 +82,7 @@ def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
 
 
 def _cases(options: BenchOptions):
-    width = options.flux_width or (blocks.FLUX_WIDTH if options.device == "cuda" else 1536)
+    width = options.flux_width or (families.flux.FLUX_WIDTH if options.device == "cuda" else 1536)
     if "sdxl" in options.blocks:
         yield blocks.sdxl_block(options.grid)
     if "flux" in options.blocks:
@@ -99,7 +100,7 @@ def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes:
         config = ToMAConfig(ratio=r)
         modules[f"toma@{r}"] = case.toma(config)
         modules[f"overhead@{r}"] = case.overhead(config)
-    peer = options.peer and case.name.startswith("sdxl")
+    peer = options.peer and blocks.tomesd_supports(case)
     if peer:
         modules["tomesd@0.5"] = blocks.tomesd_net(case)
     inputs = tuple(case.inputs.values())
@@ -194,7 +195,7 @@ def bench_selection(options: BenchOptions, progress) -> list:
     from ..toma.tiles import destinations_per_tile
 
     rows = []
-    for width in (640, options.flux_width or blocks.FLUX_WIDTH):
+    for width in (640, options.flux_width or families.flux.FLUX_WIDTH):
         x = torch.randn(options.grid * options.grid // 16, 16, width, device="cuda", dtype=torch.float16)
         d = destinations_per_tile((4, 4), 0.5)
         progress(f"[bench] selection of {x.shape[0]} tiles, width {width}: Triton vs PyTorch")

@@ -1,19 +1,18 @@
-"""Model registry: `get(name)` -> a spec with `.load()` and `.sample_inputs()`.
+"""Model registry: `get(name)` -> the family spec with `.load()` and `.sample_inputs()`.
 
 Names: flux, sdxl (hub id, weights needed), flux-tiny, sdxl-tiny (random init from config), or a path to a
-local diffusers folder (pipeline folder, or the transformer / unet folder itself).
+local diffusers folder (pipeline folder, or the transformer / unet folder itself), whose family is read
+off its config's class name.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from . import flux, sdxl
 from ..errors import UsageError
-from .spec import ModelNotAvailable, ModelSpec, read_config
+from ..families import FAMILIES, ModelNotAvailable, ModelSpec, read_config, specs
 
-_SPECS = {**flux.specs(), **sdxl.specs()}
-_FAMILY_BY_CLASS = {"FluxTransformer2DModel": "flux", "UNet2DConditionModel": "sdxl"}
+_SPECS = specs()
 
 
 def names() -> list[str]:
@@ -26,21 +25,17 @@ def get(name: str) -> ModelSpec:
         return _SPECS[name]
     path = Path(name).expanduser()
     if path.is_dir():
-        for family in ("flux", "sdxl"):
+        for family, module in FAMILIES.items():
             base = _SPECS[family]
             config = read_config(path, base.subfolder)
-            if config and _FAMILY_BY_CLASS.get(config.get("_class_name")) == family:
-                return replace(base, name=str(path), source=str(path), config={**base.config, **_dims(config)})
-        raise UsageError(f"{name}: no FLUX transformer or SDXL UNet config found (expected transformer/config.json "
-                         "or unet/config.json in a diffusers folder)")
+            if config and config.get("_class_name") == module.NETWORK_CLASS:
+                dims = {k: config[k] for k in module.CONFIG_KEYS if k in config}
+                return replace(base, name=str(path), source=str(path), config={**base.config, **dims})
+        expected = " or ".join(f"{_SPECS[f].subfolder}/config.json" for f in FAMILIES)
+        raise UsageError(f"{name}: no {' or '.join(m.LABEL for m in FAMILIES.values())} config found "
+                         f"(expected {expected} in a diffusers folder)")
     raise UsageError(f"unknown model {name!r}: not a registered name ({', '.join(_SPECS)}) nor an existing "
                      "local diffusers folder")
-
-
-def _dims(config: dict) -> dict:
-    keys = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "cross_attention_dim",
-            "projection_class_embeddings_input_dim", "addition_time_embed_dim", "down_block_types")
-    return {k: config[k] for k in keys if k in config}
 
 
 __all__ = ["get", "names", "ModelSpec", "ModelNotAvailable"]

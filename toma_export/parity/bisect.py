@@ -19,10 +19,10 @@ from .metrics import compare
 
 def torch_block_outputs(graph, feeds: dict) -> list[tuple[str, np.ndarray]]:
     """(block name, image-token output) for every transformer block, in the order they ran."""
-    from ..toma.patch import _FAMILIES
+    from ..families import FAMILIES
 
     model = graph.model
-    family = next(m for m in _FAMILIES.values() if m.supports(model))
+    family = next(m for m in FAMILIES.values() if m.supports(model))
     seen: list = []
     handles = []
     for name, block, *_ in family.candidates(model, _Levels()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-_NAMES = {"load_network": "families", "ServedNetwork": "network",
+_NAMES = {"load_network": "network", "ServedNetwork": "network",
           "DestinationSchedule": "schedule", "load_pipeline": "pipeline", "attach": "pipeline",
           "serving_artifacts": "pipeline", "best_backend": "pipeline"}
 __all__ = list(_NAMES)

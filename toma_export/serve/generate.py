@@ -46,7 +46,7 @@ def generate(args: GenerateRequest, progress) -> dict:
     transformers_logging.set_verbosity_error()
 
     from .. import models
-    from .families import load_network
+    from .network import load_network
     from .pipeline import attach, best_backend, load_pipeline, serving_artifacts
 
     torch.set_grad_enabled(False)

@@ -2,7 +2,7 @@
 
 Why a module and not a callback: diffusers pipelines read their network as a model (config, dtype,
 device, `cache_context`, `return_dict`), so the drop-in is a parameter-free torch module that answers
-those and turns each call into the graph's input layout (families.py), checks the shapes against what the
+those and turns each call into the graph's input layout (the family's served_call), checks the shapes against what the
 artifact covers, runs the ToMA graph or, on steps the schedule leaves unmerged, the baseline graph, and
 carries the destinations between steps (schedule.py). Weights live in the runtime, not in torch.
 """
@@ -18,7 +18,7 @@ import torch
 from .. import models
 from ..artifacts import Artifact
 from ..errors import UsageError
-from ..models.spec import read_config
+from ..families import read_config
 from ..onnx.graph import call_grid, dst_shapes
 from .schedule import DestinationSchedule
 
@@ -47,7 +47,7 @@ def network_config(spec) -> dict:
 
 
 class ServedNetwork(torch.nn.Module):
-    """Base of FluxNetwork / SdxlNetwork; build one with `load_network`."""
+    """pipe.transformer / pipe.unet for any family; build one with `load_network`."""
 
     def __init__(self, artifact: Artifact, baseline: Artifact | None = None, share_weights: bool = True,
                  cuda_graphs: bool = True, schedule=None):
@@ -79,6 +79,8 @@ class ServedNetwork(torch.nn.Module):
             self.baseline_graph = EngineGraph(baseline.path, cuda_graphs) if baseline else None
             self._device = torch.device("cuda")
         self.config = network_config(self.spec)
+        for name, value in self.spec.network_attributes(self.config).items():
+            setattr(self, name, value)
         self.calls = {"toma": 0, "baseline": 0, "recompute": 0}
         self.timings: list[tuple[int, float]] = []      # (step, seconds) per call
 
@@ -107,6 +109,11 @@ class ServedNetwork(torch.nn.Module):
         self.schedule.reset()
 
     # -- one call --
+    def forward(self, *args, **kwargs):
+        """The diffusers model's call: the family maps it to graph inputs and the result back."""
+        net, timestep, pixels, finish = self.spec.served_call(self.config, *args, **kwargs)
+        return finish(self.run_graph(net, timestep, pixels))
+
     def run_graph(self, net: dict, timestep, pixels: tuple[int, int]) -> torch.Tensor:
         """Run the graph that this step's schedule asks for on graph-layout network inputs."""
         t0 = time.perf_counter()
@@ -153,3 +160,16 @@ def _check_pair(toma: Artifact, baseline: Artifact) -> None:
         if toma.meta.get(key) != baseline.meta.get(key):
             raise UsageError(f"{baseline.name} does not pair with {toma.name}: {key} {baseline.meta.get(key)!r} vs "
                              f"{toma.meta.get(key)!r}; export both with the same options")
+
+
+def load_network(artifact, baseline=None, share_weights: bool = True, cuda_graphs: bool = True,
+                 schedule=None) -> ServedNetwork:
+    """The drop-in for an exported model.onnx / built engine.json (paths or Artifacts). `baseline`: the same
+    model exported or built without ToMA, needed when the ToMA schedule leaves steps unmerged. `schedule`: a
+    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file)."""
+    artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    baseline = baseline if baseline is None or isinstance(baseline, Artifact) else Artifact.load(baseline)
+    if baseline is not None and baseline.kind != artifact.kind:
+        raise UsageError(f"{baseline.name} is an {baseline.kind} artifact but {artifact.name} is an {artifact.kind} "
+                         "one; serve both through the same backend")
+    return ServedNetwork(artifact, baseline, share_weights, cuda_graphs, schedule)

@@ -12,14 +12,25 @@ from typing import NamedTuple
 
 import torch
 
-from . import flux, sdxl
 from ..errors import UsageError
 from .config import ToMAConfig
 from .state import ToMAState
 
 log = logging.getLogger("toma_export")
-_FAMILIES = {"flux": flux, "sdxl": sdxl}
+_FAMILIES: dict = {}          # name -> patch hooks (supports, candidates, check_block, install_hooks)
 _SWAPPED: dict = {}
+
+
+def register_family(name: str, hooks) -> None:
+    """Make a model family patchable: `hooks` answers supports(model), candidates(model, config),
+    check_block(name, block, config) and install_hooks(model, state, groups). toma_export.families
+    registers each family once, when the package is imported."""
+    _FAMILIES[name] = hooks
+
+
+def families() -> dict:
+    """The registered families' patch hooks, by name."""
+    return dict(_FAMILIES)
 
 
 class Candidate(NamedTuple):

@@ -1,5 +1,7 @@
-"""ModelSpec: one object per network (as in NVIDIA's demo/Diffusion): how to load it, its default size,
-and sample inputs in the layout its forward takes."""
+"""ModelSpec: the base of the family objects. One spec per registered network (flux, flux-tiny, a local
+folder): how to load it, its sizes, its exported graph's I/O and sample inputs, its denoising loop, its
+pipeline, and how a pipeline's call of the network becomes the graph's inputs. The family modules
+(flux.py, sdxl.py) subclass it and add the ToMA patch hooks and the benchmark block."""
 from __future__ import annotations
 
 import json
@@ -35,10 +37,9 @@ class ModelSpec:
     pixels_per_cell = 16
     output_name = "noise_pred"
     grid_is_input = False   # the graph's spatial input is the token grid itself (FLUX); else hooks read theirs
-    # Serving: the diffusers pipeline around the network (which it keeps under `subfolder`), the drop-in
-    # class of toma_export.serve.families, and the default guidance scale.
+    # Serving: the diffusers pipeline around the network (which it keeps under `subfolder`) and the
+    # default guidance scale.
     pipeline_class = ""
-    network_class = ""
     default_guidance = 1.0
 
     def cfg_batch(self, guidance: float) -> int:
@@ -52,6 +53,16 @@ class ModelSpec:
     def tiny_parts(self, seed: int = 0) -> dict:
         """The pipeline's random parts besides the network and scheduler (tiny models only)."""
         raise NotImplementedError
+
+    def served_call(self, config: dict, *args, **kwargs):
+        """A pipeline's call of the network (the diffusers model's signature) -> (graph inputs, timestep,
+        pixel size, finish): finish turns the graph's output into what the diffusers model returns.
+        Arguments an exported graph cannot honour are refused by name."""
+        raise NotImplementedError
+
+    def network_attributes(self, config: dict) -> dict:
+        """Attributes the pipeline reads off its network besides config, dtype and device."""
+        return {}
 
     @property
     def model_cls(self):
@@ -143,6 +154,37 @@ def noise(shape, generator, smooth: bool, dtype) -> torch.Tensor:
     b, c, h, w = shape
     coarse = torch.randn((b, c, max(1, h // 4), max(1, w // 4)), generator=generator)
     return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).to(dtype)
+
+
+def smooth_tokens(shape) -> torch.Tensor:
+    """Spatially correlated features (B, H, W, C), like a latent's: a coarse random field upsampled plus
+    noise, so a benchmarked selection sees structure rather than white noise."""
+    b, h, w, c = shape
+    coarse = torch.randn(b, c, h // 8, w // 8)
+    field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (field + 0.1 * torch.randn(b, c, h, w)).permute(0, 2, 3, 1).contiguous()
+
+
+def refuse(**kwargs) -> None:
+    """One line naming the call arguments an exported graph cannot honour."""
+    used = [k for k, v in kwargs.items() if v is not None and not (isinstance(v, dict) and not v)]
+    if used:
+        raise UsageError(f"exported graphs take no {', '.join(used)}; run the PyTorch model for those features")
+
+
+def per_sample(value, batch: int) -> torch.Tensor:
+    """A scalar or per-sample value (timestep, guidance) as one value per sample."""
+    t = torch.as_tensor(value).reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
+def model_output(sample: torch.Tensor, return_dict: bool, module: str, cls: str):
+    """What the diffusers model returns: a tuple, or its output dataclass."""
+    if not return_dict:
+        return (sample,)
+    import importlib
+
+    return getattr(importlib.import_module(module), cls)(sample=sample)
 
 
 def read_config(folder: Path, subfolder: str) -> dict | None:

@@ -1,0 +1,370 @@
+"""FLUX.1 (FluxTransformer2DModel): everything the toolkit knows about this family, in one module.
+
+The spec (FLUX.1-dev and a tiny random model with the same block structure): loading, sizes, the exported
+graph's layout and sample inputs, the flow-matching loop, the pipeline and how its call of the transformer
+becomes the graph's inputs. Then the ToMA patch hooks, and the single-stream block the benchmark times.
+
+ToMA on FLUX: double-stream blocks merge the image tokens inside attention only: the text stream and the image MLP stay
+at full resolution, text queries see merged image keys/values. Single-stream blocks run attention, the
+parallel MLP and proj_out on [text; merged image] and unmerge before gate and residual. A merged token
+takes the RoPE position of its destination, so each batch element gets its own rotary table; that is why
+the joint attention is computed here rather than by the module's processor (which takes one table).
+Unmerging after to_out/proj_out instead of before is exact: the unmerge rows sum to one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+from ..errors import UsageError
+from .spec import ModelSpec, model_output, noise, per_sample, refuse, smooth_tokens
+
+NETWORK_CLASS, LABEL = "FluxTransformer2DModel", "FLUX transformer"
+# config fields the spec relies on, read from a local folder's config.json
+CONFIG_KEYS = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+FLUX_WIDTH = 3072          # FLUX.1's real width (24 heads of 128)
+
+TINY = dict(patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6))
+# FLUX.1-dev: 19 double + 38 single blocks, 24 heads x 128, T5 text width 4096, CLIP pooled 768.
+DEV = dict(in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+
+
+@dataclass(frozen=True)
+class FluxSpec(ModelSpec):
+    family = "flux"
+    subfolder = "transformer"
+    pixels_per_token = 16   # 8x VAE, then 2x2 latent patches per token
+    size_multiple = 16
+    pixels_per_cell = 16    # the graph's spatial input is the token grid
+    grid_is_input = True
+    pipeline_class = "FluxPipeline"
+    default_guidance = 3.5
+
+    @property
+    def model_cls(self):
+        from diffusers import FluxTransformer2DModel
+        return FluxTransformer2DModel
+
+    def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        rows, cols = self.token_grid(height, width)
+        g = torch.Generator().manual_seed(seed)
+        c = self.config
+        latent = noise((batch, c["in_channels"], rows, cols), g, smooth, dtype)
+        img_ids = torch.zeros(rows, cols, 3)
+        img_ids[..., 1] = torch.arange(rows)[:, None]
+        img_ids[..., 2] = torch.arange(cols)[None, :]
+        inputs = dict(
+            hidden_states=latent.flatten(2).transpose(1, 2).contiguous(),
+            encoder_hidden_states=torch.randn(batch, self.text_len, c["joint_attention_dim"], generator=g).to(dtype),
+            pooled_projections=torch.randn(batch, c["pooled_projection_dim"], generator=g).to(dtype),
+            timestep=torch.full((batch,), 1.0, dtype=dtype),
+            img_ids=img_ids.reshape(-1, 3).to(dtype),
+            txt_ids=torch.zeros(self.text_len, 3, dtype=dtype),
+        )
+        if c.get("guidance_embeds"):
+            inputs["guidance"] = torch.full((batch,), 3.5, dtype=dtype)
+        return inputs
+
+    # Graph layout: the packed latent as (B, H, W, C) so that H and W are axes of their own (img_ids are
+    # rebuilt in the graph from them); everything else as the transformer takes it.
+    def input_axes(self) -> dict:
+        batch, text = ("batch", 1), ("text", 1)
+        axes = dict(hidden_states={0: batch, 1: ("height", 1), 2: ("width", 1)},
+                    encoder_hidden_states={0: batch, 1: text}, pooled_projections={0: batch}, timestep={0: batch},
+                    txt_ids={0: text})
+        if self.config.get("guidance_embeds"):
+            axes["guidance"] = {0: batch}
+        return axes
+
+    def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
+        x = self.sample_inputs(batch, height, width, seed, dtype, smooth)
+        rows, cols = self.token_grid(height, width)
+        x["hidden_states"] = x["hidden_states"].reshape(batch, rows, cols, -1)
+        del x["img_ids"]
+        return {name: x[name] for name in self.input_axes()}
+
+    def graph_call(self, model, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids,
+                   guidance=None):
+        b, h, w, c = hidden_states.shape
+        return model(hidden_states=hidden_states.reshape(b, h * w, c), encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=pooled_projections, timestep=timestep, img_ids=image_ids(h, w, txt_ids),
+                     txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
+    # Denoising loop (parity checks, serving): flow-matching Euler, timestep given to the model as t/1000.
+    latent_input = "hidden_states"
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler()
+
+    def step_inputs(self, inputs: dict, scheduler, latent, t) -> dict:
+        batch = latent.shape[0]
+        return dict(inputs, hidden_states=latent, timestep=(t / 1000).expand(batch).to(latent.dtype))
+
+
+    def pipeline_kwargs(self) -> dict:
+        return dict(max_sequence_length=self.text_len)
+
+    def tiny_parts(self, seed: int = 0) -> dict:
+        from . import tiny
+
+        c = self.config
+        return dict(text_encoder=tiny.clip(c["pooled_projection_dim"], seed + 1), tokenizer=tiny.tokenizer(),
+                    text_encoder_2=tiny.t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tiny.tokenizer(self.text_len),
+                    vae=tiny.vae(c["in_channels"] // 4, seed + 3, scaling_factor=0.3611, shift_factor=0.1159))
+
+    # Serving: FluxPipeline packs the latent as (B, H*W, C) tokens with img_ids; the graph takes (B, H, W, C)
+    # and rebuilds img_ids itself, so the grid is read off img_ids and checked.
+    def served_call(self, config, hidden_states, encoder_hidden_states=None, pooled_projections=None,
+                    timestep=None, img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
+                    controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict: bool = True,
+                    controlnet_blocks_repeat=False):
+        refuse(joint_attention_kwargs=joint_attention_kwargs, controlnet_block_samples=controlnet_block_samples,
+               controlnet_single_block_samples=controlnet_single_block_samples)
+        b, n, c = hidden_states.shape
+        rows, cols = raster_grid(img_ids, n)
+        if txt_ids.ndim == 3:                      # deprecated batched ids: every row is the same
+            txt_ids = txt_ids[0]
+        net = dict(hidden_states=hidden_states.reshape(b, rows, cols, c), encoder_hidden_states=encoder_hidden_states,
+                   pooled_projections=pooled_projections, timestep=per_sample(timestep, b), txt_ids=txt_ids)
+        if config.get("guidance_embeds"):
+            if guidance is None:
+                raise UsageError("this FLUX graph embeds guidance: the call must pass guidance")
+            net["guidance"] = per_sample(guidance, b)
+
+        def finish(out):
+            out = out.reshape(b, n, -1).to(hidden_states.dtype)
+            return model_output(out, return_dict, "diffusers.models.modeling_outputs", "Transformer2DModelOutput")
+
+        return net, timestep, (rows * self.pixels_per_token, cols * self.pixels_per_token), finish
+
+
+def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """FLUX image position ids (0, row, col) in raster order, (rows*cols, 3)."""
+    r = torch.arange(rows, device=like.device).to(like.dtype)[:, None].expand(rows, cols)
+    c = torch.arange(cols, device=like.device).to(like.dtype)[None, :].expand(rows, cols)
+    return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3)
+
+
+def raster_grid(img_ids, n: int) -> tuple[int, int]:
+    """(rows, cols) of the raster image grid img_ids describe; anything else (reference-image tokens,
+    Kontext) is refused because the exported graph rebuilds raster ids from the grid."""
+    if img_ids is None:
+        raise UsageError("FLUX calls must pass img_ids (the graph needs the token grid)")
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if rows * cols != n or not torch.equal(ids.float().cpu(), image_ids(rows, cols, ids.float().cpu())):
+        raise UsageError(f"img_ids do not describe one raster grid of the {n} image tokens (extra reference-image "
+                         "tokens?); exported FLUX graphs take a single image grid")
+    return rows, cols
+
+
+def specs() -> dict:
+    return {
+        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (256, 256), text_len=16,
+                              size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
+        "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
+                         size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
+    }
+
+
+# -- ToMA patch hooks (toma_export.toma.patch drives them) --
+DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
+# The official run leaves the first 5 of 19 double and 5 of 38 single blocks unmerged.
+_SKIP = {DOUBLE: 5 / 19, SINGLE: 5 / 38}
+
+
+def supports(model) -> bool:
+    return isinstance(model, FluxTransformer2DModel)
+
+
+def candidates(model, config):
+    """(name, block, group, mixin, default, downsample) for every block ToMA can patch; the token grid
+    is the transformer's input grid, so downsample is 1."""
+    out = []
+    for group, mixin in ((DOUBLE, _DoubleBlock), (SINGLE, _SingleBlock)):
+        blocks = getattr(model, group)
+        skip = round(_SKIP[group] * len(blocks))
+        for i, block in enumerate(blocks):
+            out.append((f"{group}.{i}", block, group, mixin, i >= skip, 1))
+    return out
+
+
+def check_block(name, block, config) -> None:
+    """FLUX blocks have a single layout; nothing to refuse."""
+
+
+def install_hooks(model, state, groups):
+    """Advance the step clock and read the token grid from img_ids on every call of the transformer."""
+
+    def pre(module, args, kwargs):
+        if state.graph is not None:
+            return                       # the caller owns the call: it set the grid (img_ids are data)
+        bound = _bind(module, args, kwargs)
+        state.begin_call(bound.get("timestep"))
+        grid = token_grid(bound["img_ids"], bound["hidden_states"].shape[1])
+        for g in groups:
+            state.grids[g] = grid
+
+    return [model.register_forward_pre_hook(pre, with_kwargs=True)]
+
+
+def _bind(module, args, kwargs) -> dict:
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def token_grid(img_ids: torch.Tensor, n_tokens: int) -> tuple[int, int]:
+    """(H, W) of the packed latent from img_ids (row, col in columns 1 and 2, raster order)."""
+    ids = img_ids.reshape(-1, img_ids.shape[-1])
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if h * w != n_tokens or ids.shape[0] != n_tokens:
+        raise UsageError(
+            f"ToMA: img_ids describe a {h}x{w} grid but hidden_states has {n_tokens} image tokens; "
+            "ToMA needs one raster-ordered image grid (no extra reference-image tokens)"
+        )
+    return h, w
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotary embedding; x (B, S, heads, D), cos/sin (S, D) or per batch (B, S, D)."""
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    re, im = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-im, re], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def joint_attention(attn, image, text, cos, sin):
+    """FluxAttention on [text; image] with a (possibly per-batch) rotary table. Returns the image output
+    (after to_out) and the text output (after to_add_out), or the whole sequence when text is None."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(image).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(image), attn.to_k(image), attn.to_v(image)
+    heads = lambda t: t.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
+    q, k, v = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
+    if text is not None:
+        if getattr(attn, "fused_projections", False):
+            tq, tk, tv = attn.to_added_qkv(text).chunk(3, dim=-1)
+        else:
+            tq, tk, tv = attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
+        q = torch.cat([attn.norm_added_q(heads(tq)), q], dim=1)
+        k = torch.cat([attn.norm_added_k(heads(tk)), k], dim=1)
+        v = torch.cat([heads(tv), v], dim=1)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out.transpose(1, 2).flatten(2).to(q.dtype)
+    if text is None:
+        return out
+    text_out, image_out = out.split([text.shape[1], out.shape[1] - text.shape[1]], dim=1)
+    return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
+
+
+def merged_rope(image_rotary_emb, merge, text_len: int):
+    """Rotary tables for [text; merged image]: text rows as they are, image rows of the destinations."""
+    out = []
+    for table in image_rotary_emb:
+        text = table[:text_len].unsqueeze(0).expand(merge.batch, -1, -1)
+        out.append(torch.cat([text, merge.take(table[text_len:].unsqueeze(0))], dim=1))
+    return out
+
+
+class _DoubleBlock:
+    """Mixin swapped in front of FluxTransformerBlock."""
+
+    _toma_sublayers = ("attn",)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        state = self._toma
+        if not state.merging or joint_attention_kwargs:
+            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        norm_h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        norm_e, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+        merge = state.merger(self._toma_group, norm_h)
+        cos, sin = merged_rope(image_rotary_emb, merge, encoder_hidden_states.shape[1])
+        attn_img, attn_txt = joint_attention(self.attn, merge.merge(norm_h), norm_e, cos, sin)
+
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * merge.unmerge(attn_img)
+        norm_h = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_h)
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * attn_txt
+        norm_e = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_e)
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+class _SingleBlock:
+    """Mixin swapped in front of FluxSingleTransformerBlock."""
+
+    _toma_sublayers = ("attn", "mlp")
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        state = self._toma
+        if not state.merging or joint_attention_kwargs:
+            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        sub = state.config.sublayers
+        n_txt = encoder_hidden_states.shape[1]
+        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm_x, gate = self.norm(residual, emb=temb)
+        norm_t, norm_i = norm_x[:, :n_txt], norm_x[:, n_txt:]
+        merge = state.merger(self._toma_group, norm_i)
+        merged_x = torch.cat([norm_t, merge.merge(norm_i)], dim=1)
+
+        if "attn" in sub:
+            attn_out = joint_attention(self.attn, merged_x, None, *merged_rope(image_rotary_emb, merge, n_txt))
+        else:
+            attn_out = joint_attention(self.attn, norm_x, None, *image_rotary_emb)
+        mlp_out = self.act_mlp(self.proj_mlp(merged_x if "mlp" in sub else norm_x))
+
+        if "attn" in sub and "mlp" in sub:          # proj_out on merged tokens, then unmerge its output
+            out = self.proj_out(torch.cat([attn_out, mlp_out], dim=2))
+            out = torch.cat([out[:, :n_txt], merge.unmerge(out[:, n_txt:])], dim=1)
+        else:                                       # unmerge the merged branch first, proj_out at full size
+            full = lambda t, merged: torch.cat([t[:, :n_txt], merge.unmerge(t[:, n_txt:])], 1) if merged else t  # noqa: E731
+            out = self.proj_out(torch.cat([full(attn_out, "attn" in sub), full(mlp_out, "mlp" in sub)], dim=2))
+
+        hidden_states = residual + gate.unsqueeze(1) * out
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
+
+
+# -- the benchmark's block --
+def bench_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 0) -> dict:
+    """FLUX single-stream block at 1024x1024 px: 4096 image + 512 text tokens, heads of 128 as in FLUX.1;
+    `width` below 3072 keeps the real head size and token counts with fewer heads. The fields of
+    toma_export.bench.blocks.BlockCase."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock
+
+    if width % 128:
+        raise UsageError(f"the FLUX block width must be a multiple of the 128-wide heads, got {width}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = FluxSingleTransformerBlock(width, width // 128, 128).eval()
+        inputs = dict(hidden_states=smooth_tokens((1, grid, grid, width)).flatten(1, 2),
+                      text=torch.randn(1, text, width), temb=torch.randn(1, width))
+    ids = torch.zeros(text + grid * grid, 3)
+    ids[text:, 1] = torch.arange(grid).repeat_interleave(grid)
+    ids[text:, 2] = torch.arange(grid).repeat(grid)
+    cos, sin = FluxPosEmbed(10000, [16, 56, 56])(ids)
+    share = "" if width == FLUX_WIDTH else f", {width / FLUX_WIDTH:.3g} of FLUX.1's width 3072"
+    return dict(name="flux-single-block", description=f"FLUX single-stream block ({grid * grid} image + {text} text "
+                f"tokens, width {width}, {width // 128} heads of 128{share})", block=block, inputs=inputs,
+                grid=(grid, grid), mixin=_SingleBlock, merge_pairs=1, extra=dict(cos=cos.float(), sin=sin.float()),
+                call=_bench_call)
+
+
+def _bench_call(block, tables, image, text, temb):
+    text_out, image_out = block(image, text, temb, image_rotary_emb=(tables.cos, tables.sin))
+    return torch.cat([text_out, image_out], dim=1)
