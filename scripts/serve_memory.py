@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/serve_memory.py", description=__doc__)
     parser.add_argument("--model", default="flux-tiny")
     parser.add_argument("--size", default=None, help="HEIGHTxWIDTH of the static exports (the model's default)")
-    parser.add_argument("--output-dir", default=None, help="export cache (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else ~/.cache/toma-export/artifacts)")
+    parser.add_argument("--output-dir", default=None, help="export cache (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
+                   "checkout, else ~/.cache/toma-export/artifacts)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 

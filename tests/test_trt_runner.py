@@ -4,7 +4,7 @@ set_input_shape returns False for a shape outside the profile."""
 import pytest
 import torch
 
-from toma_export.runtime.tensorrt import EngineGraph, EngineRunner, ShapeOutOfProfile, set_input_shapes
+from toma_export.runtime.tensorrt import BufferedEngineRunner, EngineRunner, ShapeOutOfProfile, set_input_shapes
 
 META = {"engine": "out/flux-tiny/engine.plan", "model": "flux-tiny",
         "inputs": [{"name": "hidden_states", "dtype": "float32", "shape": ["batch", "seq", 16]},
@@ -42,7 +42,7 @@ def test_engine_runner_refuses_a_shape_outside_the_profile():
 
 
 def test_serving_engine_graph_refuses_before_allocating():
-    graph = runner(EngineGraph)
+    graph = runner(BufferedEngineRunner)
     with pytest.raises(ShapeOutOfProfile, match="input hidden_states has shape \\(3, 256, 16\\)"):
         graph._allocate((("hidden_states", (3, 256, 16)), ("toma_recompute", (1,))))
     assert graph.context.shapes == {}                 # nothing was set past the refused input

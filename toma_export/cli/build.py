@@ -24,7 +24,8 @@ def add_parser(sub):
         p.add_argument(f"--{which}-size", type=size, help=f"{which} HEIGHTxWIDTH of the profile (recipe)")
     p.add_argument("--static", action="store_true", help="one shape (the opt size, batch 1) instead of a profile")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
-    p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else ~/.cache/toma-export/artifacts)")
+    p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
+                   "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export and build again even if cached")
     add_json(p)
     add_toma_options(p, defaults="recipe")
@@ -34,8 +35,8 @@ def add_parser(sub):
 def run(args) -> int:
     from ..trt import BuildOptions, build, recipe
 
-    plan = recipe(args.model)
-    config = None if args.no_toma else toma_config(args, plan["toma"])
+    defaults = recipe(args.model)
+    config = None if args.no_toma else toma_config(args, defaults["toma"])
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
                            opt_size=args.opt_size, max_size=args.max_size, static=args.static,
                            timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,

@@ -27,7 +27,8 @@ def add_parser(sub):
     p.add_argument("--no-toma", action="store_true", help="serve the baseline export without ToMA")
     p.add_argument("--no-share-weights", action="store_true",
                    help="onnxruntime: give the baseline session its own weights (faster kernels, twice the memory)")
-    p.add_argument("--output-dir", help="export / engine cache (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else ~/.cache/toma-export/artifacts)")
+    p.add_argument("--output-dir", help="export / engine cache (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
+                   "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export or build again even if cached")
     add_json(p, "the table")
     add_toma_options(p)

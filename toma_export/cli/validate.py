@@ -25,7 +25,8 @@ def add_parser(sub):
     p.add_argument("--rtol", type=float, help="tolerance relative to the output scale (default by dtype: fp32 "
                                               "1e-4 per step / 1e-3 over a loop, fp16 2e-2 / 5e-2, bf16 5e-2 / 1e-1)")
     p.add_argument("--no-toma", action="store_true", help="validate the network without ToMA")
-    p.add_argument("--output-dir", help="where exports and engines are cached (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else ~/.cache/toma-export/artifacts)")
+    p.add_argument("--output-dir", help="where exports and engines are cached (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
+                   "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--save-reference", metavar="F", help="store inputs and fp32 reference outputs in F (.npz)")
     p.add_argument("--load-reference", metavar="F", help="compare candidates against a stored reference "
                                                         "(e.g. made on another machine) instead of running PyTorch")

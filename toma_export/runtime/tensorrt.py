@@ -2,7 +2,8 @@
 
 EngineRunner is deliberately small, for parity and the GPU checks: shapes are set per call from the inputs,
 outputs are allocated to the shapes TensorRT infers, and execution is enqueued on PyTorch's current stream.
-EngineGraph serves a denoising loop from persistent buffers and CUDA graphs. Nothing here runs without CUDA.
+BufferedEngineRunner serves a denoising loop from persistent buffers and CUDA graphs. Nothing here runs
+without CUDA.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def torch_dtype(trt, torch, dtype):
     return table[dtype]
 
 
-class EngineGraph:
+class BufferedEngineRunner:
     """An engine run from persistent device buffers, replayed as a CUDA graph when its shapes repeat.
 
     EngineRunner allocates outputs per call, which suits parity checks; a denoising loop calls the same

@@ -2,9 +2,9 @@
 
 Why a module and not a callback: diffusers pipelines read their network as a model (config, dtype,
 device, `cache_context`, `return_dict`), so the drop-in is a parameter-free torch module that answers
-those and turns each call into the graph's input layout (the family's served_call), checks the shapes against what the
-artifact covers, runs the ToMA graph or, on steps the schedule leaves unmerged, the baseline graph, and
-carries the destinations between steps (schedule.py). Weights live in the runtime, not in torch.
+those and turns each call into the graph's input layout (the family's served_call), checks the shapes
+against what the artifact covers, runs the ToMA graph or, on steps the schedule leaves unmerged, the
+baseline graph, and carries the destinations between steps (schedule.py). Weights live in the runtime.
 """
 from __future__ import annotations
 
@@ -64,19 +64,19 @@ class ServedNetwork(torch.nn.Module):
                              "--no-toma, or generate without --onnx/--engine) passed as baseline=")
         if baseline is not None and toma is not None:
             _check_pair(toma, baseline)
-        self.backend = artifact.kind
+        self.kind = artifact.kind
         self.sharing = None
-        if self.backend == "onnx":
+        if self.kind == "onnx":
             from ..runtime.onnxruntime import open_pair
 
-            self.toma_graph, self.baseline_graph, self.sharing = open_pair(
+            self.toma_runner, self.baseline_runner, self.sharing = open_pair(
                 toma.path if toma else None, baseline.path if baseline else None, share=share_weights)
             self._device = torch.device("cpu")
         else:
-            from ..runtime.tensorrt import EngineGraph
+            from ..runtime.tensorrt import BufferedEngineRunner
 
-            self.toma_graph = EngineGraph(toma.path, cuda_graphs) if toma else None
-            self.baseline_graph = EngineGraph(baseline.path, cuda_graphs) if baseline else None
+            self.toma_runner = BufferedEngineRunner(toma.path, cuda_graphs) if toma else None
+            self.baseline_runner = BufferedEngineRunner(baseline.path, cuda_graphs) if baseline else None
             self._device = torch.device("cuda")
         self.config = network_config(self.spec)
         for name, value in self.spec.network_attributes(self.config).items():
@@ -95,7 +95,7 @@ class ServedNetwork(torch.nn.Module):
 
     @property
     def provider(self) -> str:
-        return (self.toma_graph or self.baseline_graph).provider
+        return (self.toma_runner or self.baseline_runner).provider
 
     def to(self, *args, **kwargs):
         """Weights live in the runtime: moving or casting the pipeline leaves this network where it is."""
@@ -118,14 +118,14 @@ class ServedNetwork(torch.nn.Module):
         """Run the graph that this step's schedule asks for on graph-layout network inputs."""
         t0 = time.perf_counter()
         plan = self.schedule.plan(timestep)
-        artifact, graph = ((self.toma_artifact, self.toma_graph) if plan.merge else
-                           (self.baseline_artifact, self.baseline_graph))
+        artifact, runner = ((self.toma_artifact, self.toma_runner) if plan.merge else
+                           (self.baseline_artifact, self.baseline_runner))
         artifact.check_shapes({n: tuple(v.shape) for n, v in net.items()}, pixels)
         dtypes = artifact.input_dtypes()
         feeds = {n: v.to(dtypes[n]) for n, v in net.items()}
         if plan.merge:
             feeds.update(self.schedule.toma_feeds(plan, self._dst_shapes(net), self._device))
-        out = graph.run(feeds)
+        out = runner.run(feeds)
         if plan.merge:
             self.schedule.record(plan, out)
             self.calls["recompute"] += plan.recompute
