@@ -42,13 +42,9 @@ class FluxSpec(ModelSpec):
     size_multiple = 16
     pixels_per_cell = 16    # the graph's spatial input is the token grid
     grid_is_input = True
+    model_cls = FluxTransformer2DModel
     pipeline_class = "FluxPipeline"
     default_guidance = 3.5
-
-    @property
-    def model_cls(self):
-        from diffusers import FluxTransformer2DModel
-        return FluxTransformer2DModel
 
     def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         rows, cols = self.token_grid(height, width)

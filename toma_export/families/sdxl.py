@@ -50,6 +50,7 @@ class SdxlSpec(ModelSpec):
     pixels_per_token = 16   # 8x VAE, then the first down-sampling: transformers start at level 1
     size_multiple = 32      # the latent is halved twice
     pixels_per_cell = 8     # the graph's spatial input is the latent
+    model_cls = UNet2DConditionModel
     pipeline_class = "StableDiffusionXLPipeline"
     default_guidance = 5.0
 
@@ -65,11 +66,6 @@ class SdxlSpec(ModelSpec):
         return dict(text_encoder=tiny.clip(first, seed + 1), tokenizer=tiny.tokenizer(),
                     text_encoder_2=tiny.clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
                     tokenizer_2=tiny.tokenizer(), vae=tiny.vae(c["in_channels"], seed + 3, scaling_factor=0.13025))
-
-    @property
-    def model_cls(self):
-        from diffusers import UNet2DConditionModel
-        return UNet2DConditionModel
 
     def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         h, w = self.size(height, width)

@@ -64,9 +64,7 @@ class ModelSpec:
         """Attributes the pipeline reads off its network besides config, dtype and device."""
         return {}
 
-    @property
-    def model_cls(self):
-        raise NotImplementedError
+    model_cls = None     # the diffusers network class (a class attribute, not a dataclass field)
 
     def load(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
         """The diffusers module in eval mode: random init for tiny models, else from the hub id / folder."""
