@@ -50,6 +50,8 @@ def test_wheel_installs_and_builds_an_engine_outside_the_checkout(tmp_path):
     kernels = {f"toma_export/plugins/{p.name}" for p in (ROOT / "plugins").glob("*.py")}
     assert "toma_export/recipes/flux-tiny.json" in recipes and "toma_export/plugins/select_kernel.py" in kernels
     assert recipes | kernels <= names
+    modules = {f"{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "toma_export").rglob("*.py")}   # every package
+    assert modules <= names, sorted(modules - names)
     assert not [n for n in names if "/out/" in n or n.startswith(("engines/", "plugins/"))]
 
     env_dir = tmp_path / "venv"
