@@ -3,13 +3,16 @@ missing, corrupt or foreign artifact is one ArtifactError line, in the library a
 
 Real layers: the toma-export CLI, torch.onnx export, ONNX Runtime, the diffusers pipeline. Nothing stands in."""
 import json
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import toma_export as te
-from toma_export.artifacts import (EXPORT_FORMAT, Artifact, config_from_section, toma_section)
+from toma_export.artifacts import EXPORT_FORMAT, Artifact, config_from_section, staged_dir, toma_section
 from toma_export.errors import ArtifactError, ToMAExportError
 from toma_export.onnx import ExportOptions, export
 
@@ -39,7 +42,7 @@ def every_field_export(artifacts):
                           str(SIZE), "--width", str(SIZE), "--ratio", "0.25", "--tile", "2x4", "--scale", "500",
                           "--blocks", "single_transformer_blocks.*", "--levels", "2", "--sublayers", "attn",
                           "--merge-steps", "3", "--dst-every", "2", "--weights-every", "2",
-                          "--output-dir", str(artifacts / "onnx"), "--json"], capture_output=True, text=True,
+                          "--output-dir", str(artifacts), "--json"], capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     base = export("flux-tiny", None, artifacts / "onnx", ExportOptions(height=SIZE, width=SIZE), **quiet)
@@ -177,3 +180,48 @@ def test_every_toolkit_error_derives_from_one_base():
         assert issubclass(cls, ToMAExportError), cls
     with pytest.raises(ToMAExportError):
         te.ToMAConfig(ratio=1.5)
+
+
+def test_export_lands_where_build_validate_and_generate_look(artifacts):
+    """`export --output-dir D` and the commands that export for themselves share D/onnx, so an export made
+    first is reused, not made again."""
+    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "export", "--model", "flux-tiny", "--height",
+                          str(SIZE), "--width", str(SIZE), "--output-dir", str(artifacts), "--json"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    onnx = json.loads(res.stdout)["onnx"]
+    assert Path(onnx).parent.parent == artifacts / "onnx"
+    from toma_export.serve.pipeline import serving_artifacts
+
+    said = []
+    toma, _ = serving_artifacts("flux-tiny", te.ToMAConfig(), (SIZE, SIZE), 1, "onnxruntime", artifacts,
+                                progress=said.append)
+    assert toma == onnx and any(m.startswith("[export] reusing") for m in said), said
+
+
+def test_a_later_run_removes_what_a_killed_run_left(tmp_path):
+    """Staging folders carry host and pid: one whose process is gone is removed by the next run of that
+    artifact, one whose process lives (a run in progress) is kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    prefix = f".x.tmp-{socket.gethostname()}-"
+    left = tmp_path / f"{prefix}{dead}-abc"
+    left.mkdir()
+    (left / "model.onnx.data").write_bytes(b"0" * 4096)
+    running = tmp_path / f"{prefix}{os.getpid()}-def"
+    running.mkdir()
+    with staged_dir(tmp_path / "x") as tmp:
+        (tmp / "model.onnx").write_text("done")
+    assert not left.exists() and running.is_dir() and (tmp_path / "x" / "model.onnx").read_text() == "done"
+
+
+@pytest.mark.parametrize("model,dtype", [("flux-tiny", "bf16"), ("sdxl-tiny", "fp16")])
+def test_torch_candidates_run_in_their_own_dtype(model, dtype, capsys):
+    """validate --dtype fp16/bf16 feeds the PyTorch candidate in its dtype (the reference's inputs are fp32)."""
+    from toma_export.cli import main
+
+    code = main(["validate", "--model", model, "--backends", "torch", "--dtype", dtype, "--sizes", f"{SIZE}x{SIZE}",
+                 "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"], report
+    assert {tuple(c["backends"]) for c in report["comparisons"]} == {("torch-fp32", f"torch-{dtype}")}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -76,9 +77,14 @@ def writable_dir(path) -> Path:
 
 @contextlib.contextmanager
 def staged_dir(final: Path):
-    """Yield a temporary folder that becomes `final` when the block completes, and vanishes otherwise."""
+    """Yield a temporary folder that becomes `final` when the block completes, and vanishes otherwise.
+
+    The temporary name carries the host and process id, so that a later run removes what a killed run left
+    (a real-size export leaves gigabytes) without touching a run still in progress."""
     final = Path(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    remove_abandoned(final.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         if final.exists():            # someone else finished first, or a forced rebuild: replace it
@@ -87,6 +93,27 @@ def staged_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_abandoned(folder: Path, prefix: str) -> list[Path]:
+    """Remove `<prefix><pid>-*` staging folders whose process is gone; returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # someone else's process: alive
+        return True
+    return True
 
 
 def source_digest() -> str:

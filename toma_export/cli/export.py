@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .common import MODEL_HELP, add_json, add_toma_options, size, toma_config
 
@@ -20,7 +21,9 @@ def add_parser(sub):
                    help="weights and activations (SDXL engines: fp16, FLUX: bf16) (fp32)")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20)")
     p.add_argument("--no-toma", action="store_true", help="export the network without ToMA (the baseline)")
-    p.add_argument("--output-dir", required=True, help="artifacts go to a keyed subfolder of this folder")
+    p.add_argument("--output-dir", help="exports go to keyed subfolders of its onnx/, where build, validate and "
+                   "generate look (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else "
+                   "~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export again even if an identical export exists")
     add_json(p)
     add_toma_options(p)
@@ -30,6 +33,7 @@ def add_parser(sub):
 def run(args) -> int:
     from .. import models
     from ..onnx import ExportOptions, export
+    from ..resources import default_output
     from ..toma.tiles import check_tiling
 
     config = None if args.no_toma else toma_config(args)
@@ -38,7 +42,7 @@ def run(args) -> int:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size)
-    meta = export(args.model, config, args.output_dir, options, force=args.force)
+    meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
     if args.json:
         print(json.dumps(meta))
         return 0

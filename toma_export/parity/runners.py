@@ -32,8 +32,10 @@ class TorchRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict):
-        device = next(self.graph.model.parameters()).device
-        args = [torch.as_tensor(np.asarray(feed_dict[n])).to(device) for n in self.graph.input_names]
+        weight = next(self.graph.model.parameters())
+        args = [torch.as_tensor(np.asarray(feed_dict[n])).to(weight.device) for n in self.graph.input_names]
+        # float inputs in the model's dtype: an fp16/bf16 candidate gets the reference's fp32 feeds
+        args = [a.to(weight.dtype) if a.is_floating_point() else a for a in args]
         start = time.perf_counter()
         with torch.no_grad():
             outs = self.graph(*args)
