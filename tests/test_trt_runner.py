@@ -29,7 +29,7 @@ class Context:
 
 def runner(cls):
     r = object.__new__(cls)
-    r.meta, r.context, r.torch, r.outputs = META, Context(), torch, ["noise_pred"]
+    r.meta, r.context, r.outputs = META, Context(), ["noise_pred"]
     return r
 
 

@@ -95,15 +95,12 @@ def staged_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_abandoned(folder: Path, prefix: str) -> list[Path]:
-    """Remove `<prefix><pid>-*` staging folders whose process is gone; returns what was removed."""
-    removed = []
+def remove_abandoned(folder: Path, prefix: str) -> None:
+    """Remove `<prefix><pid>-*` staging folders whose process is gone."""
     for path in Path(folder).glob(prefix + "*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
         if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -210,8 +207,7 @@ class Artifact:
     def save(self) -> None:
         """Write the metadata beside the artifact (inside a staged folder, before it is renamed)."""
         name = ENGINE_META if self.kind == "engine" else EXPORT_META
-        folder = self.path if self.path.is_dir() else self.path.parent
-        (folder / name).write_text(json.dumps(self.meta, indent=2))
+        self.path.with_name(name).write_text(json.dumps(self.meta, indent=2))
 
     @property
     def name(self) -> str:

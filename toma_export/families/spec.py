@@ -29,6 +29,7 @@ class ModelSpec:
     batch_range: tuple = (1, 1, 4)                                  # min/opt/max batch (CFG doubles it)
 
     family = ""          # "flux" | "sdxl"
+    model_cls = None     # the diffusers network class
     subfolder = ""       # the network's folder inside a pipeline folder
     pixels_per_token = 16  # side of one image token in pixels: 8x VAE, times 2x2 packing (FLUX) or level-1 (SDXL)
     size_multiple = 16     # pixel sizes must be multiples of this
@@ -63,8 +64,6 @@ class ModelSpec:
     def network_attributes(self, config: dict) -> dict:
         """Attributes the pipeline reads off its network besides config, dtype and device."""
         return {}
-
-    model_cls = None     # the diffusers network class (a class attribute, not a dataclass field)
 
     def load(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
         """The diffusers module in eval mode: random init for tiny models, else from the hub id / folder."""

@@ -21,8 +21,7 @@ import torch
 from .. import models
 from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, source_digest, staged_dir,
                          toma_section, versions, writable_dir)
-from ..errors import ArtifactError
-from ..errors import UsageError
+from ..errors import ArtifactError, UsageError
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph

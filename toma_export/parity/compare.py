@@ -17,7 +17,7 @@ MIN_OBJECTIVE_RATIO = 0.999   # a candidate's own picks may differ on near-ties,
 
 
 def _entry(kind, backend, size, step, output, ref, cand, options) -> dict:
-    atol, rtol = tolerance(kind, options.dtype or "fp32", options.atol, options.rtol)
+    atol, rtol = tolerance(kind, options.dtype, options.atol, options.rtol)
     stats = compare(ref, cand, atol, rtol)
     ref_bad = int((~np.isfinite(np.asarray(ref, dtype=np.float64))).sum())
     if ref_bad:                      # NaN/Inf in the reference: the inputs are bad, not the candidate

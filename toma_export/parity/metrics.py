@@ -17,8 +17,9 @@ TOLERANCES = {
 }
 
 
-def tolerance(kind: str, dtype: str, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
-    a, r = TOLERANCES[kind][dtype]
+def tolerance(kind: str, dtype: str | None, atol: float | None = None,
+              rtol: float | None = None) -> tuple[float, float]:
+    a, r = TOLERANCES[kind][dtype or "fp32"]               # None: the candidate dtype was left at its default
     return (a if atol is None else atol), (r if rtol is None else rtol)
 
 

@@ -104,7 +104,7 @@ def load_records(path) -> dict:
         raise ArtifactError(f"{path} is not a toma-export reference file ({err}); make one with --save-reference") from None
     if meta.get("format") != RECORD_FORMAT:
         raise ArtifactError(f"{path} has reference format {meta.get('format')}, this toolkit reads {RECORD_FORMAT}; "
-                         "save the reference again with this version")
+                            "save the reference again with this version")
     records = []
     for i in range(len(meta["sizes"])):
         rec = {part: {} for part in ("feeds", "step", "tiles")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
 def table(report: dict) -> str:
     """The human-readable verdict."""
     lines = [f"reference: {report['reference']}",

@@ -91,7 +91,7 @@ def lean_options():
     """SessionOptions that keep no per-session copy of the weights: no prepacking, EXTENDED optimisation."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    so = session_options()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.add_session_config_entry("session.disable_prepacking", "1")
     return so

@@ -31,12 +31,11 @@ class EngineRunner:
         if self.engine is None:
             raise ExecutionError(f"could not deserialize {self.meta['engine']} on this GPU")
         self.context = self.engine.create_execution_context()
-        self.torch = torch
         self.outputs = [o["name"] for o in self.meta["outputs"]]
 
     def __call__(self, inputs: dict) -> dict:
         set_input_shapes(self.context, self.meta, {name: tuple(t.shape) for name, t in inputs.items()})
-        torch, trt = self.torch, self.trt
+        trt = self.trt
         stream = torch.cuda.current_stream()
         keep = {}
         for name, tensor in inputs.items():
