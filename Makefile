@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-large bench venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Real architectures with random weights (FLUX.1-dev cut to 1+2 ... 8+16 blocks, the full SDXL base UNet):
+# export, TensorRT-RTX build and fp16 parity, each timed with its peak memory; rewrites docs/real_models/ and
+# the README's real-models table. About an hour on 2 cores and 24 GB, so CI does not run it.
+test-large: $(STAMP)
+	$(PY) scripts/real_models.py --out docs/real_models --readme README.md
 
 # ToMA vs baseline vs tomesd per block and backend; rewrites docs/bench/ and the README's results table
 bench: $(STAMP)

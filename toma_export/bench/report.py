@@ -87,19 +87,22 @@ def write(doc: dict, folder: Path) -> list[Path]:
     return [folder / "results.json", folder / "results.md", plot(doc, folder / "latency.png")]
 
 
-def check_readme(readme: Path) -> str:
+def check_readme(readme: Path, begin: str = BEGIN, end: str = END) -> str:
     """The README's text, or a one-line error when it has no section to fill (checked before a long run)."""
     text = Path(readme).read_text()
-    if BEGIN not in text or END not in text:
-        raise UsageError(f"{readme} has no {BEGIN} ... {END} section to fill; add the two markers where the "
+    if begin not in text or end not in text:
+        raise UsageError(f"{readme} has no {begin} ... {end} section to fill; add the two markers where the "
                          "results table belongs")
     return text
 
 
+def fill_readme(readme: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between two markers of the README with `body`."""
+    head, rest = check_readme(readme, begin, end).split(begin, 1)
+    Path(readme).write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")
+
+
 def update_readme(readme: Path, doc: dict, plot_path: Path) -> None:
     """Replace the text between the bench markers with this run's table and plot."""
-    text = check_readme(readme)
     rel = Path(plot_path).resolve().relative_to(readme.resolve().parent)
-    body = f"{BEGIN}\n{table(doc)}\n![median latency against ratio]({rel.as_posix()})\n{END}"
-    head, rest = text.split(BEGIN, 1)
-    readme.write_text(head + body + rest.split(END, 1)[1])
+    fill_readme(readme, f"{table(doc)}\n![median latency against ratio]({rel.as_posix()})")

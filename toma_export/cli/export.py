@@ -17,8 +17,12 @@ def add_parser(sub):
                    help="one file valid across the model's batch, size and text-length ranges")
     p.add_argument("--min-size", type=size, help="dynamic: smallest HEIGHTxWIDTH (default: the model's range)")
     p.add_argument("--max-size", type=size, help="dynamic: largest HEIGHTxWIDTH")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="weights and activations (SDXL engines: fp16, FLUX: bf16) (fp32)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="weights and activations (default: the dtype the model's weights are stored in; fp32 for "
+                        "the tiny models)")
+    p.add_argument("--text-len", type=int, metavar="N",
+                   help="text tokens: a static export's length, a dynamic one's opt (default: the model's; FLUX.1-dev "
+                        "512, schnell 256)")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20)")
     p.add_argument("--no-toma", action="store_true", help="export the network without ToMA (the baseline)")
     p.add_argument("--output-dir", help="exports go to keyed subfolders of its onnx/, where build, validate and "
@@ -41,14 +45,15 @@ def run(args) -> int:
     if config is not None:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
-                            dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size)
+                            dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
+                            text_len=args.text_len)
     meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
     if args.json:
         print(json.dumps(meta))
         return 0
     kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
             f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
-            if meta["dynamic"] else f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px")
+            if meta["dynamic"] else f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px, {meta['text_len']} text tokens")
     print(f"{meta['onnx']}\n  {meta['model']} {meta['dtype']} opset {meta['opset']}, {kind}")
     toma = meta["toma"]
     if toma:

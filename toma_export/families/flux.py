@@ -141,6 +141,14 @@ class FluxSpec(ModelSpec):
         return net, timestep, (rows * self.pixels_per_token, cols * self.pixels_per_token), finish
 
 
+def variant(config: dict, pipeline: dict, folder) -> tuple[str, dict]:
+    """dev embeds the guidance scale and takes 512 text tokens; schnell embeds none and its pipelines
+    default to 256 (the length its T5 was distilled with)."""
+    if config.get("guidance_embeds"):
+        return "dev", dict(text_len=512, text_range=(1, 512, 512))
+    return "schnell", dict(text_len=256, text_range=(1, 256, 512))
+
+
 def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     """FLUX image position ids (0, row, col) in raster order, (rows*cols, 3)."""
     r = torch.arange(rows, device=like.device).to(like.dtype)[:, None].expand(rows, cols)

@@ -67,18 +67,25 @@ class SdxlSpec(ModelSpec):
                     text_encoder_2=tiny.clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
                     tokenizer_2=tiny.tokenizer(), vae=tiny.vae(c["in_channels"], seed + 3, scaling_factor=0.13025))
 
+    @property
+    def time_ids(self) -> int:
+        """Size conditioning per sample: original size, crop, target size (6); the refiner swaps the target
+        size for an aesthetic score (5)."""
+        return 5 if self.variant == "refiner" else 6
+
     def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         h, w = self.size(height, width)
         g = torch.Generator().manual_seed(seed)
         c = self.config
-        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        pooled = c["projection_class_embeddings_input_dim"] - self.time_ids * c["addition_time_embed_dim"]
+        ids = [h, w, 0, 0, h, w] if self.time_ids == 6 else [h, w, 0, 0, 6.0]
         return dict(
             sample=noise((batch, c["in_channels"], h // 8, w // 8), g, smooth, dtype),
             timestep=torch.full((batch,), 999.0, dtype=dtype),
             encoder_hidden_states=torch.randn(batch, self.text_len, c["cross_attention_dim"], generator=g).to(dtype),
             added_cond_kwargs=dict(
                 text_embeds=torch.randn(batch, pooled, generator=g).to(dtype),
-                time_ids=torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype).repeat(batch, 1),
+                time_ids=torch.tensor([ids], dtype=dtype).repeat(batch, 1),
             ),
         )
 
@@ -156,6 +163,15 @@ def specs() -> dict:
 
 
 # -- ToMA patch hooks (toma_export.toma.patch drives them) --
+def variant(config: dict, pipeline: dict, folder) -> tuple[str, dict]:
+    """base, or refiner: its pipeline asks for an aesthetic score, and a bare refiner UNet shows it in its
+    added-condition width (pooled text as wide as its cross-attention, plus 5 time ids, not 6)."""
+    if "requires_aesthetics_score" in pipeline:
+        return ("refiner" if pipeline["requires_aesthetics_score"] else "base"), {}
+    extra = config.get("projection_class_embeddings_input_dim", 0) - 5 * config.get("addition_time_embed_dim", 0)
+    return ("refiner" if extra == config.get("cross_attention_dim") else "base"), {}
+
+
 def supports(model) -> bool:
     return isinstance(model, UNet2DConditionModel)
 

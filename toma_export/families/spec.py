@@ -5,7 +5,9 @@ pipeline, and how a pipeline's call of the network becomes the graph's inputs. T
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+import struct
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +29,12 @@ class ModelSpec:
     size_range: tuple = ((512, 512), (1024, 1024), (1536, 1536))  # min/opt/max (height, width) for profiles
     text_range: tuple = (77, 77, 77)                                # min/opt/max text length for profiles
     batch_range: tuple = (1, 1, 4)                                  # min/opt/max batch (CFG doubles it)
+    # what a folder implies (models.from_folder fills these in): the variant (dev/schnell, base/refiner),
+    # the dtype most weights are stored in, the diffusers file variant (fp16) and the hub id it came from
+    variant: str = ""
+    weights_dtype: str | None = None
+    weights_variant: str | None = None
+    hub_id: str | None = None
 
     family = ""          # "flux" | "sdxl"
     model_cls = None     # the diffusers network class
@@ -65,22 +73,55 @@ class ModelSpec:
         """Attributes the pipeline reads off its network besides config, dtype and device."""
         return {}
 
+    @property
+    def default_dtype(self) -> str:
+        """The dtype a run defaults to: the one the folder's weights are stored in (fp32 for random models)."""
+        return self.weights_dtype or "fp32"
+
     def load(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-        """The diffusers module in eval mode: random init for tiny models, else from the hub id / folder."""
+        """The diffusers module in eval mode, loaded straight into `dtype`: random init for tiny models, else
+        from the folder / hub id."""
         if self.source is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = self.model_cls(**self.config)
             # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these configs lack
             return torch.nn.Module.to(model, dtype).eval()
-        try:
-            return _from_pretrained(self.model_cls, self.source, self.subfolder, dtype).eval()
-        except (OSError, ValueError, EnvironmentError) as err:
+        path = Path(self.source)
+        if not path.is_dir():
             raise ModelNotAvailable(
-                f"{self.name}: cannot load weights from {self.source!r} ({type(err).__name__}: not in the Hugging Face "
-                f"cache and not downloadable here); download them where the hub is reachable (`huggingface-cli "
-                f"download {self.source}`) or pass a local diffusers folder holding {self.subfolder}/ as --model PATH"
-            ) from None
+                f"{self.name}: the weights of {self.source} are not in the local Hugging Face cache; download them "
+                f"where the hub is reachable (`huggingface-cli download {self.source}`) or pass a local diffusers "
+                f"folder holding {self.subfolder}/ as --model PATH")
+        folder = path / self.subfolder if (path / self.subfolder / "config.json").is_file() else path
+        mismatch = "the folder is incomplete or mixes files of different models"
+        try:
+            model = self.model_cls.from_pretrained(str(folder), torch_dtype=dtype, variant=self.weights_variant,
+                                                   low_cpu_mem_usage=True).eval()
+        except (OSError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelNotAvailable(f"{self.name}: the weights in {folder} do not load with its config.json ({first}); "
+                                    f"{mismatch}") from None
+        stored = stored_keys(folder, self.weights_variant)
+        if stored is not None:          # diffusers fills missing weights with random ones and only warns
+            missing = sorted(set(model.state_dict()) - stored)
+            extra = sorted(stored - set(model.state_dict()))
+            if missing or extra:
+                what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else \
+                       f"{len(extra)} weights unused (e.g. {extra[0]})"
+                raise ModelNotAvailable(f"{self.name}: the weights in {folder} do not load with its config.json "
+                                        f"({what}); {mismatch}")
+        return model
+
+    def with_text_len(self, text_len: int | None) -> "ModelSpec":
+        """The spec at another text length (FLUX schnell pipelines use 256 tokens, dev 512); the dynamic text
+        range widens to include it."""
+        if text_len is None:
+            return self
+        if text_len < 1:
+            raise UsageError(f"--text-len must be >= 1 token, got {text_len}")
+        lo, _, hi = self.text_range
+        return replace(self, text_len=text_len, text_range=(min(lo, text_len), text_len, max(hi, text_len)))
 
     def size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) in pixels, defaulted and checked against the model's size multiple."""
@@ -134,15 +175,6 @@ class ModelSpec:
         return shapes
 
 
-def _from_pretrained(cls, source: str, subfolder: str, dtype):
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / subfolder).is_dir():
-        return cls.from_pretrained(str(path), torch_dtype=dtype)  # the network's own folder
-    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise OSError(f"{source} does not exist")
-    return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
-
-
 def noise(shape, generator, smooth: bool, dtype) -> torch.Tensor:
     """Gaussian (B, C, H, W); smooth=True upsamples a 4x coarser field, so neighbouring tokens are similar
     as in a real image latent (white noise makes every token unlike its neighbours)."""
@@ -190,3 +222,31 @@ def read_config(folder: Path, subfolder: str) -> dict | None:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return None
+
+
+def weight_files(folder: Path) -> dict:
+    """{diffusers file variant (None = plain): [weight files]} of a network folder. Names follow diffusers:
+    an optional shard suffix (-00001-of-00003) and variant (.fp16) around .safetensors / .bin."""
+    found = {}
+    for f in sorted(Path(folder).iterdir()):
+        if f.name.startswith("diffusion_pytorch_model") and f.suffix in (".safetensors", ".bin"):
+            rest = re.sub(r"^-\d+-of-\d+", "", f.name[len("diffusion_pytorch_model"):]).split(".")[1:-1]
+            found.setdefault(rest[0] if rest else None, []).append(f)
+    return found
+
+
+def safetensors_header(path: Path) -> dict:
+    """{tensor name: {dtype, shape, ...}} from a .safetensors file's JSON header; no tensor data is read."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def stored_keys(folder: Path, variant: str | None) -> set | None:
+    """Every tensor name the folder's safetensors files hold (None for .bin weights, which need unpickling)."""
+    files = weight_files(folder).get(variant, [])
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    return {k for f in files for k in safetensors_header(f)}

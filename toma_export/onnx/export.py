@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,10 +38,11 @@ class ExportOptions:
     width: int | None = None
     batch: int = 1                 # static batch; dynamic exports cover the spec's batch range
     dynamic: bool = False          # one file valid across the spec's size/batch/text ranges
-    dtype: str = "fp32"
+    dtype: str | None = None       # None = the dtype the model's weights are stored in (fp32 for tiny models)
     opset: int = 20
     min_size: tuple | None = None  # dynamic range override, (height, width) pixels
     max_size: tuple | None = None
+    text_len: int | None = None    # text tokens (static: the length; dynamic: the opt); None = the model's
 
 
 def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -51,6 +52,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
     config=None exports the network without ToMA (the baseline for parity and speed comparisons)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = models.get(model_name)
+    options = replace(options, dtype=options.dtype or spec.default_dtype)
     if options.dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if not 17 <= options.opset <= 22:
@@ -58,6 +60,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                          f"builds reject), got {options.opset}")
     if options.batch < 1:
         raise UsageError(f"batch must be >= 1, got {options.batch}")
+    spec = spec.with_text_len(options.text_len)
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
     out_root = writable_dir(output_dir)
@@ -66,7 +69,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
     key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
                       toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
                       dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
-                      size=(height, width), ranges=ranges if options.dynamic else None,
+                      size=(height, width), text_len=spec.text_len, ranges=ranges if options.dynamic else None,
                       versions=dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"),
                                     sources=source_digest()))
     key = cache_key(key_fields)
@@ -116,7 +119,11 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
 
 def _ranges(spec, options: ExportOptions, opt: tuple[int, int]) -> dict:
+    """The dynamic profile's sizes, batches and text lengths; a static export needs none, so it may use any
+    size the network and the tiles allow."""
     lo, _, hi = spec.size_range
+    if not options.dynamic:
+        return dict(sizes=[opt, opt, opt], batch=[options.batch] * 3, text=[spec.text_len] * 3)
     sizes = [spec.size(*(options.min_size or lo)), opt, spec.size(*(options.max_size or hi))]
     if not (sizes[0][0] <= opt[0] <= sizes[2][0] and sizes[0][1] <= opt[1] <= sizes[2][1]):
         raise UsageError(f"size {opt[0]}x{opt[1]} lies outside the range {sizes[0][0]}x{sizes[0][1]} .. "
@@ -220,6 +227,7 @@ def _metadata(spec, config, options, report, graph, path, external, size, ranges
         format=EXPORT_FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
         onnx=str(path), external_data=external, dtype=options.dtype, opset=options.opset, ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
+        text_len=spec.text_len, variant=spec.variant,
         ranges=ranges if options.dynamic else None, profiles=profiles,
         inputs=_io(model.graph.input), outputs=_io(model.graph.output),
         toma=dict(toma_section(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),

@@ -82,7 +82,7 @@ def generate(args: GenerateRequest, progress) -> dict:
     t_ready = time.perf_counter()
     kwargs = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=stages.step_end)
-    kwargs.update(spec.pipeline_kwargs())
+    kwargs.update(network.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {network.provider}")
     image = pipe(args.prompt, **kwargs).images[0]
     t_done = time.perf_counter()

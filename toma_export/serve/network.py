@@ -55,7 +55,8 @@ class ServedNetwork(torch.nn.Module):
         toma = artifact if artifact.config is not None else None
         baseline = baseline or (artifact if toma is None else None)
         self.toma_artifact, self.baseline_artifact = toma, baseline
-        self.spec = models.get(artifact.model)
+        self.spec = models.get(artifact.model).with_text_len(   # a static graph fixes its text length
+            None if artifact.meta["dynamic"] else artifact.meta.get("text_len"))
         config = _schedule(toma, schedule) if toma else None
         self.schedule = DestinationSchedule(config, toma.groups if toma else [])
         if toma is not None and self.schedule.has_unmerged_steps and baseline is None:

@@ -28,6 +28,9 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
     import diffusers
 
     spec = models.get(model)
+    if spec.variant == "refiner":
+        raise UsageError(f"{spec.name} is an SDXL refiner (image-to-image); generate and serve run text-to-image "
+                         "models such as SDXL base; export and validate take the refiner")
     cls = getattr(diffusers, spec.pipeline_class)
     attr = spec.subfolder
     given = {} if network is True else {attr: network or None}

@@ -1,0 +1,199 @@
+"""Real-architecture runs: what exporting, building and validating FLUX.1-dev and SDXL base costs.
+
+Random-weight folders with the real configurations (toma_export.models.real_configs; FLUX.1-dev cut to
+1+2, 2+4, 4+8, 8+16 blocks at its real width, the full SDXL base UNet) go through the commands users run,
+each in its own process, timed, with the process's peak RSS (os.wait4) and the files' sizes:
+  export    the folder's dtype (FLUX bf16, SDXL fp16) at 1024x1024, static;
+  build     TensorRT-RTX, static, reusing that export (skipped past --max-build-params);
+  parity    an fp16 export at --parity-size, validated in ONNX Runtime against the fp32 PyTorch reference,
+            one step with forced destinations and a --steps loop (the bf16-weights path: FLUX's weights
+            are stored in bf16, the candidate runs fp16, the reference fp32).
+The full FLUX.1-dev (19+38 blocks) is extrapolated from the FLUX series by least squares on the parameter
+count. Prints the results JSON; writes results.json and results.md to --out and the table into --readme.
+Exit 1 if any command failed or any parity check did not pass (make test-large gates on it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toma_export.bench.report import check_readme, fill_readme
+from toma_export.bench.run import BenchOptions, machine
+from toma_export.models import real_configs
+
+BEGIN, END = "<!-- real-models:begin -->", "<!-- real-models:end -->"
+FULL_FLUX = (19, 38)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flux", default="1+2,2+4,4+8,8+16", help="FLUX.1-dev depths, double+single (1+2,2+4,4+8,8+16)")
+    p.add_argument("--sdxl", action=argparse.BooleanOptionalAction, default=True, help="the full SDXL base UNet")
+    p.add_argument("--size", default="1024x1024", help="export and build size (1024x1024)")
+    p.add_argument("--parity-size", default="512x512", help="fp16 parity size (512x512)")
+    p.add_argument("--parity-text-len", type=int, default=64, help="text tokens of the parity exports (64)")
+    p.add_argument("--steps", type=int, default=2, help="parity loop steps (2)")
+    p.add_argument("--max-build-params", type=float, default=3.0,
+                   help="skip TensorRT-RTX builds of models above this many billion parameters (3.0; a build "
+                        "holds about 4x the weights)")
+    p.add_argument("--max-parity-params", type=float, default=3.0,
+                   help="skip parity above this many billion parameters (3.0; the fp32 reference is 4 bytes each)")
+    p.add_argument("--work", default=os.environ.get("TOMA_REAL_WORK", "/tmp/toma-real-models"),
+                   help="scratch folder for model folders and artifacts, emptied per model (/tmp/toma-real-models)")
+    p.add_argument("--out", help="folder for results.json and results.md")
+    p.add_argument("--readme", help="README to fill between the real-models markers")
+    args = p.parse_args(argv)
+    if args.readme:
+        check_readme(Path(args.readme), BEGIN, END)
+    cases = [("flux-dev", tuple(int(n) for n in d.split("+"))) for d in args.flux.split(",") if d]
+    cases += [("sdxl-base", None)] if args.sdxl else []
+    runs = [measure(name, blocks, args) for name, blocks in cases]
+    doc = dict(date=datetime.date.today().isoformat(), machine=machine(BenchOptions()), runs=runs,
+               flux_dev_full=extrapolate([r for r in runs if r["model"] == "flux-dev"]))
+    doc["passed"] = all(r["ok"] for r in runs)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (Path(args.out) / "results.md").write_text(table(doc))
+    if args.readme:
+        fill_readme(Path(args.readme), table(doc), BEGIN, END)
+    print(json.dumps(doc, indent=2))
+    return 0 if doc["passed"] else 1
+
+
+def measure(name: str, blocks, args) -> dict:
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    params = real_configs.parameters(name, blocks)
+    label = f"{name} {blocks[0]}+{blocks[1]}" if blocks else name
+    log(f"== {label}: {params / 1e9:.2f} B parameters")
+    t0 = time.perf_counter()
+    folder = real_configs.write(name, work / "model", blocks=blocks,
+                                file_variant="fp16" if name.startswith("sdxl") else None)
+    run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, params_b=round(params / 1e9, 3),
+               write_s=round(time.perf_counter() - t0, 1), folder_gb=gb(du(folder)), ok=True)
+    env = dict(os.environ, TOMA_EXPORT_OUTPUT=str(work / "artifacts"))
+    height, width = args.size.split("x")
+    rc, meta, wall, rss = command(["export", "--model", str(folder), "--height", height, "--width", width], env)
+    run["export"] = step(rc, wall, rss, meta and dict(dtype=meta["dtype"], text_len=meta["text_len"],
+                                                      gb=gb(du(Path(meta["onnx"]).parent)),
+                                                      external_data=meta["external_data"], key=meta["key"]))
+    if params / 1e9 <= args.max_build_params and rc == 0:
+        rc, meta, wall, rss = command(["build", "--model", str(folder), "--backend", "tensorrt-rtx", "--static",
+                                       "--opt-size", args.size], env)
+        run["build"] = step(rc, wall, rss, meta and dict(gb=gb(meta["engine_bytes"]), dtype=meta["dtype"],
+                                                         reused_export=meta["onnx_key"] == run["export"]["key"]))
+    if params / 1e9 <= args.max_parity_params:
+        ph, pw = args.parity_size.split("x")
+        rc, meta, wall, rss = command(["export", "--model", str(folder), "--height", ph, "--width", pw, "--dtype",
+                                       "fp16", "--text-len", str(args.parity_text_len)], env)
+        if rc == 0:
+            rc, report, wall, rss = command(["validate", "--model", str(folder), "--onnx", meta["onnx"],
+                                             "--steps", str(args.steps)], env)
+            run["parity"] = step(rc, wall, rss, report and parity(report))
+            run["parity"]["ok"] = bool(report and report["passed"])
+        else:
+            run["parity"] = step(rc, wall, rss, None)
+    run["ok"] = all(run[k]["ok"] for k in ("export", "build", "parity") if k in run)
+    shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def command(args: list, env: dict):
+    """One toma-export command in its own process: (rc, its --json object, wall s, peak RSS GB)."""
+    log("$ toma-export " + " ".join(args))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "toma_export.cli", *args, "--json"], stdout=subprocess.PIPE,
+                            env=env, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    try:
+        doc = json.loads(out) if out.strip() else None
+    except json.JSONDecodeError:
+        doc = None
+    return proc.returncode, doc, wall, usage.ru_maxrss / 2 ** 20
+
+
+def step(rc, wall, rss, fields) -> dict:
+    return dict(ok=rc == 0, rc=rc, seconds=round(wall, 1), peak_rss_gb=round(rss, 2), **(fields or {}))
+
+
+def parity(report: dict) -> dict:
+    """The worst step and loop comparison of ONNX Runtime against the fp32 reference."""
+    out = {}
+    for kind in ("step", "loop"):
+        rows = [c for c in report["comparisons"] if c["kind"] == kind and c["backends"][1] == "onnxruntime"]
+        if rows:
+            worst = max(rows, key=lambda c: c["max_abs"] / max(c["tolerance"], 1e-30))
+            out[kind] = dict(max_abs=worst["max_abs"], tolerance=worst["tolerance"], cosine=worst["cosine"],
+                             passed=all(c["passed"] for c in rows))
+    out["dtype"] = report["dtype"]
+    return out
+
+
+def extrapolate(runs: list) -> dict | None:
+    """Full FLUX.1-dev from the measured series: each figure fitted as a + b * parameters (least squares)."""
+    params = real_configs.parameters("flux-dev", FULL_FLUX) / 1e9
+    out = dict(params_b=round(params, 2), method="least squares a + b * parameters over the measured FLUX series")
+    for key, (phase, field) in dict(export_s=("export", "seconds"), export_rss_gb=("export", "peak_rss_gb"),
+                                    onnx_gb=("export", "gb"), folder_gb=(None, "folder_gb")).items():
+        points = [(r["params_b"], (r[phase] if phase else r).get(field)) for r in runs
+                  if (r.get(phase, {}).get("ok", True) if phase else True)]
+        points = [(x, y) for x, y in points if y is not None]
+        if len(points) >= 2:
+            n = len(points)
+            mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+            b = sum((x - mx) * (y - my) for x, y in points) / max(sum((x - mx) ** 2 for x, _ in points), 1e-12)
+            out[key] = round(my + b * (params - mx), 1)
+    return out if len(out) > 2 else None
+
+
+def table(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [f"Measured {doc['date']} on {m['cpu']} ({m['cores']} cores, {m.get('memory_gib')} GiB RAM), random weights in "
+             "the real configurations, each command in its own process (`make test-large`).", "",
+             "| model | params | export (dtype, 1024 px) | peak RSS | ONNX size | TensorRT-RTX build | engine | "
+             "fp16 parity vs fp32 (step / loop max abs, tolerance) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        e, b, p = r["export"], r.get("build"), r.get("parity")
+        build = (f"{b['seconds']:.0f} s, {b['peak_rss_gb']:.1f} GB RSS" if b and b["ok"] else
+                 f"failed (rc {b['rc']})" if b else "not run (size)")
+        par = ("not run (size)" if not p else f"failed (rc {p['rc']})" if "step" not in p else
+               f"{'pass' if p['ok'] else 'FAIL'}: {p['step']['max_abs']:.1e} / "
+               f"{p.get('loop', {}).get('max_abs', float('nan')):.1e} ({p['step']['tolerance']:.1e})")
+        lines.append(f"| {r['label']} | {r['params_b']:.2f} B | "
+                     + (f"{e['seconds']:.0f} s ({e.get('dtype')})" if e["ok"] else f"failed (rc {e['rc']})")
+                     + f" | {e['peak_rss_gb']:.1f} GB | {e.get('gb', 0):.1f} GB | {build} | "
+                     + (f"{b['gb']:.1f} GB" if b and b["ok"] else "-") + f" | {par} |")
+    x = doc.get("flux_dev_full")
+    if x:
+        lines.append(f"| flux-dev 19+38 (extrapolated) | {x['params_b']:.2f} B | ~{x.get('export_s', 0):.0f} s | "
+                     f"~{x.get('export_rss_gb', 0):.0f} GB | ~{x.get('onnx_gb', 0):.0f} GB | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def du(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def gb(n: int) -> float:
+    return round(n / 2 ** 30, 2)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

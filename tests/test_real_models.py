@@ -1,0 +1,177 @@
+"""Real architectures from diffusers folders: reduced-depth, real-width FLUX.1-dev / schnell and SDXL base
+with random weights, written by save_pretrained in the layouts the hub uses (pipeline folder, bare network
+folder, sharded and fp16-variant weights, the Hugging Face cache). Real layers: diffusers loading, the
+toolkit's folder detection, torch.onnx export and ONNX Runtime. Stand-in: random weights for downloaded ones."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import toma_export as te
+from conftest import run
+from toma_export.errors import UsageError
+from toma_export.models import ModelNotAvailable, real_configs
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory):
+    """Pipeline folders, written once per session: FLUX.1-dev cut to 1+2 blocks (bf16, sharded like the
+    hub's), FLUX.1-schnell cut to 1+1, SDXL base cut to one transformer per level (fp16-variant files)."""
+    root = tmp_path_factory.mktemp("real")
+    return dict(
+        dev=real_configs.write("flux-dev", root / "dev", blocks=(1, 2), max_shard_size="500MB"),
+        schnell=real_configs.write("flux-schnell", root / "schnell", blocks=(1, 1)),
+        sdxl=real_configs.write("sdxl-base", root / "sdxl", transformer_depths=(1, 1, 1), file_variant="fp16"),
+    )
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "toma_export.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+@pytest.mark.parametrize("name,family,variant,dtype,text_len,file_variant", [
+    ("dev", "flux", "dev", "bf16", 512, None),
+    ("schnell", "flux", "schnell", "bf16", 256, None),
+    ("sdxl", "sdxl", "base", "fp16", 77, "fp16"),
+])
+def test_pipeline_and_bare_folders_are_detected(real, name, family, variant, dtype, text_len, file_variant):
+    folder = real[name]
+    for path in (folder, folder / te.models.get(str(folder)).subfolder):     # pipeline layout, then bare folder
+        spec = te.models.get(str(path))
+        assert (spec.family, spec.variant, spec.default_dtype, spec.text_len, spec.weights_variant) == \
+               (family, variant, dtype, text_len, file_variant)
+        assert spec.source == str(path)
+    assert ("guidance" in spec.input_axes()) == (variant == "dev")
+
+
+def test_real_width_folder_loads_in_the_asked_dtype_and_runs_patched(real):
+    spec = te.models.get(str(real["dev"]))
+    model = spec.load(torch.bfloat16)
+    assert model.config.num_attention_heads * model.config.attention_head_dim == 3072
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (1, 2)
+    inputs = spec.sample_inputs(height=256, width=256, dtype=torch.bfloat16, smooth=True)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :32]
+    inputs["txt_ids"] = inputs["txt_ids"][:32]
+    base = run(model, inputs)
+    te.apply_toma(model, te.ToMAConfig(blocks=("*",)))
+    merged = run(model, inputs)
+    assert base.shape == merged.shape == (1, 256, 64) and torch.isfinite(merged).all()
+    assert 0 < ((merged.float() - base.float()).norm() / base.float().norm()).item() < 1
+
+
+def test_hub_id_in_the_local_cache(real, tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache layout (refs/main -> snapshots/<rev>), offline."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--flux-cut"
+    shutil.copytree(real["schnell"], repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = te.models.get("someone/flux-cut")
+    assert (spec.name, spec.hub_id, spec.variant) == ("someone/flux-cut", "someone/flux-cut", "schnell")
+    assert spec.source.endswith("0123abc")
+    with pytest.raises(ModelNotAvailable, match="not in the local Hugging Face cache.*huggingface-cli download"):
+        te.models.get("someone/not-downloaded")
+
+
+def test_refiner_like_unet_is_detected_and_conditioned_with_five_time_ids(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from toma_export.families.sdxl import TINY
+
+    config = dict(TINY, block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 2, 1), projection_class_embeddings_input_dim=64 + 5 * 8)
+    torch.manual_seed(0)
+    UNet2DConditionModel(**config).save_pretrained(tmp_path / "unet")
+    spec = te.models.get(str(tmp_path / "unet"))             # bare folder: told by its added-condition width
+    assert (spec.variant, spec.time_ids, spec.cell_multiple) == ("refiner", 5, 8)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline",
+                                                           "requires_aesthetics_score": False}))
+    assert te.models.get(str(tmp_path)).variant == "base"   # the pipeline's own word wins
+    model = spec.load()
+    inputs = spec.sample_inputs(height=256, width=256)
+    assert inputs["added_cond_kwargs"]["time_ids"].shape == (1, 5)
+    base = run(model, inputs)
+    te.apply_toma(model)
+    assert torch.isfinite(run(model, inputs)).all() and base.shape == (1, 4, 32, 32)
+
+
+def test_folders_that_cannot_load_get_one_line(real, tmp_path):
+    bare = tmp_path / "no-weights"
+    bare.mkdir()
+    shutil.copy(real["dev"] / "transformer" / "config.json", bare)
+    with pytest.raises(ModelNotAvailable, match="config.json but no weights"):
+        te.models.get(str(bare))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(UsageError, match="SD3Transformer2DModel, an architecture toma-export does not support"):
+        te.models.get(str(other))
+    mixed = tmp_path / "mixed"                             # dev's config, schnell's weights (no guidance embedder)
+    shutil.copytree(real["schnell"] / "transformer", mixed)
+    shutil.copy(real["dev"] / "transformer" / "config.json", mixed)
+    with pytest.raises(ModelNotAvailable, match="do not load with its config.json") as err:
+        te.models.get(str(mixed)).load(torch.bfloat16)
+    assert "\n" not in str(err.value)
+
+
+def test_default_split_on_the_real_depths():
+    """The official split (first 5 of 19 double and 5 of 38 single blocks unmerged) and SDXL's 64x64 level,
+    on the real configurations built on the meta device (no weights)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**real_configs.FLUX_DEV)
+        unet = UNet2DConditionModel(**real_configs.SDXL_BASE)
+    blocks = te.apply_toma(flux).blocks
+    assert len([b for b in blocks if b.startswith("transformer_blocks.")]) == 14
+    assert len([b for b in blocks if b.startswith("single_transformer_blocks.")]) == 33
+    assert "transformer_blocks.4" not in blocks and "transformer_blocks.5" in blocks
+    blocks = te.apply_toma(unet).blocks
+    assert len(blocks) == 4 + 6          # down_blocks.1 (2 x depth 2) and up_blocks.1 (3 x depth 2)
+    assert all(b.startswith(("down_blocks.1.", "up_blocks.1.")) for b in blocks)
+
+
+def test_schnell_exports_in_its_own_dtype_and_text_length_at_a_size_outside_the_profile(real, tmp_path):
+    """Defects 8 and 9: no --dtype and no --text-len -> the folder's bf16 and schnell's 256 tokens; a static
+    256x256 export lies below FLUX's dynamic range (512..1536) and is still allowed."""
+    res = cli("export", "--model", str(real["schnell"]), "--height", "256", "--width", "256", "--output-dir",
+              str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout)
+    assert (meta["dtype"], meta["text_len"], meta["variant"], meta["height"]) == ("bf16", 256, "schnell", 256)
+    text = next(i for i in meta["inputs"] if i["name"] == "encoder_hidden_states")
+    assert text["shape"] == [1, 256, 4096] and text["dtype"] == "bfloat16"
+    res = cli("export", "--model", str(real["schnell"]), "--height", "256", "--width", "256", "--text-len", "64",
+              "--output-dir", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    meta64 = json.loads(res.stdout)
+    assert meta64["text_len"] == 64 and meta64["key"] != meta["key"]
+    res = cli("export", "--model", str(real["schnell"]), "--text-len", "0", "--output-dir", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip() == "toma-export: error: --text-len must be >= 1 token, got 0"
+
+
+def test_real_width_onnx_parity_with_external_data(real, tmp_path):
+    """FLUX.1-dev at its real width (1+2 blocks, fp32: 2.7 GB, so the weights go to external data) against
+    the PyTorch reference in ONNX Runtime, with destinations forced equal."""
+    env = dict(os.environ)
+    res = cli("export", "--model", str(real["dev"]), "--height", "256", "--width", "256", "--dtype", "fp32",
+              "--text-len", "32", "--output-dir", str(tmp_path), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout)
+    assert meta["external_data"] and (tmp_path / "onnx").is_dir()
+    res = cli("validate", "--model", str(real["dev"]), "--onnx", meta["onnx"], "--json", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["passed"] and report["dtype"] == "fp32"
+    step = next(c for c in report["comparisons"] if c["backends"][1] == "onnxruntime")
+    assert step["size"] == "256x256" and 0 < step["max_abs"] <= step["tolerance"] and step["cosine"] > 0.999

@@ -1,0 +1,97 @@
+"""The real FLUX.1 and SDXL network configurations, and random-weight diffusers folders built from them.
+
+No weights can be downloaded where the tests and the large-model measurements run, so they load folders
+written here: the real config.json (depth reducible: FLUX at real width with 1+2, 2+4 ... blocks), random
+weights saved by `save_pretrained` in the dtype the hub's files use, in the pipeline layout (model_index.json
+plus transformer/ or unet/, whose folder is also a bare model folder). The code under test is then the code
+that reads a downloaded model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_SCHNELL = dict(FLUX_DEV, guidance_embeds=False)
+SDXL_BASE = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+SDXL_REFINER = dict(SDXL_BASE, block_out_channels=(384, 768, 1536, 1536), attention_head_dim=(6, 12, 24, 24),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=4, cross_attention_dim=1280,
+                    projection_class_embeddings_input_dim=2560)
+
+# name -> (config, network folder, pipeline class, extra model_index.json entries, hub dtype)
+MODELS = {
+    "flux-dev": (FLUX_DEV, "transformer", "FluxPipeline", {}, "bf16"),
+    "flux-schnell": (FLUX_SCHNELL, "transformer", "FluxPipeline", {}, "bf16"),
+    "sdxl-base": (SDXL_BASE, "unet", "StableDiffusionXLPipeline", {"force_zeros_for_empty_prompt": True}, "fp16"),
+    "sdxl-refiner": (SDXL_REFINER, "unet", "StableDiffusionXLImg2ImgPipeline", {"requires_aesthetics_score": True},
+                     "fp16"),
+}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def config(name: str, blocks: tuple[int, int] | None = None, transformer_depths=None) -> dict:
+    """A real configuration, optionally cut: FLUX to (double, single) blocks, SDXL to other transformer
+    depths per level; widths, heads and conditioning stay real."""
+    if name not in MODELS:
+        raise ValueError(f"unknown real configuration {name!r}; choose from {', '.join(MODELS)}")
+    cfg = dict(MODELS[name][0])
+    if blocks is not None:
+        if not name.startswith("flux"):
+            raise ValueError("blocks=(double, single) cuts FLUX models; SDXL takes transformer_depths")
+        cfg.update(num_layers=blocks[0], num_single_layers=blocks[1])
+    if transformer_depths is not None:
+        cfg["transformer_layers_per_block"] = transformer_depths
+    return cfg
+
+
+def write(name: str, folder, blocks=None, transformer_depths=None, dtype: str | None = None, seed: int = 0,
+          max_shard_size: str = "10GB", file_variant: str | None = None) -> Path:
+    """A random-weight diffusers pipeline folder for a real configuration; returns the folder. The network
+    is built in `dtype` (the hub's by default), so memory stays at one copy of the weights; `file_variant`
+    names the weights as the hub's SDXL does (diffusion_pytorch_model.fp16.safetensors)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel, __version__
+
+    cfg, sub, pipeline, extra, hub_dtype = MODELS[name]
+    cfg = config(name, blocks, transformer_depths)
+    cls = FluxTransformer2DModel if sub == "transformer" else UNet2DConditionModel
+    folder = Path(folder)
+    with _default_dtype(_DTYPES[dtype or hub_dtype]), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(**cfg)
+    model.save_pretrained(folder / sub, max_shard_size=max_shard_size, variant=file_variant)
+    index = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def parameters(name: str, blocks=None, transformer_depths=None) -> int:
+    """Parameter count of a (cut) real configuration, from a model built on the meta device (no memory)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    cls = FluxTransformer2DModel if MODELS[name][1] == "transformer" else UNet2DConditionModel
+    with torch.device("meta"):
+        model = cls(**config(name, blocks, transformer_depths))
+    return sum(p.numel() for p in model.parameters())
