@@ -133,6 +133,8 @@ def test_cli_export_json_and_reuse(tmp_path, name):
     assert {i["name"] for i in meta["inputs"]} >= {"toma_recompute"} and meta["outputs"][0]["name"] == "noise_pred"
     assert "[export 4/4]" in res.stderr
     assert Path(meta["onnx"]).parent.parent == tmp_path / "onnx"     # where build, validate and generate look
+    assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] == 0     # exported in this process
+    assert "peak_rss_gb" not in json.loads((Path(meta["onnx"]).parent / "toma.json").read_text())   # not metadata
     assert not list(tmp_path.rglob(".*tmp*"))
     again = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
     assert json.loads(again.stdout)["key"] == meta["key"] and "reusing" in again.stderr

@@ -60,6 +60,7 @@ def test_cli_build_json_and_other_target(artifacts, dynamic_export):
     assert meta["selection"] == "inlined ONNX body" and meta["build_seconds"] > 0
     assert meta["selection_reason"] == "--selection body"
     assert "selection: inlined ONNX body (--selection body)" in res.stderr
+    assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] >= 0      # the export was cached: no child
 
 
 def test_build_exports_in_a_child_process(tmp_path, monkeypatch):

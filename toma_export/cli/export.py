@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_json, add_toma_options, size, toma_config
+from .common import MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, toma_config
 
 
 def add_parser(sub):
@@ -43,8 +43,9 @@ def run(args) -> int:
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size)
     meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
+    peak = peak_memory()
     if args.json:
-        print(json.dumps(meta))
+        print(json.dumps({**meta, **peak}))
         return 0
     kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
             f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
@@ -61,4 +62,5 @@ def run(args) -> int:
         print(f"  {io}:")
         for v in meta[io]:
             print(f"    {v['name']:<44} {v['dtype']:<8} {v['shape']}")
+    print(f"  {peak_memory_line(peak)}")
     return 0
