@@ -9,6 +9,7 @@ its own, so that nothing a native library prints can garble them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -40,9 +41,10 @@ def export_in_child(model_name: str, config, output_dir, options: ExportOptions 
         os.close(write)
     outcome = None
     try:
-        with child.stdin:
+        with contextlib.suppress(BrokenPipeError):         # a child that died at once: its exit code tells
             pickle.dump(list(sys.path), child.stdin)       # the same toolkit as here, however it was found
             pickle.dump((model_name, config, str(output_dir), options, force), child.stdin)
+            child.stdin.close()
         with os.fdopen(read, "rb") as messages:
             while outcome is None:
                 try:
@@ -57,9 +59,11 @@ def export_in_child(model_name: str, config, output_dir, options: ExportOptions 
         if outcome is None and child.poll() is None:       # interrupted here: do not leave the child running
             child.terminate()
         code = child.wait()
+        with contextlib.suppress(OSError):
+            child.stdin.close()
     if outcome is None:
-        raise ExecutionError(f"the export process ended with exit code {code} before finishing (killed for "
-                             "memory?); its log is above")
+        how = f"was killed by signal {-code} (out of memory?)" if code < 0 else f"ended with exit code {code}"
+        raise ExecutionError(f"the export process {how} before finishing; its log is above")
     kind, value = outcome
     if kind == "error":
         raise value
