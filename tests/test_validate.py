@@ -35,6 +35,7 @@ def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["passed"] and report["providers"]["onnxruntime"] == "CPUExecutionProvider"
+    assert report["peak_rss_gb"] > 0.1                                  # the CLI's addition to the report
     kinds = [(c["kind"], c["size"]) for c in report["comparisons"]]
     assert kinds.count(("step", "256x256")) == 1 and kinds.count(("loop", "192x320")) == 4
     for c in report["comparisons"]:
