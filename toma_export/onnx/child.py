@@ -34,33 +34,33 @@ def export_in_child(model_name: str, config, output_dir, options: ExportOptions 
     if meta is not None:
         return meta
     read, write = os.pipe()
-    try:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(write)], stdin=subprocess.PIPE, stdout=2,
-                                 pass_fds=(write,))
-    finally:
-        os.close(write)
-    outcome = None
-    try:
-        with contextlib.suppress(BrokenPipeError):         # a child that died at once: its exit code tells
-            pickle.dump(list(sys.path), child.stdin)       # the same toolkit as here, however it was found
-            pickle.dump((model_name, config, str(output_dir), options, force), child.stdin)
-            child.stdin.close()
-        with os.fdopen(read, "rb") as messages:
+    with os.fdopen(read, "rb") as messages:
+        try:
+            child = subprocess.Popen([sys.executable, "-c", _CHILD, str(write)], stdin=subprocess.PIPE, stdout=2,
+                                     pass_fds=(write,))
+        finally:
+            os.close(write)                                # the child's copy stays open: EOF when it exits
+        outcome = None
+        try:
+            with contextlib.suppress(BrokenPipeError):     # a child that died at once: its exit code tells
+                pickle.dump(list(sys.path), child.stdin)   # the same toolkit as here, however it was found
+                pickle.dump((model_name, config, str(output_dir), options, force), child.stdin)
+                child.stdin.close()
             while outcome is None:
                 try:
                     kind, value = pickle.load(messages)
-                except EOFError:
+                except (EOFError, pickle.UnpicklingError):      # gone, possibly mid-message
                     break
                 if kind == "progress":
                     progress(value)
                 else:
                     outcome = kind, value
-    finally:
-        if outcome is None and child.poll() is None:       # interrupted here: do not leave the child running
-            child.terminate()
-        code = child.wait()
-        with contextlib.suppress(OSError):
-            child.stdin.close()
+        finally:
+            if outcome is None and child.poll() is None:   # interrupted here: do not leave the child running
+                child.terminate()
+            code = child.wait()
+            with contextlib.suppress(OSError):
+                child.stdin.close()
     if outcome is None:
         how = f"was killed by signal {-code} (out of memory?)" if code < 0 else f"ended with exit code {code}"
         raise ExecutionError(f"the export process {how} before finishing; its log is above")
