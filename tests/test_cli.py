@@ -16,6 +16,7 @@ def test_demo_json_reports_patched_blocks_and_timings():
     assert out["model"] == "flux-tiny" and len(out["patched_blocks"]) == 10
     assert out["unpatched_ms"] > 0 and out["toma_ms"] > 0 and 0 < out["relative_error"] < 0.1
     assert "[3/3]" in res.stderr                                    # progress on stderr, JSON alone on stdout
+    assert out["peak_rss_gb"] > 0.1 and out["peak_rss_children_gb"] >= 0
 
 
 def test_demo_summary_for_sdxl():

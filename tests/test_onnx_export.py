@@ -1,6 +1,7 @@
 """ONNX export of both tiny models: one dynamic file each, run by ONNX Runtime at two sizes against the
 eager PyTorch reference with destinations forced equal; the selection body on its own; file hygiene."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_cli_export_json_and_reuse(tmp_path, name):
     assert {i["name"] for i in meta["inputs"]} >= {"toma_recompute"} and meta["outputs"][0]["name"] == "noise_pred"
     assert "[export 4/4]" in res.stderr
     assert Path(meta["onnx"]).parent.parent == tmp_path / "onnx"     # where build, validate and generate look
+    assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] == 0     # exported in this process
+    assert "peak_rss_gb" not in json.loads((Path(meta["onnx"]).parent / "toma.json").read_text())   # not metadata
     assert not list(tmp_path.rglob(".*tmp*"))
     again = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
     assert json.loads(again.stdout)["key"] == meta["key"] and "reusing" in again.stderr
@@ -205,3 +208,17 @@ def test_models_over_2gb_keep_their_tensors_in_external_data(tmp_path, monkeypat
     graph, net, toma, (ref, *_) = reference("flux-tiny", 1, 128, 128)
     out = ort.InferenceSession(meta["onnx"]).run(None, feed(graph, net, toma))[0]
     assert np.abs(out - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dies,message", [
+    ("os._exit(3)", "the export process ended with exit code 3 before finishing; its log is above"),
+    ("os.kill(os.getpid(), 9)", "the export process was killed by signal 9 (out of memory?) before finishing"),
+])
+def test_an_export_process_that_dies_is_one_clear_error(tmp_path, monkeypatch, dies, message):
+    """The child is stood in for by one that dies before answering, as one killed for memory would."""
+    from toma_export.errors import ExecutionError
+    from toma_export.onnx import child
+
+    monkeypatch.setattr(child, "_CHILD", f"import os; {dies}")
+    with pytest.raises(ExecutionError, match=re.escape(message)):
+        child.export_in_child("flux-tiny", None, tmp_path, force=True, progress=lambda m: None)

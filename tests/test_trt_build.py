@@ -6,8 +6,10 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
+import torch
 
 import toma_export as te
 from toma_export.trt import BuildOptions, EngineMismatch, build, check_engine
@@ -58,6 +60,34 @@ def test_cli_build_json_and_other_target(artifacts, dynamic_export):
     assert meta["selection"] == "inlined ONNX body" and meta["build_seconds"] > 0
     assert meta["selection_reason"] == "--selection body"
     assert "selection: inlined ONNX body (--selection body)" in res.stderr
+    assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] >= 0      # the export was cached: no child
+
+
+def test_build_exports_in_a_child_process(tmp_path, monkeypatch):
+    """The export's memory leaves with the process that made it. Here torch.onnx in this process fails the test,
+    yet build makes the export (none is cached in tmp_path) and the engine, and the child's progress reaches
+    this process's callback."""
+    def traced_here(*args, **kwargs):
+        raise AssertionError("build traced the model in its own process")
+
+    monkeypatch.setattr(torch.onnx, "export", traced_here)
+    messages = []
+    meta = build("flux-tiny", None, tmp_path, BuildOptions(backend="tensorrt-rtx", static=True),
+                 progress=messages.append)
+    assert Path(meta["onnx"]).is_file() and Path(meta["onnx"]).parent.parent == tmp_path / "onnx"
+    assert Path(meta["engine"]).stat().st_size == meta["engine_bytes"]
+    assert any(m.startswith("[export 4/4]") for m in messages) and messages[-1].startswith("[build] wrote")
+
+
+def test_an_error_in_the_export_process_is_one_line(tmp_path):
+    """The size check runs after the child has loaded the model; its UsageError comes back as itself."""
+    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--min-size", "96x96", "--output-dir",
+              str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "toma-export: error: flux-tiny: 96x96 px does not fit the tiles: the height must be a multiple of 64 px "
+        "(tile times the merged level's down-sampling)")
+    assert "[export 1/4] loading flux-tiny" in res.stderr                   # it did get as far as the child
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,7 +1,9 @@
 """toma-export validate: both tiny models pass torch vs ONNX Runtime at two sizes, per step and over a
 4-step loop; a corrupted file fails; NaN is reported as NaN; TensorRT without a GPU is a clear skip."""
+import importlib
 import json
 import shutil
+import weakref
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from toma_export.onnx import ToMAGraph
 from toma_export.parity.metrics import compare
 from toma_export.parity.compare import compare_step
 from toma_export.parity.record import sample_feeds
-from toma_export.parity.validate import ValidateOptions
+from toma_export.parity.validate import ValidateOptions, validate
 from toma_export.parity.runners import TorchRunner, onnxruntime_runner
 from toma_export.trt.backend import BackendMissing, load
 
@@ -33,6 +35,7 @@ def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["passed"] and report["providers"]["onnxruntime"] == "CPUExecutionProvider"
+    assert report["peak_rss_gb"] > 0.1                                  # the CLI's addition to the report
     kinds = [(c["kind"], c["size"]) for c in report["comparisons"]]
     assert kinds.count(("step", "256x256")) == 1 and kinds.count(("loop", "192x320")) == 4
     for c in report["comparisons"]:
@@ -127,3 +130,33 @@ def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifact
         assert {(c["kind"], c["size"], c["step"]) for c in trt} == {(c["kind"], c["size"], c["step"]) for c in ort}
     bad = cli("--model", "flux-tiny", "--backends", "onnxruntime")
     assert bad.returncode == 2 and "backends must include torch" in bad.stderr
+
+
+def test_reference_and_candidates_take_turns_in_memory(artifacts, monkeypatch):
+    """A full-size fp32 reference and an fp16 candidate need not fit in memory together. Every model load and
+    runtime session validate makes is recorded with what was still alive then (weak references to what the
+    earlier ones returned): the reference must be gone before the first candidate exists, and each candidate
+    before the next."""
+    module = importlib.import_module("toma_export.parity.validate")   # the package's `validate` is the function
+    loads, alive = [], []
+
+    def record(label, obj):
+        loads.append((label, [name for name, ref in alive if ref() is not None]))
+        alive.append((label, weakref.ref(obj)))
+        return obj
+
+    real_graph, real_session = module._graph, module.onnxruntime_runner
+    monkeypatch.setattr(module, "_graph", lambda spec, config, dtype: record(
+        f"torch-{'fp32' if dtype == torch.float32 else 'fp16'}", real_graph(spec, config, dtype)))
+    monkeypatch.setattr(module, "onnxruntime_runner",
+                        lambda path: (record("onnxruntime", real_session(path)[0]), "CPUExecutionProvider"))
+    report = validate("flux-tiny", te.ToMAConfig(), ValidateOptions(
+        backends=("torch", "onnxruntime"), dtype="fp16", sizes=((256, 256), (128, 128)), steps=2,
+        output_dir=str(artifacts)), progress=lambda m: None)
+    assert loads == [("torch-fp32", []), ("torch-fp16", []), ("onnxruntime", [])]
+    assert [name for name, ref in alive if ref() is not None] == []             # the last one released too
+    assert report["passed"] and len(report["fidelity"]) == 2                   # fidelity from the reference phase
+    # the report keeps its order: by size, the steps of every candidate, then their loops
+    assert [(c["kind"], c["size"], c["backends"][1]) for c in report["comparisons"]] == [
+        (kind, size, backend) for size in ("256x256", "128x128")
+        for kind, n in (("step", 1), ("loop", 2)) for backend in ("torch-fp16", "onnxruntime") for _ in range(n)]

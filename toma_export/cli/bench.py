@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..errors import UsageError
-from .common import add_json
+from .common import add_json, peak_memory, peak_memory_line
 
 
 def _floats(text: str) -> tuple:
@@ -65,5 +65,7 @@ def run(args) -> int:
             report.update_readme(Path(args.readme), doc, files[2])
         print(f"[bench] wrote {', '.join(str(f) for f in files)}" + (f" and {args.readme}" if args.readme else ""),
               file=sys.stderr)
-    print(json.dumps(doc, indent=2) if args.json else report.table(doc))
+    peak = peak_memory()
+    print(f"[bench] {peak_memory_line(peak)}", file=sys.stderr)
+    print(json.dumps({**doc, **peak}, indent=2) if args.json else report.table(doc))
     return 0

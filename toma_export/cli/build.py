@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .common import MODEL_HELP, add_json, add_toma_options, size, stdout_on_stderr, toma_config
+from .common import (MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, stdout_on_stderr,
+                     toma_config)
 
 
 def add_parser(sub):
@@ -43,8 +44,9 @@ def run(args) -> int:
                            ptx_version=args.ptx_version)
     with stdout_on_stderr():
         meta = build(args.model, config, args.output_dir, options, force=args.force)
+    peak = peak_memory()                # children: the export, when it was not cached
     if args.json:
-        print(json.dumps(meta))
+        print(json.dumps({**meta, **peak}))
         return 0
     print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
           f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
@@ -53,4 +55,5 @@ def run(args) -> int:
     print(f"  onnx: {meta['onnx']}")
     for name, shapes in (meta["profiles"] or {}).items():
         print(f"    {name:<44} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
+    print(f"  {peak_memory_line(peak)}")
     return 0

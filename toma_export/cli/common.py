@@ -1,5 +1,5 @@
-"""What several commands share: value parsers, the ToMA options (every ToMAConfig field), and keeping
-native libraries' stdout off the --json object."""
+"""What several commands share: value parsers, the ToMA options (every ToMAConfig field), keeping native
+libraries' stdout off the --json object, and the peak memory every command reports."""
 from __future__ import annotations
 
 import argparse
@@ -106,3 +106,18 @@ def stdout_on_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def peak_memory() -> dict:
+    """Peak resident memory so far, in GB (10^9 bytes): this process's, and separately the largest of its
+    finished child processes' (build's export), so that users can size the machine a command needs."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024          # ru_maxrss: bytes on macOS, KiB on Linux
+    gb = lambda who: round(resource.getrusage(who).ru_maxrss * scale / 1e9, 3)  # noqa: E731
+    return dict(peak_rss_gb=gb(resource.RUSAGE_SELF), peak_rss_children_gb=gb(resource.RUSAGE_CHILDREN))
+
+
+def peak_memory_line(peak: dict) -> str:
+    children = f" (child processes {peak['peak_rss_children_gb']:.2f} GB)" if peak["peak_rss_children_gb"] else ""
+    return f"peak memory {peak['peak_rss_gb']:.2f} GB{children}"

@@ -6,7 +6,7 @@ import statistics
 import sys
 import time
 
-from .common import MODEL_HELP, add_json, add_toma_options, size, toma_config
+from .common import MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, toma_config
 
 
 def add_parser(sub):
@@ -64,7 +64,8 @@ def run(args) -> int:
     result = dict(model=spec.name, height=height, width=width, batch=args.batch, tokens=spec.token_grid(height, width),
                   patched_blocks=report.blocks, groups=list(report.groups), ratio=config.ratio, tile=list(config.tile),
                   unpatched_ms=round(base_ms, 2), toma_ms=round(toma_ms, 2), speedup=round(base_ms / toma_ms, 3),
-                  relative_error=round(err, 5), repeats=args.repeats, torch_threads=torch.get_num_threads())
+                  relative_error=round(err, 5), repeats=args.repeats, torch_threads=torch.get_num_threads(),
+                  **peak_memory())
     if args.json:
         print(json.dumps(result))
         return 0
@@ -74,4 +75,5 @@ def run(args) -> int:
     print(f"  unpatched  {base_ms:9.2f} ms")
     print(f"  ToMA       {toma_ms:9.2f} ms   ({result['speedup']:.2f}x; includes selection and merge weights)")
     print(f"  output change vs unpatched: {err:.2%} relative L2 (smooth latent input)")
+    print(f"  {peak_memory_line(result)}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_json, add_toma_options, size, toma_config
+from .common import MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, toma_config
 
 
 def add_parser(sub):
@@ -48,8 +48,9 @@ def run(args) -> int:
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
                             text_len=args.text_len)
     meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
+    peak = peak_memory()
     if args.json:
-        print(json.dumps(meta))
+        print(json.dumps({**meta, **peak}))
         return 0
     kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
             f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
@@ -66,4 +67,5 @@ def run(args) -> int:
         print(f"  {io}:")
         for v in meta[io]:
             print(f"    {v['name']:<44} {v['dtype']:<8} {v['shape']}")
+    print(f"  {peak_memory_line(peak)}")
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, SCHEDULE, add_json, add_toma_options, progress, size, stdout_on_stderr, toma_config,
-                     toma_options)
+from .common import (MODEL_HELP, SCHEDULE, add_json, add_toma_options, peak_memory, peak_memory_line, progress, size,
+                     stdout_on_stderr, toma_config, toma_options)
 
 
 def add_parser(sub):
@@ -52,6 +52,7 @@ def run(args) -> int:
         output_dir=args.output_dir, force=args.force)
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
+    result = {**result, **peak_memory()}
     print(json.dumps(result) if args.json else _table(result))
     return 0
 
@@ -74,4 +75,5 @@ def _table(r: dict) -> str:
                        ("vae_decode", "VAE decode"), ("total", "total (pipeline call)"), ("setup", "setup (not in total)")):
         if lat[key] is not None:
             lines.append(f"  {label:<26}{lat[key]:>10.1f}")
+    lines.append(f"  {peak_memory_line(r)}")
     return "\n".join(lines)

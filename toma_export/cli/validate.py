@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import MODEL_HELP, add_json, add_toma_options, names, sizes, stdout_on_stderr, toma_config
+from .common import (MODEL_HELP, add_json, add_toma_options, names, peak_memory, peak_memory_line, sizes,
+                     stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -50,5 +51,7 @@ def run(args) -> int:
     if args.report:
         files = write_report(report, args.report)
         print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)
-    print(json.dumps(report) if args.json else table(report))
+    peak = peak_memory()
+    print(f"[validate] {peak_memory_line(peak)}", file=sys.stderr)
+    print(json.dumps({**report, **peak}) if args.json else table(report))
     return 0 if report["passed"] else 1

@@ -51,36 +51,10 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
     config=None exports the network without ToMA (the baseline for parity and speed comparisons)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    spec = models.get(model_name)
-    options = replace(options, dtype=options.dtype or spec.default_dtype)
-    if options.dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if not 17 <= options.opset <= 22:
-        raise UsageError(f"opset must be between 17 and 22 (20 recommended; 23 emits Attention, which TensorRT "
-                         f"builds reject), got {options.opset}")
-    if options.batch < 1:
-        raise UsageError(f"batch must be >= 1, got {options.batch}")
-    spec = spec.with_text_len(options.text_len)
-    height, width = spec.size(options.height, options.width)
-    ranges = _ranges(spec, options, (height, width))
-    out_root = writable_dir(output_dir)
-
-    # the key holds resolved values, so equal requests phrased differently share one export
-    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
-                      toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
-                      dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
-                      size=(height, width), text_len=spec.text_len, ranges=ranges if options.dynamic else None,
-                      versions=dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"),
-                                    sources=source_digest()))
-    key = cache_key(key_fields)
-    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
-    if (final / EXPORT_META).is_file() and not force:
-        try:
-            meta = Artifact.load(final, "onnx").meta
-            progress(f"[export] reusing {final}")
-            return meta
-        except ArtifactError as err:       # a damaged cache entry is made again, not trusted
-            progress(f"[export] exporting again: {err}")
+    spec, options, final, key, key_fields, (height, width), ranges = _plan(model_name, config, output_dir, options)
+    meta = None if force else _reuse(final, progress)
+    if meta is not None:
+        return meta
 
     t0 = time.perf_counter()
     progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
@@ -115,6 +89,55 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         meta["onnx"] = str(final / "model.onnx")
         Artifact("onnx", onnx_path, meta).save()
     progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
+    return meta
+
+
+def cached(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
+           progress=None) -> dict | None:
+    """The metadata of a finished identical export, or None; cheap (no model is loaded), so callers that would
+    export in another process can skip starting one."""
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    return _reuse(_plan(model_name, config, output_dir, options)[2], progress)
+
+
+def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions):
+    """Checked options (the dtype defaulted to the weights') and the artifact's key: (spec at the text length,
+    options, final folder, key, key fields, size, ranges)."""
+    spec = models.get(model_name)
+    options = replace(options, dtype=options.dtype or spec.default_dtype)
+    if options.dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if not 17 <= options.opset <= 22:
+        raise UsageError(f"opset must be between 17 and 22 (20 recommended; 23 emits Attention, which TensorRT "
+                         f"builds reject), got {options.opset}")
+    if options.batch < 1:
+        raise UsageError(f"batch must be >= 1, got {options.batch}")
+    spec = spec.with_text_len(options.text_len)
+    height, width = spec.size(options.height, options.width)
+    ranges = _ranges(spec, options, (height, width))
+    out_root = writable_dir(output_dir)
+
+    # the key holds resolved values, so equal requests phrased differently share one export
+    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
+                      toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
+                      dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
+                      size=(height, width), text_len=spec.text_len, ranges=ranges if options.dynamic else None,
+                      versions=dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"),
+                                    sources=source_digest()))
+    key = cache_key(key_fields)
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
+    return spec, options, final, key, key_fields, (height, width), ranges
+
+
+def _reuse(final: Path, progress) -> dict | None:
+    if not (final / EXPORT_META).is_file():
+        return None
+    try:
+        meta = Artifact.load(final, "onnx").meta
+    except ArtifactError as err:       # a damaged cache entry is made again, not trusted
+        progress(f"[export] exporting again: {err}")
+        return None
+    progress(f"[export] reusing {final}")
     return meta
 
 

@@ -9,10 +9,14 @@ fp16 overflow and drift show over steps, not in one. ToMA's own cost (the same l
 reported beside it, not judged.
 
 The reference is a record per size (inputs, outputs, selection features, loop latents and destinations)
-that can be saved on one machine and loaded on another, where only the candidates run.
+that can be saved on one machine and loaded on another, where only the candidates run. The models take
+turns in memory, since a full-size fp32 reference and an fp16 candidate need not fit together: the
+reference makes every record and is released, then each candidate is created, compared at every size and
+released before the next.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch
 from .. import models
 from ..artifacts import DTYPES, Artifact, config_from_section, toma_section
 from ..errors import ArtifactError, UsageError
-from ..onnx import ExportOptions, ToMAGraph, export
+from ..onnx import ExportOptions, ToMAGraph, export_in_child
 from ..resources import default_output
 from ..toma import ToMAConfig, apply_toma
 from .compare import bisect_step, compare_loop, compare_step, fidelity, selection_step
@@ -75,36 +79,35 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
                   fidelity=[], toma=toma_section(config),
                   reference="loaded from " + options.load_reference if stored else "torch fp32")
 
-    reference = None if stored else _graph(spec, config, torch.float32)
-    candidates = _candidates(model, spec, config, options, report, progress)
-    runners = ([TorchRunner(reference, name="torch-fp32")] if reference else []) + list(candidates.values())
-    for runner in runners:
-        runner.activate()
-    records = stored["records"] if stored else []
-    try:
-        for i, size in enumerate(sizes):
-            progress(f"[validate] {size[0]}x{size[1]} px: one step" +
-                     (f", then a {options.steps}-step loop" if options.steps else ""))
-            if not stored:
-                records.append(make_record(spec, runners[0], config, options, size))
-            record = records[i]
-            step = compare_step(record, candidates, options, size)
-            report["comparisons"] += step
-            if options.bisect and reference is not None:
-                report.setdefault("bisect", []).extend(
-                    bisect_step(reference, report.get("onnx"), record, options, size, step))
-            report["selection"] += selection_step(record, candidates, options, size)
-            if options.steps:
-                report["comparisons"] += compare_loop(spec, record, candidates, options, size, config)
-                if reference is not None and config:
-                    report["fidelity"].append(fidelity(spec, runners[0], record, options, size, config))
-    finally:
-        for runner in runners:
-            runner.deactivate()
+    plans = _plan_candidates(model, spec, config, options, report, progress)     # refusals before the long runs
+    if stored:
+        records = stored["records"]
+    else:
+        records = _reference_phase(spec, config, options, sizes, report, progress)
+        if options.save_reference:
+            save_records(options.save_reference, records, dict(
+                format=RECORD_FORMAT, model=spec.name, sizes=sizes, steps=options.steps, batch=options.batch,
+                toma=report["toma"]))
+    steps, loops, selection = {}, {}, {}       # per size, in candidate order
+    for name, create in plans.items():
+        progress(f"[validate] {name}: {len(sizes)} size(s), one step" +
+                 (f" and a {options.steps}-step loop each" if options.steps else " each"))
+        runner = create()
+        with runner:
+            for i, size in enumerate(sizes):
+                steps.setdefault(i, []).extend(compare_step(records[i], {name: runner}, options, size))
+                selection.setdefault(i, []).extend(selection_step(records[i], {name: runner}, options, size))
+                if options.steps:
+                    loops.setdefault(i, []).extend(compare_loop(spec, records[i], {name: runner}, options, size,
+                                                                config))
+        del runner, create                      # released before the next candidate is created
+        gc.collect()
+    for i in range(len(sizes)):                 # the report's order: by size, then steps before loops
+        report["comparisons"] += steps.get(i, []) + loops.get(i, [])
+        report["selection"] += selection.get(i, [])
+    if options.bisect and not stored:
+        report["bisect"] = _bisect(spec, config, options, sizes, records, steps, report.get("onnx"), progress)
     if options.save_reference and not stored:
-        save_records(options.save_reference, records, dict(
-            format=RECORD_FORMAT, model=spec.name, sizes=sizes, steps=options.steps, batch=options.batch,
-            toma=report["toma"]))
         report["saved_reference"] = options.save_reference
     if not report["comparisons"]:           # nothing compared is not a pass (e.g. --backends torch in fp32)
         report["nothing_compared"] = ("no candidate ran: add onnxruntime or tensorrt to --backends, or validate "
@@ -139,21 +142,62 @@ def _from_export(onnx_path: str, spec, options: ValidateOptions):
     return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"])
 
 
-def _candidates(model, spec, config, options, report, progress) -> dict:
-    candidates = {}
+def _reference_phase(spec, config, options, sizes, report, progress) -> list:
+    """Every size's record, and the ToMA fidelity under --steps, from the fp32 reference, which is then
+    released: a full-size reference and a candidate need not fit in memory together."""
+    reference = TorchRunner(_graph(spec, config, torch.float32), name="torch-fp32")
+    records = []
+    with reference:
+        for size in sizes:
+            progress(f"[validate] reference (torch fp32) {size[0]}x{size[1]} px: one step" +
+                     (f", then a {options.steps}-step loop" if options.steps else ""))
+            records.append(make_record(spec, reference, config, options, size))
+            if options.steps and config:
+                report["fidelity"].append(fidelity(spec, reference, records[-1], options, size, config))
+    del reference
+    gc.collect()
+    return records
+
+
+def _bisect(spec, config, options, sizes, records, steps, onnx_path, progress) -> list:
+    """--bisect on the sizes where ONNX Runtime failed a step. The reference was released before the
+    candidates ran, so it is loaded again here, only when some step failed: a second load's time and memory."""
+    failing = [i for i in range(len(sizes))
+               if any(not e["passed"] and e["backends"][1] == "onnxruntime" for e in steps.get(i, []))]
+    if not failing or onnx_path is None:
+        return []
+    progress("[validate] bisect: loading the reference again")
+    reference = _graph(spec, config, torch.float32)
+    try:
+        return [entry for i in failing
+                for entry in bisect_step(reference, onnx_path, records[i], options, sizes[i], steps[i])]
+    finally:
+        del reference
+        gc.collect()
+
+
+def _plan_candidates(model, spec, config, options, report, progress) -> dict:
+    """{candidate name: a function that creates its runner}. Everything that can refuse the request, or skip a
+    backend, is decided here, before any model is loaded; the exports, builds and loads happen in the
+    functions, one candidate at a time."""
+    plans = {}
     if "torch" in options.backends and options.dtype != "fp32":
-        candidates[f"torch-{options.dtype}"] = TorchRunner(_graph(spec, config, DTYPES[options.dtype]),
-                                                           name=f"torch-{options.dtype}")
+        name = f"torch-{options.dtype}"
+        plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype]), name=name)
     if "onnxruntime" in options.backends:
-        path = options.onnx or export(model, config, Path(options.output_dir or default_output()) / "onnx",
-                                      ExportOptions(dynamic=True, dtype=options.dtype), progress=progress)["onnx"]
-        if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before loading it
+        if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before exporting
             raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
                              "--backends torch,tensorrt on a GPU, or export fp16/fp32 for ONNX Runtime")
-        runner, provider = onnxruntime_runner(path)
-        candidates["onnxruntime"] = runner
-        report["providers"]["onnxruntime"] = provider
-        report["onnx"] = path
+
+        def onnxruntime():
+            path = options.onnx or export_in_child(
+                model, config, Path(options.output_dir or default_output()) / "onnx",
+                ExportOptions(dynamic=True, dtype=options.dtype), progress=progress)["onnx"]
+            runner, provider = onnxruntime_runner(path)
+            report["providers"]["onnxruntime"] = provider
+            report["onnx"] = path
+            return runner
+        plans["onnxruntime"] = onnxruntime
     if "tensorrt" in options.backends:
         reason = _tensorrt_unavailable()
         if reason:
@@ -162,9 +206,9 @@ def _candidates(model, spec, config, options, report, progress) -> dict:
         else:
             if options.engine:
                 Artifact.load(options.engine, "engine").check_model(spec.name)
-            candidates["tensorrt"] = EngineRunnerAdapter(options.engine or _build_engine(model, config, options,
-                                                                                         progress))
-    return candidates
+            plans["tensorrt"] = lambda: EngineRunnerAdapter(options.engine or _build_engine(model, config, options,
+                                                                                            progress))
+    return plans
 
 
 def _graph(spec, config, dtype):

@@ -89,10 +89,10 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
     paths = {}
     for cfg in wanted:
         if backend == "onnxruntime":
-            from ..onnx import ExportOptions, export
+            from ..onnx import ExportOptions, export_in_child      # the pipeline loads next: keep its peak low
 
-            meta = export(model, cfg, out / "onnx", ExportOptions(height=size[0], width=size[1], batch=batch),
-                          force=force, progress=progress)
+            options = ExportOptions(height=size[0], width=size[1], batch=batch)
+            meta = export_in_child(model, cfg, out / "onnx", options, force=force, progress=progress)
             paths[cfg is not None] = meta["onnx"]
         elif backend == "tensorrt":
             from ..trt import BuildOptions, build

@@ -1,4 +1,5 @@
-"""`toma-export build`: export (or reuse) the ONNX file, then build a TensorRT or TensorRT-RTX engine.
+"""`toma-export build`: export (or reuse) the ONNX file, in a child process, then build a TensorRT or
+TensorRT-RTX engine.
 
 What runs the selection (`--selection`): the `toma::ToMASelect` plugin in its ahead-of-time form, so the
 engine embeds the Triton kernel's PTX and runs without Python; or the op's portable ONNX body, which the
@@ -22,7 +23,7 @@ from pathlib import Path
 from .. import models, resources
 from ..artifacts import ENGINE_META, Artifact, cache_key, staged_dir, writable_dir
 from ..errors import ArtifactError, ExecutionError, UsageError
-from ..onnx import ExportOptions, export
+from ..onnx import ExportOptions, export_in_child
 from ..toma import ToMAConfig
 from . import backend as backends
 
@@ -136,7 +137,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     elif options.ptx_version is not None and options.selection == "body":
         raise UsageError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
 
-    onnx_meta = export(model, toma, out_root / "onnx", ExportOptions(
+    # in a child process: the traced model would otherwise stay in this one's heap while TensorRT builds
+    onnx_meta = export_in_child(model, toma, out_root / "onnx", ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"]),
         force=force, progress=progress)
