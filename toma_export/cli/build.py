@@ -24,6 +24,9 @@ def add_parser(sub):
     for which in ("min", "opt", "max"):
         p.add_argument(f"--{which}-size", type=size, help=f"{which} HEIGHTxWIDTH of the profile (recipe)")
     p.add_argument("--static", action="store_true", help="one shape (the opt size, batch 1) instead of a profile")
+    p.add_argument("--text-len", type=int, metavar="N",
+                   help="text tokens: a static engine's length, a profile's opt (default: the model's; FLUX.1-dev 512, "
+                        "schnell 256)")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
     p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
                    "checkout, else ~/.cache/toma-export/artifacts)")
@@ -41,7 +44,7 @@ def run(args) -> int:
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
                            opt_size=args.opt_size, max_size=args.max_size, static=args.static,
                            timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
-                           ptx_version=args.ptx_version)
+                           ptx_version=args.ptx_version, text_len=args.text_len)
     with stdout_on_stderr():
         meta = build(args.model, config, args.output_dir, options, force=args.force)
     peak = peak_memory()                # children: the export, when it was not cached

@@ -39,7 +39,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 @dataclass(frozen=True)
 class ValidateOptions:
     backends: tuple = ("torch", "onnxruntime")
-    dtype: str | None = None      # None: the --onnx file's dtype, else fp32
+    dtype: str | None = None      # None: the --onnx file's dtype, else the weights' (fp32 where a backend lacks it)
     sizes: tuple | None = None    # ((height, width), ...) pixels; None = the model's default size
     steps: int = 0                # > 0: also a whole loop of that many steps
     batch: int | None = None      # None: a static export's batch, else 2 (CFG)
@@ -72,12 +72,19 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     if stored:
         config, options = _from_stored(stored["meta"], options)
     elif options.onnx:
-        config, options = _from_export(options.onnx, spec, options)
-    options = replace(options, batch=options.batch or 2, dtype=options.dtype or "fp32")
+        config, options, spec = _from_export(options.onnx, spec, options)
+    dtype_note = None
+    if options.dtype is None:
+        dtype_note = _default_dtype(spec, options)
+        options = replace(options, dtype=dtype_note[0])
+        progress(f"[validate] dtype {dtype_note[0]}: {dtype_note[1]}")
+    options = replace(options, batch=options.batch or 2)
     sizes = list(options.sizes or [spec.size(None, None)])
     report = dict(model=spec.name, dtype=options.dtype, providers={}, skipped={}, comparisons=[], selection=[],
                   fidelity=[], toma=toma_section(config),
                   reference="loaded from " + options.load_reference if stored else "torch fp32")
+    if dtype_note:
+        report["dtype_reason"] = dtype_note[1]
 
     plans = _plan_candidates(model, spec, config, options, report, progress)     # refusals before the long runs
     if stored:
@@ -123,8 +130,17 @@ def _from_stored(meta: dict, options: ValidateOptions):
     return config, replace(options, sizes=sizes, steps=meta["steps"], batch=meta["batch"])
 
 
+def _default_dtype(spec, options: ValidateOptions) -> tuple[str, str]:
+    """(dtype, why): the one the weights are stored in, unless a requested backend cannot run it here."""
+    dtype = spec.default_dtype
+    if dtype == "bf16" and "onnxruntime" in options.backends and onnxruntime_provider() == "CPUExecutionProvider":
+        return "fp32", ("the weights are bf16, which ONNX Runtime's CPU provider cannot run; pass --dtype fp16 for a "
+                        "half-precision check, or validate bf16 with --backends torch,tensorrt on a GPU")
+    return dtype, "the dtype the weights are stored in" if spec.weights_dtype else "the default for random models"
+
+
 def _from_export(onnx_path: str, spec, options: ValidateOptions):
-    """The file's ToMA settings, every field, and for a static export its own size and batch."""
+    """The file's ToMA settings, every field, and for a static export its own size, batch and text length."""
     artifact = Artifact.load(onnx_path, "onnx")
     artifact.check_model(spec.name)
     size = artifact.static_size
@@ -136,10 +152,11 @@ def _from_export(onnx_path: str, spec, options: ValidateOptions):
             raise UsageError(f"{onnx_path} is a static export at batch {artifact.meta['batch']}; drop --batch or "
                              "export with --dynamic")
         options = replace(options, sizes=(size,), batch=artifact.meta["batch"])
+        spec = spec.with_text_len(artifact.meta.get("text_len"))
     if options.dtype not in (None, artifact.meta["dtype"]):
         raise UsageError(f"{onnx_path} is a {artifact.meta['dtype']} export; drop --dtype {options.dtype} or pass an "
                          f"export in {options.dtype}")
-    return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"])
+    return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"]), spec
 
 
 def _reference_phase(spec, config, options, sizes, report, progress) -> list:

@@ -49,6 +49,7 @@ class BuildOptions:
     opt_size: tuple | None = None
     max_size: tuple | None = None
     static: bool = False           # one shape (the opt size, batch 1) instead of a profile
+    text_len: int | None = None    # text tokens (static: the length; dynamic: the opt); None = the model's
     timing_cache: str | None = None
     verbose: bool = False          # TensorRT warnings (duplicate inlined node names, int64 bindings...) too
     selection: str = "auto"        # auto | plugin | body: what runs toma::ToMASelect in the engine
@@ -140,7 +141,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     # in a child process: the traced model would otherwise stay in this one's heap while TensorRT builds
     onnx_meta = export_in_child(model, toma, out_root / "onnx", ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
-        min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"]),
+        min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"],
+        text_len=options.text_len),
         force=force, progress=progress)
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
@@ -159,7 +161,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
         (tmp / "engine.plan").write_bytes(engine)
         meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
                     onnx_key=onnx_meta["key"], selection=selection, selection_reason=why, dtype=dtype,
-                    dynamic=onnx_meta["dynamic"],
+                    dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
                     profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
                     toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
                     engine_bytes=len(engine))
