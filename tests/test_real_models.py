@@ -175,3 +175,43 @@ def test_real_width_onnx_parity_with_external_data(real, tmp_path):
     assert report["passed"] and report["dtype"] == "fp32"
     step = next(c for c in report["comparisons"] if c["backends"][1] == "onnxruntime")
     assert step["size"] == "256x256" and 0 < step["max_abs"] <= step["tolerance"] and step["cosine"] > 0.999
+
+
+def test_the_large_run_extrapolates_full_flux_linearly_in_parameters():
+    """scripts/real_models.py (make test-large): a least-squares line through the measured FLUX series."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "real_models.py"
+    spec = importlib.util.spec_from_file_location("real_models_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = [dict(model="flux-dev", params_b=p, folder_gb=2 * p, export=dict(ok=True, seconds=10 + 20 * p,
+                                                                         peak_rss_gb=1 + 3 * p, gb=2 * p))
+            for p in (0.5, 1.0, 2.0)]
+    full = script.extrapolate(runs)
+    assert full["params_b"] == pytest.approx(11.9, abs=0.01)
+    assert full["export_s"] == pytest.approx(10 + 20 * 11.90, abs=0.2)
+    assert full["export_rss_gb"] == pytest.approx(1 + 3 * 11.90, abs=0.2) and full["onnx_gb"] == pytest.approx(23.8, abs=0.1)
+    assert script.extrapolate(runs[:1]) is None                  # one point fixes no line
+
+
+def test_generate_names_what_a_network_only_folder_lacks(real):
+    """export, build and validate need only the network; generate needs the pipeline around it."""
+    res = cli("generate", "--model", str(real["schnell"] / "transformer"), "--prompt", "a fox", "--out", "x.png")
+    assert res.returncode == 2 and "holds only the flux network" in res.stderr and "Traceback" not in res.stderr
+    res = cli("generate", "--model", str(real["schnell"]), "--prompt", "a fox", "--out", "x.png")
+    assert res.returncode == 2 and "lacks text_encoder, text_encoder_2, tokenizer" in res.stderr
+
+
+def test_validate_defaults_to_the_weights_dtype_where_the_backends_run_it(real):
+    """Defect 9: a bf16 FLUX validates in bf16 (not a doubled fp32 copy) where the candidates can run it;
+    ONNX Runtime's CPU provider cannot, so there it is fp32 and the reason is given."""
+    from toma_export.parity.validate import ValidateOptions, _default_dtype
+
+    spec = te.models.get(str(real["schnell"]))
+    assert _default_dtype(spec, ValidateOptions(backends=("torch",)))[0] == "bf16"
+    dtype, why = _default_dtype(spec, ValidateOptions(backends=("torch", "onnxruntime")))
+    assert dtype == "fp32" and "--dtype fp16" in why
+    assert _default_dtype(te.models.get(str(real["sdxl"])), ValidateOptions())[0] == "fp16"
+    assert _default_dtype(te.models.get("flux-tiny"), ValidateOptions())[0] == "fp32"

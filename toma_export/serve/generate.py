@@ -47,10 +47,11 @@ def generate(args: GenerateRequest, progress) -> dict:
 
     from .. import models
     from .network import load_network
-    from .pipeline import attach, best_backend, load_pipeline, serving_artifacts
+    from .pipeline import attach, best_backend, check_pipeline, load_pipeline, serving_artifacts
 
     torch.set_grad_enabled(False)
     spec = models.get(args.model)
+    check_pipeline(spec)                          # before any export
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     height, width = spec.size(*(args.size or (None, None)))

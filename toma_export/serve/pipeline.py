@@ -28,9 +28,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
     import diffusers
 
     spec = models.get(model)
-    if spec.variant == "refiner":
-        raise UsageError(f"{spec.name} is an SDXL refiner (image-to-image); generate and serve run text-to-image "
-                         "models such as SDXL base; export and validate take the refiner")
+    check_pipeline(spec)
     cls = getattr(diffusers, spec.pipeline_class)
     attr = spec.subfolder
     given = {} if network is True else {attr: network or None}
@@ -49,6 +47,26 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
             f"Hugging Face cache and not downloadable here); download it where the hub is reachable "
             f"(`huggingface-cli download {spec.source}`) or pass a local diffusers pipeline folder as --model PATH"
         ) from None
+
+
+def check_pipeline(spec) -> None:
+    """Refuse, before any export, what cannot become a text-to-image pipeline: a refiner, a folder holding
+    only the network, a pipeline folder without its text encoders, tokenizers, VAE or scheduler."""
+    if spec.variant == "refiner":
+        raise UsageError(f"{spec.name} is an SDXL refiner (image-to-image); generate and serve run text-to-image "
+                         "models such as SDXL base; export and validate take the refiner")
+    folder = Path(spec.source) if spec.source else None
+    if folder is None or not folder.is_dir():
+        return
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"{spec.name} holds only the {spec.family} network; generating needs the whole pipeline "
+                         f"folder (model_index.json, text encoders, VAE, scheduler): pass the folder above it")
+    missing = [part for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
+               if not (folder / part).is_dir()]
+    if missing:
+        raise ModelNotAvailable(f"{spec.name}: the pipeline folder lacks {', '.join(missing)}, which generating "
+                                "needs; download the whole pipeline (export, build and validate need only "
+                                f"{spec.subfolder}/)")
 
 
 def attach(pipe, network) -> None:
