@@ -215,3 +215,15 @@ def test_validate_defaults_to_the_weights_dtype_where_the_backends_run_it(real):
     assert dtype == "fp32" and "--dtype fp16" in why
     assert _default_dtype(te.models.get(str(real["sdxl"])), ValidateOptions())[0] == "fp16"
     assert _default_dtype(te.models.get("flux-tiny"), ValidateOptions())[0] == "fp32"
+
+
+def test_an_export_key_changes_with_the_folders_contents(real, tmp_path):
+    """The same path with other weights or another depth is exported again, never served from the cache."""
+    from toma_export.onnx.export import ExportOptions, _plan
+
+    folder = shutil.copytree(real["schnell"], tmp_path / "model")
+    key = _plan(str(folder), None, tmp_path / "onnx", ExportOptions(height=256, width=256))[3]
+    assert _plan(str(folder), None, tmp_path / "onnx", ExportOptions(height=256, width=256))[3] == key
+    shutil.rmtree(folder)
+    real_configs.write("flux-schnell", folder, blocks=(1, 2))
+    assert _plan(str(folder), None, tmp_path / "onnx", ExportOptions(height=256, width=256))[3] != key

@@ -4,6 +4,7 @@ pipeline, and how a pipeline's call of the network becomes the graph's inputs. T
 (flux.py, sdxl.py) subclass it and add the ToMA patch hooks and the benchmark block."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -112,6 +113,20 @@ class ModelSpec:
                 raise ModelNotAvailable(f"{self.name}: the weights in {folder} do not load with its config.json "
                                         f"({what}); {mismatch}")
         return model
+
+    def weights_fingerprint(self) -> str | None:
+        """A hash of the folder's config.json and of each weight file's name, size and modification time:
+        part of every export key, so a folder whose contents changed (new weights, another depth at the same
+        path) is exported again rather than served from a stale cache. None for random models."""
+        if self.source is None or not Path(self.source).is_dir():
+            return None
+        path = Path(self.source)
+        folder = path / self.subfolder if (path / self.subfolder / "config.json").is_file() else path
+        digest = hashlib.sha256((folder / "config.json").read_bytes())
+        for f in weight_files(folder).get(self.weights_variant, []):
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:12]
 
     def with_text_len(self, text_len: int | None) -> "ModelSpec":
         """The spec at another text length (FLUX schnell pipelines use 256 tokens, dev 512); the dynamic text

@@ -118,7 +118,8 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
     out_root = writable_dir(output_dir)
 
     # the key holds resolved values, so equal requests phrased differently share one export
-    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, spec_config=spec.config,
+    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, weights=spec.weights_fingerprint(),
+                      spec_config=spec.config,
                       toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
                       dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
                       size=(height, width), text_len=spec.text_len, ranges=ranges if options.dynamic else None,
