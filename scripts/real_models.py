@@ -49,13 +49,19 @@ def main(argv=None) -> int:
                    help="scratch folder for model folders and artifacts, emptied per model (/tmp/toma-real-models)")
     p.add_argument("--out", help="folder for results.json and results.md")
     p.add_argument("--readme", help="README to fill between the real-models markers")
+    p.add_argument("--update", action="store_true",
+                   help="keep the runs already in --out/results.json (same machine) that this run does not repeat")
     args = p.parse_args(argv)
     if args.readme:
         check_readme(Path(args.readme), BEGIN, END)
     cases = [("flux-dev", tuple(int(n) for n in d.split("+"))) for d in args.flux.split(",") if d]
     cases += [("sdxl-base", None)] if args.sdxl else []
+    here = machine(BenchOptions())
+    kept = previous(args, here)
     runs = [measure(name, blocks, args) for name, blocks in cases]
-    doc = dict(date=datetime.date.today().isoformat(), machine=machine(BenchOptions()), runs=runs,
+    labels = {r["label"] for r in runs}
+    runs = [r for r in kept if r["label"] not in labels] + runs
+    doc = dict(date=datetime.date.today().isoformat(), machine=here, runs=runs,
                flux_dev_full=extrapolate([r for r in runs if r["model"] == "flux-dev"]))
     doc["passed"] = all(r["ok"] for r in runs)
     if args.out:
@@ -77,7 +83,8 @@ def measure(name: str, blocks, args) -> dict:
     t0 = time.perf_counter()
     folder = real_configs.write(name, work / "model", blocks=blocks,
                                 file_variant="fp16" if name.startswith("sdxl") else None)
-    run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, params_b=round(params / 1e9, 3),
+    run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, date=datetime.date.today().isoformat(),
+               params_b=round(params / 1e9, 3),
                write_s=round(time.perf_counter() - t0, 1), folder_gb=gb(du(folder)), ok=True)
     env = dict(os.environ, TOMA_EXPORT_OUTPUT=str(work / "artifacts"))
     height, width = args.size.split("x")
@@ -96,7 +103,7 @@ def measure(name: str, blocks, args) -> dict:
                                        "fp16", "--text-len", str(args.parity_text_len)], env)
         if rc == 0:
             rc, report, wall, rss = command(["validate", "--model", str(folder), "--onnx", meta["onnx"],
-                                             "--steps", str(args.steps)], env)
+                                             "--backends", "onnxruntime", "--steps", str(args.steps)], env)
             run["parity"] = step(rc, wall, rss, report and parity(report))
             run["parity"]["ok"] = bool(report and report["passed"])
         else:
@@ -140,10 +147,26 @@ def parity(report: dict) -> dict:
     return out
 
 
+def previous(args, here: dict) -> list:
+    """--update: the runs of an earlier results.json from this machine kind."""
+    path = Path(args.out or ".") / "results.json"
+    if not (args.update and path.is_file()):
+        return []
+    old = json.loads(path.read_text())
+    if old["machine"]["cpu"] != here["cpu"]:
+        sys.exit(f"error: {path} was measured on {old['machine']['cpu']}, not this {here['cpu']}; drop --update")
+    return old["runs"]
+
+
 def extrapolate(runs: list) -> dict | None:
-    """Full FLUX.1-dev from the measured series: each figure fitted as a + b * parameters (least squares)."""
+    """Full FLUX.1-dev from the measured series: each figure fitted as a + b * parameters (least squares),
+    over the runs whose export wrote external data as the full model's does (under 2 GB the file is
+    written inline, which costs other memory), or over all runs when fewer than two did."""
     params = real_configs.parameters("flux-dev", FULL_FLUX) / 1e9
-    out = dict(params_b=round(params, 2), method="least squares a + b * parameters over the measured FLUX series")
+    external = [r for r in runs if r.get("export", {}).get("external_data")]
+    runs = external if len(external) >= 2 else runs
+    out = dict(params_b=round(params, 2), method="least squares a + b * parameters over "
+               + ", ".join(r["label"] for r in runs))
     for key, (phase, field) in dict(export_s=("export", "seconds"), export_rss_gb=("export", "peak_rss_gb"),
                                     onnx_gb=("export", "gb"), folder_gb=(None, "folder_gb")).items():
         points = [(r["params_b"], (r[phase] if phase else r).get(field)) for r in runs

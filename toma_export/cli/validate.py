@@ -16,8 +16,8 @@ def add_parser(sub):
                                   "ToMA settings, dtype and, when static, size and batch are used")
     p.add_argument("--engine", help="a built engine's engine.json (default: build one when tensorrt is asked for)")
     p.add_argument("--backends", type=names, default=("torch", "onnxruntime"),
-                   help="comma list from torch (the fp32 reference; also a candidate in --dtype), onnxruntime, "
-                        "tensorrt (torch,onnxruntime)")
+                   help="the candidates, a comma list from torch (PyTorch in --dtype, when that is not fp32), "
+                        "onnxruntime, tensorrt; the fp32 PyTorch reference always runs (torch,onnxruntime)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="candidates' dtype (--onnx: the file's; fp32)")
     p.add_argument("--sizes", type=sizes, help="comma list of HEIGHTxWIDTH (the model's default size)")
     p.add_argument("--steps", type=int, default=0, help="also run a whole denoising loop of N steps (0: one step)")
