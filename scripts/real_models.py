@@ -168,9 +168,11 @@ def extrapolate(runs: list) -> dict | None:
     out = dict(params_b=round(params, 2), method="least squares a + b * parameters over "
                + ", ".join(r["label"] for r in runs))
     for key, (phase, field) in dict(export_s=("export", "seconds"), export_rss_gb=("export", "peak_rss_gb"),
-                                    onnx_gb=("export", "gb"), folder_gb=(None, "folder_gb")).items():
-        points = [(r["params_b"], (r[phase] if phase else r).get(field)) for r in runs
-                  if (r.get(phase, {}).get("ok", True) if phase else True)]
+                                    onnx_gb=("export", "gb"), build_s=("build", "seconds"),
+                                    build_rss_gb=("build", "peak_rss_gb"), engine_gb=("build", "gb"),
+                                    validate_rss_gb=("parity", "peak_rss_gb"), folder_gb=(None, "folder_gb")).items():
+        points = [(r["params_b"], (r.get(phase, {}) if phase else r).get(field)) for r in runs
+                  if not phase or r.get(phase, {}).get("ok")]
         points = [(x, y) for x, y in points if y is not None]
         if len(points) >= 2:
             n = len(points)
@@ -200,8 +202,10 @@ def table(doc: dict) -> str:
                      + (f"{b['gb']:.1f} GB" if b and b["ok"] else "-") + f" | {par} |")
     x = doc.get("flux_dev_full")
     if x:
+        build = (f"~{x['build_s']:.0f} s, ~{x['build_rss_gb']:.0f} GB RSS" if "build_s" in x else "-")
         lines.append(f"| flux-dev 19+38 (extrapolated) | {x['params_b']:.2f} B | ~{x.get('export_s', 0):.0f} s | "
-                     f"~{x.get('export_rss_gb', 0):.0f} GB | ~{x.get('onnx_gb', 0):.0f} GB | - | - | - |")
+                     f"~{x.get('export_rss_gb', 0):.0f} GB | ~{x.get('onnx_gb', 0):.0f} GB | {build} | "
+                     f"~{x.get('engine_gb', 0):.0f} GB | validate: ~{x.get('validate_rss_gb', 0):.0f} GB RSS |")
     return "\n".join(lines) + "\n"
 
 

@@ -186,7 +186,7 @@ def test_the_large_run_extrapolates_full_flux_linearly_in_parameters():
     spec = importlib.util.spec_from_file_location("real_models_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    runs = [dict(model="flux-dev", params_b=p, folder_gb=2 * p, export=dict(ok=True, seconds=10 + 20 * p,
+    runs = [dict(model="flux-dev", label=f"{p}", params_b=p, folder_gb=2 * p, export=dict(ok=True, seconds=10 + 20 * p,
                                                                          peak_rss_gb=1 + 3 * p, gb=2 * p))
             for p in (0.5, 1.0, 2.0)]
     full = script.extrapolate(runs)
