@@ -85,17 +85,17 @@ def measure(name: str, blocks, args) -> dict:
                                 file_variant="fp16" if name.startswith("sdxl") else None)
     run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, date=datetime.date.today().isoformat(),
                params_b=round(params / 1e9, 3),
-               write_s=round(time.perf_counter() - t0, 1), folder_gb=gb(du(folder)), ok=True)
+               write_s=round(time.perf_counter() - t0, 1), folder_gib=gib(du(folder)), ok=True)
     env = dict(os.environ, TOMA_EXPORT_OUTPUT=str(work / "artifacts"))
     height, width = args.size.split("x")
     rc, meta, wall, rss = command(["export", "--model", str(folder), "--height", height, "--width", width], env)
     run["export"] = step(rc, wall, rss, meta and dict(dtype=meta["dtype"], text_len=meta["text_len"],
-                                                      gb=gb(du(Path(meta["onnx"]).parent)),
+                                                      gib=gib(du(Path(meta["onnx"]).parent)),
                                                       external_data=meta["external_data"], key=meta["key"]))
     if params / 1e9 <= args.max_build_params and rc == 0:
         rc, meta, wall, rss = command(["build", "--model", str(folder), "--backend", "tensorrt-rtx", "--static",
                                        "--opt-size", args.size], env)
-        run["build"] = step(rc, wall, rss, meta and dict(gb=gb(meta["engine_bytes"]), dtype=meta["dtype"],
+        run["build"] = step(rc, wall, rss, meta and dict(gib=gib(meta["engine_bytes"]), dtype=meta["dtype"],
                                                          reused_export=meta["onnx_key"] == run["export"]["key"]))
     if params / 1e9 <= args.max_parity_params:
         ph, pw = args.parity_size.split("x")
@@ -114,7 +114,7 @@ def measure(name: str, blocks, args) -> dict:
 
 
 def command(args: list, env: dict):
-    """One toma-export command in its own process: (rc, its --json object, wall s, peak RSS GB)."""
+    """One toma-export command in its own process: (rc, its --json object, wall s, peak RSS GiB)."""
     log("$ toma-export " + " ".join(args))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "toma_export.cli", *args, "--json"], stdout=subprocess.PIPE,
@@ -131,7 +131,7 @@ def command(args: list, env: dict):
 
 
 def step(rc, wall, rss, fields) -> dict:
-    return dict(ok=rc == 0, rc=rc, seconds=round(wall, 1), peak_rss_gb=round(rss, 2), **(fields or {}))
+    return dict(ok=rc == 0, rc=rc, seconds=round(wall, 1), peak_rss_gib=round(rss, 2), **(fields or {}))
 
 
 def parity(report: dict) -> dict:
@@ -167,10 +167,10 @@ def extrapolate(runs: list) -> dict | None:
     runs = external if len(external) >= 2 else runs
     out = dict(params_b=round(params, 2), method="least squares a + b * parameters over "
                + ", ".join(r["label"] for r in runs))
-    for key, (phase, field) in dict(export_s=("export", "seconds"), export_rss_gb=("export", "peak_rss_gb"),
-                                    onnx_gb=("export", "gb"), build_s=("build", "seconds"),
-                                    build_rss_gb=("build", "peak_rss_gb"), engine_gb=("build", "gb"),
-                                    validate_rss_gb=("parity", "peak_rss_gb"), folder_gb=(None, "folder_gb")).items():
+    for key, (phase, field) in dict(export_s=("export", "seconds"), export_rss_gib=("export", "peak_rss_gib"),
+                                    onnx_gib=("export", "gib"), build_s=("build", "seconds"),
+                                    build_rss_gib=("build", "peak_rss_gib"), engine_gib=("build", "gib"),
+                                    validate_rss_gib=("parity", "peak_rss_gib"), folder_gib=(None, "folder_gib")).items():
         points = [(r["params_b"], (r.get(phase, {}) if phase else r).get(field)) for r in runs
                   if not phase or r.get(phase, {}).get("ok")]
         points = [(x, y) for x, y in points if y is not None]
@@ -191,21 +191,21 @@ def table(doc: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         e, b, p = r["export"], r.get("build"), r.get("parity")
-        build = (f"{b['seconds']:.0f} s, {b['peak_rss_gb']:.1f} GB RSS" if b and b["ok"] else
+        build = (f"{b['seconds']:.0f} s, {b['peak_rss_gib']:.1f} GiB RSS" if b and b["ok"] else
                  f"failed (rc {b['rc']})" if b else "not run (size)")
         par = ("not run (size)" if not p else f"failed (rc {p['rc']})" if "step" not in p else
                f"{'pass' if p['ok'] else 'FAIL'}: {p['step']['max_abs']:.1e} / "
                f"{p.get('loop', {}).get('max_abs', float('nan')):.1e} ({p['step']['tolerance']:.1e})")
         lines.append(f"| {r['label']} | {r['params_b']:.2f} B | "
                      + (f"{e['seconds']:.0f} s ({e.get('dtype')})" if e["ok"] else f"failed (rc {e['rc']})")
-                     + f" | {e['peak_rss_gb']:.1f} GB | {e.get('gb', 0):.1f} GB | {build} | "
-                     + (f"{b['gb']:.1f} GB" if b and b["ok"] else "-") + f" | {par} |")
+                     + f" | {e['peak_rss_gib']:.1f} GiB | {e.get('gib', 0):.1f} GiB | {build} | "
+                     + (f"{b['gib']:.1f} GiB" if b and b["ok"] else "-") + f" | {par} |")
     x = doc.get("flux_dev_full")
     if x:
-        build = (f"~{x['build_s']:.0f} s, ~{x['build_rss_gb']:.0f} GB RSS" if "build_s" in x else "-")
+        build = (f"~{x['build_s']:.0f} s, ~{x['build_rss_gib']:.0f} GiB RSS" if "build_s" in x else "-")
         lines.append(f"| flux-dev 19+38 (extrapolated) | {x['params_b']:.2f} B | ~{x.get('export_s', 0):.0f} s | "
-                     f"~{x.get('export_rss_gb', 0):.0f} GB | ~{x.get('onnx_gb', 0):.0f} GB | {build} | "
-                     f"~{x.get('engine_gb', 0):.0f} GB | validate: ~{x.get('validate_rss_gb', 0):.0f} GB RSS |")
+                     f"~{x.get('export_rss_gib', 0):.0f} GiB | ~{x.get('onnx_gib', 0):.0f} GiB | {build} | "
+                     f"~{x.get('engine_gib', 0):.0f} GiB | validate: ~{x.get('validate_rss_gib', 0):.0f} GiB RSS |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +214,7 @@ def du(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def gb(n: int) -> float:
+def gib(n: int) -> float:
     return round(n / 2 ** 30, 2)
 
 

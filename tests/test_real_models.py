@@ -186,13 +186,13 @@ def test_the_large_run_extrapolates_full_flux_linearly_in_parameters():
     spec = importlib.util.spec_from_file_location("real_models_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    runs = [dict(model="flux-dev", label=f"{p}", params_b=p, folder_gb=2 * p, export=dict(ok=True, seconds=10 + 20 * p,
-                                                                         peak_rss_gb=1 + 3 * p, gb=2 * p))
+    runs = [dict(model="flux-dev", label=f"{p}", params_b=p, folder_gib=2 * p, export=dict(ok=True, seconds=10 + 20 * p,
+                                                                         peak_rss_gib=1 + 3 * p, gib=2 * p))
             for p in (0.5, 1.0, 2.0)]
     full = script.extrapolate(runs)
     assert full["params_b"] == pytest.approx(11.9, abs=0.01)
     assert full["export_s"] == pytest.approx(10 + 20 * 11.90, abs=0.2)
-    assert full["export_rss_gb"] == pytest.approx(1 + 3 * 11.90, abs=0.2) and full["onnx_gb"] == pytest.approx(23.8, abs=0.1)
+    assert full["export_rss_gib"] == pytest.approx(1 + 3 * 11.90, abs=0.2) and full["onnx_gib"] == pytest.approx(23.8, abs=0.1)
     assert script.extrapolate(runs[:1]) is None                  # one point fixes no line
 
 
