@@ -54,7 +54,8 @@ def run(args) -> int:
         return 0
     kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
             f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
-            if meta["dynamic"] else f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px, {meta['text_len']} text tokens")
+            if meta["dynamic"] else
+            f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px, {meta['text_len']} text tokens")
     print(f"{meta['onnx']}\n  {meta['model']} {meta['dtype']} opset {meta['opset']}, {kind}")
     toma = meta["toma"]
     if toma:

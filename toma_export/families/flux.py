@@ -141,7 +141,7 @@ class FluxSpec(ModelSpec):
         return net, timestep, (rows * self.pixels_per_token, cols * self.pixels_per_token), finish
 
 
-def variant(config: dict, pipeline: dict, folder) -> tuple[str, dict]:
+def variant(config: dict, pipeline: dict) -> tuple[str, dict]:
     """dev embeds the guidance scale and takes 512 text tokens; schnell embeds none and its pipelines
     default to 256 (the length its T5 was distilled with)."""
     if config.get("guidance_embeds"):

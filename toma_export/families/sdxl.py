@@ -162,8 +162,7 @@ def specs() -> dict:
     }
 
 
-# -- ToMA patch hooks (toma_export.toma.patch drives them) --
-def variant(config: dict, pipeline: dict, folder) -> tuple[str, dict]:
+def variant(config: dict, pipeline: dict) -> tuple[str, dict]:
     """base, or refiner: its pipeline asks for an aesthetic score, and a bare refiner UNet shows it in its
     added-condition width (pooled text as wide as its cross-attention, plus 5 time ids, not 6)."""
     if "requires_aesthetics_score" in pipeline:
@@ -172,6 +171,7 @@ def variant(config: dict, pipeline: dict, folder) -> tuple[str, dict]:
     return ("refiner" if extra == config.get("cross_attention_dim") else "base"), {}
 
 
+# -- ToMA patch hooks (toma_export.toma.patch drives them) --
 def supports(model) -> bool:
     return isinstance(model, UNet2DConditionModel)
 

@@ -94,7 +94,7 @@ class ModelSpec:
                 f"{self.name}: the weights of {self.source} are not in the local Hugging Face cache; download them "
                 f"where the hub is reachable (`huggingface-cli download {self.source}`) or pass a local diffusers "
                 f"folder holding {self.subfolder}/ as --model PATH")
-        folder = path / self.subfolder if (path / self.subfolder / "config.json").is_file() else path
+        folder = network_folder(path, self.subfolder)
         mismatch = "the folder is incomplete or mixes files of different models"
         try:
             model = self.model_cls.from_pretrained(str(folder), torch_dtype=dtype, variant=self.weights_variant,
@@ -120,8 +120,7 @@ class ModelSpec:
         path) is exported again rather than served from a stale cache. None for random models."""
         if self.source is None or not Path(self.source).is_dir():
             return None
-        path = Path(self.source)
-        folder = path / self.subfolder if (path / self.subfolder / "config.json").is_file() else path
+        folder = network_folder(Path(self.source), self.subfolder)
         digest = hashlib.sha256((folder / "config.json").read_bytes())
         for f in weight_files(folder).get(self.weights_variant, []):
             stat = f.stat()
@@ -237,6 +236,12 @@ def read_config(folder: Path, subfolder: str) -> dict | None:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return None
+
+
+def network_folder(folder: Path, subfolder: str) -> Path:
+    """The folder holding the network's config.json and weights: `subfolder` of a pipeline folder, else the
+    folder itself."""
+    return folder / subfolder if (folder / subfolder / "config.json").is_file() else folder
 
 
 def weight_files(folder: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..families import FAMILIES, ModelNotAvailable, ModelSpec, read_config, specs
-from ..families.spec import safetensors_header, weight_files
+from ..families.spec import network_folder, safetensors_header, weight_files
 
 _SPECS = specs()
 _SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
@@ -55,10 +55,10 @@ def from_folder(path: Path, name: str | None = None, hub_id: str | None = None) 
         config = read_config(path, base.subfolder)
         if not config or config.get("_class_name") != module.NETWORK_CLASS:
             continue
-        folder = path / base.subfolder if (path / base.subfolder / "config.json").is_file() else path
+        folder = network_folder(path, base.subfolder)
         weights_variant, weights_dtype = _weights(folder)
         pipeline = _read_json(path / "model_index.json") if folder != path else {}
-        variant, overrides = module.variant(config, pipeline, path)
+        variant, overrides = module.variant(config, pipeline)
         dims = {k: config[k] for k in module.CONFIG_KEYS if k in config}
         return replace(base, name=name or str(path), source=str(path), config={**base.config, **dims},
                        variant=variant, weights_dtype=weights_dtype, weights_variant=weights_variant,

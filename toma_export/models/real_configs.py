@@ -39,7 +39,6 @@ MODELS = {
     "sdxl-refiner": (SDXL_REFINER, "unet", "StableDiffusionXLImg2ImgPipeline", {"requires_aesthetics_score": True},
                      "fp16"),
 }
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def config(name: str, blocks: tuple[int, int] | None = None, transformer_depths=None) -> dict:
@@ -62,15 +61,16 @@ def write(name: str, folder, blocks=None, transformer_depths=None, dtype: str | 
     """A random-weight diffusers pipeline folder for a real configuration; returns the folder. The network
     is built in `dtype` (the hub's by default), so memory stays at one copy of the weights; `file_variant`
     names the weights as the hub's SDXL does (diffusion_pytorch_model.fp16.safetensors)."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel, __version__
+    from diffusers import __version__
 
-    cfg, sub, pipeline, extra, hub_dtype = MODELS[name]
-    cfg = config(name, blocks, transformer_depths)
-    cls = FluxTransformer2DModel if sub == "transformer" else UNet2DConditionModel
+    from ..artifacts import DTYPES
+
+    _, sub, pipeline, extra, hub_dtype = MODELS[name]
+    cls = _network_class(name)
     folder = Path(folder)
-    with _default_dtype(_DTYPES[dtype or hub_dtype]), torch.random.fork_rng(devices=[]):
+    with _default_dtype(DTYPES[dtype or hub_dtype]), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(**cfg)
+        model = cls(**config(name, blocks, transformer_depths))
     model.save_pretrained(folder / sub, max_shard_size=max_shard_size, variant=file_variant)
     index = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -89,9 +89,12 @@ def _default_dtype(dtype):
 
 def parameters(name: str, blocks=None, transformer_depths=None) -> int:
     """Parameter count of a (cut) real configuration, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = _network_class(name)(**config(name, blocks, transformer_depths))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _network_class(name: str):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    cls = FluxTransformer2DModel if MODELS[name][1] == "transformer" else UNet2DConditionModel
-    with torch.device("meta"):
-        model = cls(**config(name, blocks, transformer_depths))
-    return sum(p.numel() for p in model.parameters())
+    return FluxTransformer2DModel if MODELS[name][1] == "transformer" else UNet2DConditionModel
