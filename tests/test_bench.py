@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from toma_export.bench import report, timing
-from toma_export.bench.run import BenchOptions, bench_block
+from toma_export.bench import blocks, report, timing
+from toma_export.bench.run import BenchOptions, amortised, bench_block
 from toma_export.cli import main
 
 QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.25,0.5", "--repeats", "1",
@@ -47,28 +47,75 @@ def test_json_has_every_row_with_consistent_ratios(quick_run):
             assert 0 < r["overhead_share"] < 5          # measured on the same backend, never missing
             assert 0 < r["rel_l2_vs_baseline"] < 0.5     # merged, so different from the baseline, but close
     assert sum(r["default"] for r in rows if "whole model" not in r["block"]) == 4   # ratio 0.5 per block/backend
+    for r in rows:
+        if r["method"] != "toma" or "whole model" in r["block"]:
+            assert "breakdown" not in r
+            continue
+        b = r["breakdown"]                       # every part timed alone, on the row's own backend
+        assert all(b[f"{part}_ms"] > 0 for part in blocks.PARTS)
+        assert b["round_trips"] == (3 if r["block"].startswith("sdxl") else 1)
+        parts = {part: b[f"{part}_ms"] for part in blocks.PARTS}
+        assert b["sum_ms"] == pytest.approx(blocks.parts_total(parts, b["round_trips"]), abs=1e-2)
+    schedules = {(a["block"], a["backend"], a["ratio"], a["schedule"]): a for a in doc["amortised"]}
+    assert len(schedules) == 2 * sum(1 for r in rows if "breakdown" in r)
+    for a in doc["amortised"]:
+        assert a["merged_steps"] == (30 if a["schedule"] == "default" else 10)
+        assert (a["groups"], a["patched_blocks"]) == ((5, 10) if a["model"] == "sdxl-base" else (2, 47))
+        if a["schedule"] != "default":      # a third of the steps merge: a third of the default's cost
+            default = schedules[a["block"], a["backend"], a["ratio"], "default"]
+            assert a["overhead_per_step_ms"] == pytest.approx(default["overhead_per_step_ms"] / 3, rel=1e-3)
     whole = [r for r in rows if "whole model" in r["block"]]
     assert [r["method"] for r in whole] == ["baseline", "toma"] and whole[0]["block"].startswith("flux-tiny")
 
 
 def test_targets_say_whether_met_and_by_how_much(quick_run):
     doc, _, _ = quick_run
-    assert len(doc["targets"]) == 3
+    assert len(doc["targets"]) == 6
     for t in doc["targets"]:
+        if "width 3072" in t["name"]:          # the quick run's FLUX block is 128 wide: not measured
+            assert t["measured"] is None and t["met"] is None and t["row"] is None
+            continue
         assert t["measured"] is not None and t["met"] == (t["measured"] <= t["limit"])
         assert t["missed_by"] == pytest.approx(max(0.0, t["measured"] - t["limit"]), abs=1e-3)
+    worst = next(t for t in doc["targets"] if t["name"].startswith("every block"))
+    shares = [r["overhead_share"] for r in doc["results"] if r["method"] == "toma" and "whole model" not in r["block"]]
+    assert worst["measured"] == max(shares)
+
+
+def test_amortised_figures_follow_the_schedule_by_hand():
+    """One SDXL row with made-up parts: SDXL base's default patch has 5 groups of 10 blocks. Per merged
+    step a group pays selection + weights (2 + 1 ms), a block its layout copies and 3 round trips
+    (0.5 + 0.5 + 3 * (1 + 1) = 7 ms): 5 * 3 + 10 * 7 = 85 ms on each of the 30 steps by default, on every
+    3rd step (10 of 30) under the official FLUX schedule: 850 / 30 ms per step."""
+    parts = dict(fold_ms=0.5, similarity_ms=0.4, selection_ms=2.0, weights_ms=1.0, merge_ms=1.0, unmerge_ms=1.0,
+                 unfold_ms=0.5)
+    row = dict(block="sdxl-block-64x64", backend="torch", method="toma", ratio=0.5, baseline_median_ms=100.0,
+               overhead_share=0.09, breakdown=dict(parts, round_trips=3, sum_ms=10.0))
+    got = {a["schedule"]: a for a in amortised([row, dict(row, method="baseline", breakdown=None)])}
+    assert list(got) == ["default", "official FLUX (merge every 3rd step)"]
+    default, official = got.values()
+    assert (default["overhead_per_step_ms"], default["overhead_share_per_step"]) == pytest.approx((85.0, 0.085))
+    assert (official["overhead_per_step_ms"], official["overhead_share_per_step"]) == pytest.approx(
+        (850 / 30, 850 / 30 / 1000), abs=1e-3)
+    assert default["patched_baseline_per_step_ms"] == 1000.0 and official["every_call_share"] == 0.09
 
 
 def test_table_plot_and_readme_match_the_json(quick_run):
     doc, out, readme = quick_run
     table = (out / "results" / "results.md").read_text()
     assert table == report.table(doc)
-    assert table.count("\n| ") == len(doc["results"]) + 1           # header + one line per row
+    broken_down = sum("breakdown" in r for r in doc["results"])
+    amortised_rows = sum(a["ratio"] == 0.5 for a in doc["amortised"])
+    # three tables, each a header and one line per row: results, parts, amortised at the default ratio
+    assert table.count("\n| ") == len(doc["results"]) + 1 + broken_down + 1 + amortised_rows + 1
     png = (out / "results" / "latency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n") and "old table" not in text
     assert table in text and "](results/latency.png)" in text
+    kind = report.machine_kind(doc)              # this machine's run is kept beside other machine kinds'
+    assert json.loads((out / "results" / "machines" / f"{kind}.json").read_text()) == doc
+    assert report.machines_table(out / "results") in text and doc["machine"]["cpu"] in text
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -114,6 +161,8 @@ def test_rows_come_from_the_median_of_the_timed_rounds(monkeypatch, tmp_path):
         baseline=lambda: Variant(times["baseline"]),
         toma=lambda config: Variant(times[f"toma@{config.ratio}"], scale=1.1 if config.ratio == 0.5 else 0.8),
         overhead=lambda config: Variant(times[f"overhead@{config.ratio}"]))
+    from toma_export.bench import run as bench_run       # the parts are timed on the real blocks above
+    monkeypatch.setattr(bench_run, "bench_parts", lambda case, backend, config, *a: {"ratio": config.ratio})
     rows = bench_block(case, "torch", BenchOptions(ratios=(0.25, 0.5), repeats=3, warmup=1), tmp_path, [],
                        lambda msg: None)
     got = {(r["method"], r["ratio"]): r for r in rows}
@@ -129,3 +178,4 @@ def test_rows_come_from_the_median_of_the_timed_rounds(monkeypatch, tmp_path):
     # outputs 1.1x and 0.8x the baseline's: 10 % and 20 % away from it
     assert (half["rel_l2_vs_baseline"], quarter["rel_l2_vs_baseline"]) == pytest.approx((0.1, 0.2))
     assert half["default"] and not quarter["default"] and not base["default"]
+    assert (half["breakdown"], quarter["breakdown"]) == ({"ratio": 0.5}, {"ratio": 0.25}) and "breakdown" not in base

@@ -187,3 +187,33 @@ def test_default_blocks_on_the_real_depths():
     # the 64x64 level at 1024 px: down_blocks.1 (2 attentions) and up_blocks.1 (3), 2 layers each
     assert len(report.blocks) == 10 and set(report.downsample.values()) == {2}
     assert all(g.startswith(("down_blocks.1.", "up_blocks.1.")) for g in report.groups)
+
+
+def test_sdxl_block_in_tile_order_matches_merging_in_raster_order():
+    """The SDXL patch runs each block in tile order (two layout copies per block instead of six); it must
+    compute what merging each sub-layer from raster order computes, written out here step by step."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from toma_export.families import sdxl
+    from toma_export.toma import ToMAConfig
+    from toma_export.toma.merge import TileMerge
+    from toma_export.toma.patch import _swapped
+    from toma_export.toma.state import ToMAState
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24, activation_fn="geglu",
+                                  norm_type="layer_norm").eval()
+    x, ctx = torch.randn(2, 64, 32), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        m = TileMerge.compute(block.norm1(x), (8, 8), (4, 4), 0.5, 1000.0)
+        h = x + m.unmerge(block.attn1(m.merge(block.norm1(x))))
+        h = h + m.unmerge(block.attn2(m.merge(block.norm2(h)), encoder_hidden_states=ctx))
+        want = h + m.unmerge(block.ff(m.merge(block.norm3(h))))
+
+        state = ToMAState(ToMAConfig())
+        state.grids["g"] = (8, 8)
+        block.__class__ = _swapped(sdxl._Block, BasicTransformerBlock)
+        block._toma, block._toma_group = state, "g"
+        got = block(x, encoder_hidden_states=ctx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, x)

@@ -89,3 +89,26 @@ def test_given_destinations_are_kept():
     dst = torch.tensor([[[3, 1, 0, 2]], [[15, 14, 13, 12]]])
     m = TileMerge.compute(x, grid, tile, ratio=0.75, scale=1000.0, dst=dst)
     assert torch.equal(m.dst, dst)
+
+
+def test_tile_order_merge_equals_the_raster_one():
+    """merge/unmerge on tokens already in tile order (tiled=True, no layout copy) give the same numbers as
+    from raster order, and the similarity computed once for selection and weights picks what the greedy on
+    the features picks."""
+    from toma_export.toma import facility_location
+    from toma_export.toma.selection import similarity
+
+    torch.manual_seed(0)
+    grid, tile = (8, 12), (4, 4)
+    x = torch.randn(2, 96, 24)
+    raster = TileMerge.compute(x, grid, tile, 0.5, 1000.0)
+    tiled_x = fold(x, grid, tile).flatten(1, 2)
+    tiled = TileMerge.compute(tiled_x, grid, tile, 0.5, 1000.0, tiled=True)
+    assert torch.equal(raster.dst, tiled.dst)
+    assert torch.equal(raster.dst, facility_location(fold(x, grid, tile).flatten(0, 1), 8).reshape(2, 6, 8))
+    y = tiled.merge(tiled_x, tiled=True)
+    torch.testing.assert_close(y, raster.merge(x), rtol=0, atol=0)
+    back = tiled.unmerge(y, tiled=True)
+    torch.testing.assert_close(unfold(back.unflatten(1, (6, 16)), grid, tile), raster.unmerge(y), rtol=0, atol=0)
+    cos = torch.nn.functional.cosine_similarity(x[:, :, None], x[:, None], dim=-1)
+    torch.testing.assert_close(similarity(x), cos, rtol=0, atol=1e-6)

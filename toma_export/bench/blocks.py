@@ -17,11 +17,11 @@ import torch
 from .. import families
 from ..errors import UsageError
 from ..toma import ToMAConfig
-from ..toma.merge import TileMerge
+from ..toma.merge import TileMerge, merge_weights
 from ..toma.patch import _swapped
-from ..toma.selection import select_or_reuse
+from ..toma.selection import select_or_reuse, similarity
 from ..toma.state import GraphDestinations, ToMAState
-from ..toma.tiles import destinations_per_tile, fold
+from ..toma.tiles import destinations_per_tile, fold, unfold
 
 GROUP = "block"
 
@@ -55,7 +55,8 @@ def sdxl_block(grid: int = 64, seed: int = 0) -> BlockCase:
     return BlockCase(**families.sdxl.bench_block(grid=grid, seed=seed))
 
 
-def flux_single_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 0) -> BlockCase:
+def flux_single_block(width: int = families.flux.FLUX_WIDTH, grid: int = 64, text: int = 512,
+                      seed: int = 0) -> BlockCase:
     """A FLUX single-stream block at 1024x1024 px token counts (the family's bench block)."""
     return BlockCase(**families.flux.bench_block(width=width, grid=grid, text=text, seed=seed))
 
@@ -96,8 +97,9 @@ class _ToMANet(_Net):
 
 
 class _MergeOnly(torch.nn.Module):
-    """What ToMA adds to a block, without the block: selection and merge weights on the image tokens, then
-    as many merge -> unmerge round trips as the block makes (chained, so no runtime can fold them away)."""
+    """What ToMA adds to a block, without the block, in the order the patched block runs it: the tile layout
+    copy in, one similarity shared by selection and merge weights, as many merge -> unmerge round trips as
+    the block makes (chained in tile order, so no runtime can fold them away), and the layout copy out."""
 
     def __init__(self, case: BlockCase, config: ToMAConfig):
         super().__init__()
@@ -107,13 +109,85 @@ class _MergeOnly(torch.nn.Module):
     def forward(self, hidden, *_unused):
         c = self.config
         tiles = fold(hidden, self.grid, c.tile)
+        sim = similarity(tiles)
         previous = torch.zeros((tiles.shape[0], tiles.shape[1], self.d), dtype=torch.int64, device=hidden.device)
-        merge = TileMerge.from_tiles(tiles, self.grid, c.tile, c.scale,
-                                     select_or_reuse(tiles, previous, torch.tensor(True)))
-        out = hidden
+        merge = TileMerge.from_similarity(sim, self.grid, c.tile, c.scale,
+                                          select_or_reuse(tiles, previous, torch.tensor(True), sim))
+        out = tiles.flatten(1, 2)
         for _ in range(self.pairs):
-            out = merge.unmerge(merge.merge(out))
-        return out
+            out = merge.unmerge(merge.merge(out, tiled=True), tiled=True)
+        return unfold(out.unflatten(1, (-1, tiles.shape[2])), self.grid, c.tile)
+
+
+# -- the overhead's parts, each a module of its own so that every backend times it alone --
+class _Fold(torch.nn.Module):
+    def __init__(self, grid, tile):
+        super().__init__()
+        self.grid, self.tile = grid, tile
+
+    def forward(self, hidden):
+        return fold(hidden, self.grid, self.tile)
+
+
+class _Unfold(_Fold):
+    def forward(self, tiles):
+        return unfold(tiles, self.grid, self.tile)
+
+
+class _Similarity(torch.nn.Module):
+    def forward(self, tiles):
+        return similarity(tiles)
+
+
+class _Select(torch.nn.Module):
+    """The selection as the backend runs it: the exported `toma::ToMASelect` (similarity included)."""
+
+    def forward(self, tiles, previous):
+        return select_or_reuse(tiles, previous, torch.tensor(True))
+
+
+class _Weights(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, sim, dst):
+        return merge_weights(sim, dst, self.scale)
+
+
+class _Apply(torch.nn.Module):
+    """One merge (d x n weights) or unmerge (n x d) of every tile: a batched product in tile order."""
+
+    def forward(self, weights, x):
+        return weights.to(x.dtype) @ x
+
+
+# what ToMA runs, part by part, and how many times per call of the block (`pairs` = merge_pairs)
+PARTS = ("fold", "similarity", "selection", "weights", "merge", "unmerge", "unfold")
+
+
+def parts(case: BlockCase, config: ToMAConfig, device="cpu", dtype=torch.float32) -> dict:
+    """{part: (module, inputs)} at the block's real sizes, inputs made by running the parts before it.
+    `similarity` is also inside `selection` (the op computes its own), so the sum counts it once."""
+    hidden = case.inputs[next(iter(case.inputs))].to(device, dtype)
+    tiles = fold(hidden, case.grid, config.tile)
+    b, t = tiles.shape[:2]
+    d = destinations_per_tile(config.tile, config.ratio)
+    previous = torch.zeros((b, t, d), dtype=torch.int64, device=device)
+    sim = similarity(tiles)
+    dst = select_or_reuse(tiles, previous, torch.tensor(True), sim)
+    merge_w, unmerge_w = merge_weights(sim, dst, config.scale)
+    merged = merge_w.to(dtype) @ tiles
+    return dict(fold=(_Fold(case.grid, config.tile), (hidden,)), similarity=(_Similarity(), (tiles,)),
+                selection=(_Select(), (tiles, previous)), weights=(_Weights(config.scale), (sim, dst)),
+                merge=(_Apply(), (merge_w, tiles)), unmerge=(_Apply(), (unmerge_w, merged)),
+                unfold=(_Unfold(case.grid, config.tile), (unmerge_w.to(dtype) @ merged,)))
+
+
+def parts_total(ms: dict, pairs: int) -> float:
+    """ToMA's cost per block call from its parts: layout in and out once, selection (with the similarity)
+    and weights once, and `pairs` merge/unmerge round trips."""
+    return ms["fold"] + ms["selection"] + ms["weights"] + pairs * (ms["merge"] + ms["unmerge"]) + ms["unfold"]
 
 
 def tomesd_supports(case: BlockCase) -> bool:

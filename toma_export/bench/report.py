@@ -26,6 +26,7 @@ def table(doc: dict) -> str:
         lines.append(f"| {r['block']} | {r['backend']} | {method} | {r['ratio']:g} | {r['median_ms']:.1f} "
                      f"| {r['baseline_median_ms']:.1f} | {r['latency_ratio']:.3f}x | {r['speedup']:.2f}x "
                      f"| {share} | {rel} |")
+    lines += breakdown_table(doc) + amortised_table(doc)
     if doc["targets"]:
         lines += ["", "Targets (measured, not asserted):", ""]
         for t in doc["targets"]:
@@ -35,10 +36,47 @@ def table(doc: dict) -> str:
                 verdict = f"**met**: {t['measured']:g} <= {t['limit']:g}"
             else:
                 verdict = f"**missed** by {t['missed_by']:g}: {t['measured']:g} > {t['limit']:g}"
-            lines.append(f"- {t['name']}: {verdict}")
+            where = f" ({t['row']})" if t.get("row") else ""
+            lines.append(f"- {t['name']}: {verdict}{where}")
     for note in doc.get("notes", []):
         lines.append(f"- Note: {note}")
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(doc: dict) -> list[str]:
+    """ToMA's overhead part by part, per block, backend and ratio (ms, each part timed alone)."""
+    rows = [r for r in doc["results"] if r.get("breakdown")]
+    if not rows:
+        return []
+    lines = ["", "ToMA's own work per block call, part by part (ms, each part timed alone; selection includes "
+             "its similarity, which the merge weights share):", "",
+             "| block | backend | ratio | layout in | selection (similarity) | weights | merge | unmerge "
+             "| layout out | round trips | sum of parts | measured together | share of baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["breakdown"]
+        lines.append(f"| {r['block']} | {r['backend']} | {r['ratio']:g} | {b['fold_ms']:.2f} "
+                     f"| {b['selection_ms']:.2f} ({b['similarity_ms']:.2f}) | {b['weights_ms']:.2f} "
+                     f"| {b['merge_ms']:.2f} | {b['unmerge_ms']:.2f} | {b['unfold_ms']:.2f} | {b['round_trips']} "
+                     f"| {b['sum_ms']:.2f} | {r['overhead_ms']:.2f} | {100 * r['overhead_share']:.2f} % |")
+    return lines
+
+
+def amortised_table(doc: dict) -> list[str]:
+    """Per-step overhead of a denoising loop under each schedule, beside the every-call worst case."""
+    rows = [a for a in doc.get("amortised", []) if a["ratio"] == 0.5]
+    if not rows:
+        return []
+    lines = ["", "Amortised over a denoising loop at ratio 0.5 (the real model's default patch; each patched block "
+             "counted as the benchmark block):", "",
+             "| block | backend | model (groups / patched blocks) | schedule | merged steps | overhead per step "
+             "| share of the patched blocks per step | every-call worst case |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in rows:
+        lines.append(f"| {a['block']} | {a['backend']} | {a['model']} ({a['groups']} / {a['patched_blocks']}) "
+                     f"| {a['schedule']} | {a['merged_steps']} of {a['steps']} | {a['overhead_per_step_ms']:.1f} ms "
+                     f"| {100 * a['overhead_share_per_step']:.2f} % | {100 * a['every_call_share']:.2f} % |")
+    return lines
 
 
 def plot(doc: dict, path: Path) -> Path:
@@ -79,12 +117,40 @@ def plot(doc: dict, path: Path) -> Path:
     return path
 
 
+def machine_kind(doc: dict) -> str:
+    """A file-name slug for the run's machine kind, from its CPU (or GPU) model: 'amd-epyc'."""
+    m = doc["machine"]
+    name = m.get("gpu") or m["cpu"]
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "unknown"
+
+
+def machines_table(folder: Path) -> str:
+    """The default-ratio rows of the last run on every machine kind measured (machines/*.json), side by
+    side: the same code moves with the machine, so each row names its own."""
+    lines = ["| machine | block | backend | baseline ms | ToMA ms | latency ratio | overhead share |",
+             "|---|---|---|---|---|---|---|"]
+    for path in sorted((Path(folder) / "machines").glob("*.json")):
+        doc = json.loads(path.read_text())
+        m = doc["machine"]
+        label = f"{m.get('gpu') or m['cpu']}, {m['torch_threads']} threads"
+        for r in doc["results"]:
+            if r["method"] == "toma" and r["default"] and "whole model" not in r["block"]:
+                share = "" if r["overhead_share"] is None else f"{100 * r['overhead_share']:.1f} %"
+                lines.append(f"| {label} | {r['block']} | {r['backend']} | {r['baseline_median_ms']:.1f} "
+                             f"| {r['median_ms']:.1f} | {r['latency_ratio']:.3f}x | {share} |")
+    return "\n".join(lines) + "\n"
+
+
 def write(doc: dict, folder: Path) -> list[Path]:
-    """results.json, results.md and latency.png in `folder`."""
+    """results.json, results.md and latency.png in `folder`, and the run kept as machines/<kind>.json
+    (the last run per machine kind; the README shows them side by side)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (folder / "results.md").write_text(table(doc))
-    return [folder / "results.json", folder / "results.md", plot(doc, folder / "latency.png")]
+    kept = folder / "machines" / f"{machine_kind(doc)}.json"
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps(doc, indent=2) + "\n")
+    return [folder / "results.json", folder / "results.md", plot(doc, folder / "latency.png"), kept]
 
 
 def check_readme(readme: Path, begin: str = BEGIN, end: str = END) -> str:
@@ -103,6 +169,13 @@ def fill_readme(readme: Path, body: str, begin: str = BEGIN, end: str = END) -> 
 
 
 def update_readme(readme: Path, doc: dict, plot_path: Path) -> None:
-    """Replace the text between the bench markers with this run's table and plot."""
+    """Replace the text between the bench markers with every machine kind's default rows, then this run's
+    full table and plot."""
     rel = Path(plot_path).resolve().relative_to(readme.resolve().parent)
-    fill_readme(readme, f"{table(doc)}\n![median latency against ratio]({rel.as_posix()})")
+    m = doc["machine"]
+    body = (f"The figures move with the machine: a faster baseline makes ToMA's fixed cost a larger share. "
+            f"Default configuration (ratio 0.5), last run per machine kind:\n\n"
+            f"{machines_table(Path(plot_path).parent)}\n"
+            f"Last run, on {m.get('gpu') or m['cpu']}:\n\n{table(doc)}\n"
+            f"![median latency against ratio]({rel.as_posix()})")
+    fill_readme(readme, body)

@@ -27,8 +27,8 @@ def add_parser(sub):
     p.add_argument("--model-size", type=int, default=1024, help="pixel side for the whole models (1024)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per variant, median reported (7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
-    p.add_argument("--flux-width", type=int, help="FLUX block width, a multiple of 128 (1536 on the CPU, half "
-                                                  "of FLUX.1's 3072; 3072 on a GPU)")
+    p.add_argument("--flux-width", type=int, default=3072,
+                   help="FLUX block width, a multiple of 128 (3072, FLUX.1's own; smaller only for quick checks)")
     p.add_argument("--grid", type=int, default=64, help="image-token grid side (64 = 1024x1024 px); smaller only "
                                                         "for quick checks")
     p.add_argument("--text", type=int, default=512, help="FLUX text tokens (512)")

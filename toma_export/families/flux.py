@@ -345,7 +345,7 @@ class _SingleBlock:
 
 
 # -- the benchmark's block --
-def bench_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 0) -> dict:
+def bench_block(width: int = FLUX_WIDTH, grid: int = 64, text: int = 512, seed: int = 0) -> dict:
     """FLUX single-stream block at 1024x1024 px: 4096 image + 512 text tokens, heads of 128 as in FLUX.1;
     `width` below 3072 keeps the real head size and token counts with fewer heads. The fields of
     toma_export.bench.blocks.BlockCase."""
@@ -363,7 +363,7 @@ def bench_block(width: int = 1536, grid: int = 64, text: int = 512, seed: int = 
     ids[text:, 2] = torch.arange(grid).repeat(grid)
     cos, sin = FluxPosEmbed(10000, [16, 56, 56])(ids)
     share = "" if width == FLUX_WIDTH else f", {width / FLUX_WIDTH:.3g} of FLUX.1's width 3072"
-    return dict(name="flux-single-block", description=f"FLUX single-stream block ({grid * grid} image + {text} text "
+    return dict(name=f"flux-single-block-w{width}", description=f"FLUX single-stream block ({grid * grid} image + {text} text "
                 f"tokens, width {width}, {width // 128} heads of 128{share})", block=block, inputs=inputs,
                 grid=(grid, grid), mixin=_SingleBlock, merge_pairs=1, extra=dict(cos=cos.float(), sin=sin.float()),
                 call=_bench_call)

@@ -25,6 +25,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from ..errors import UsageError
+from ..toma.tiles import fold, unfold
 from .spec import ModelSpec, model_output, noise, per_sample, refuse, smooth_tokens
 
 NETWORK_CLASS, LABEL = "UNet2DConditionModel", "SDXL UNet"
@@ -244,22 +245,27 @@ class _Block:
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         state = self._toma
         kwargs = dict(cross_attention_kwargs or {})
-        if not state.merging or "gligen" in kwargs:
+        if not state.merging or "gligen" in kwargs or attention_mask is not None:
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                    timestep, kwargs or None, class_labels, added_cond_kwargs)
-        sub = state.config.sublayers
+        # The block runs in tile order (tokens of each tile adjacent): every sub-layer is per token or,
+        # with no positional embedding, permutation-equivariant, so only entry and exit copy the layout,
+        # not each merge and unmerge (two copies per block instead of six).
+        sub, tile, grid = state.config.sublayers, state.config.tile, state.grid(self._toma_group)
+        hidden_states = fold(hidden_states, grid, tile).flatten(1, 2)
         norm = self.norm1(hidden_states)
-        merge = state.merger(self._toma_group, norm)
+        merge = state.merger(self._toma_group, norm, tiled=True)
 
         def run(name, x, layer):
-            return merge.unmerge(layer(merge.merge(x))) if name in sub else layer(x)
+            return merge.unmerge(layer(merge.merge(x, tiled=True)), tiled=True) if name in sub else layer(x)
 
         hidden_states = hidden_states + run("attn", norm, lambda x: self.attn1(x, attention_mask=attention_mask, **kwargs))
         if self.attn2 is not None:
             cross = lambda x: self.attn2(  # noqa: E731
                 x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs)
             hidden_states = hidden_states + run("cross_attn", self.norm2(hidden_states), cross)
-        return hidden_states + run("mlp", self.norm3(hidden_states), self.ff)
+        hidden_states = hidden_states + run("mlp", self.norm3(hidden_states), self.ff)
+        return unfold(hidden_states.unflatten(1, (-1, tile[0] * tile[1])), grid, tile)
 
 
 # -- the benchmark's block --

@@ -1,9 +1,9 @@
 """The portable body of `toma::ToMASelect`: greedy facility location unrolled into standard ONNX ops.
 
 Any runtime without the plugin runs this local function (ONNX Runtime, polygraphy, the TensorRT parser,
-which inlines it). It mirrors toma_export.toma.selection exactly: fp32 cosine similarity, first pick by
-row sum, then d-1 steps of exact marginal gain with picked tokens masked, ties within TIE_TOL to the
-lowest index. No Loop (TensorRT-RTX cannot build it), no TopK over tokens, no scatter: one-hot rows and
+which inlines it). It mirrors toma_export.toma.selection exactly: fp32 cosine similarity from the Gram matrix,
+first pick by row sum, then d-1 steps of exact marginal gain with picked tokens masked, ties within TIE_TOL
+to the lowest index. No Loop (TensorRT-RTX cannot build it), no TopK over tokens, no scatter: one-hot rows and
 MatMul/Max do the bookkeeping. Each of the d steps is a handful of ops on (B, T, n, n).
 """
 from __future__ import annotations
@@ -39,11 +39,16 @@ def build(num_dst: int, opset: int) -> onnx.FunctionProto:
     f = _Body()
     x = f.op("Cast", "tiles", to=TensorProto.FLOAT)
     last = f.const([-1], TensorProto.INT64, dims=[1])
-    norm = f.op("Max", f.op("ReduceL2", x, last, keepdims=1), f.const(1e-12))
-    xn = f.op("Div", x, norm)
-    sim = f.op("MatMul", xn, f.op("Transpose", xn, perm=[0, 1, 3, 2]))          # (B, T, n, n)
-    n = f.op("Gather", f.op("Shape", sim), f.const(3, TensorProto.INT64), axis=0)
+    axis2 = f.const([2], TensorProto.INT64, dims=[1])
+    # Cosines from the Gram matrix, as selection.similarity computes them: the wide feature axis is read by
+    # one MatMul (the same product as the merge weights', which runtimes can share), not normalised first.
+    gram = f.op("MatMul", x, f.op("Transpose", x, perm=[0, 1, 3, 2]))          # (B, T, n, n)
+    n = f.op("Gather", f.op("Shape", gram), f.const(3, TensorProto.INT64), axis=0)
     positions = f.op("Range", f.const(0, TensorProto.INT64), n, f.const(1, TensorProto.INT64))  # (n,)
+    eye = f.op("Cast", f.op("Equal", f.op("Unsqueeze", positions, f.const([1], TensorProto.INT64, [1])),
+                            positions), to=TensorProto.FLOAT)                   # (n, n)
+    norm = f.op("Sqrt", f.op("Max", f.op("ReduceSum", f.op("Mul", gram, eye), last, keepdims=0), f.const(1e-24)))
+    sim = f.op("Div", gram, f.op("Mul", f.op("Unsqueeze", norm, last), f.op("Unsqueeze", norm, axis2)))
 
     def first_best(score):                                                      # (B, T, n) -> (B, T, 1)
         top = f.op("ReduceMax", score, last, keepdims=1)
@@ -53,20 +58,20 @@ def build(num_dst: int, opset: int) -> onnx.FunctionProto:
     def one_hot(idx):                                                           # (B, T, 1) -> (B, T, n) float
         return f.op("Cast", f.op("Equal", idx, positions), to=TensorProto.FLOAT)
 
-    def row(hot):                                                               # sim rows at the picks
-        return f.op("Squeeze", f.op("MatMul", f.op("Unsqueeze", hot, f.const([2], TensorProto.INT64, [1])), sim),
-                    f.const([2], TensorProto.INT64, [1]))
+    def row(hot):                                     # the sim row at the pick, (B, T, 1, n): exact, one term
+        return f.op("ReduceSum", f.op("Mul", f.op("Unsqueeze", hot, last), sim), axis2, keepdims=1)
 
     idx = first_best(f.op("ReduceSum", sim, last, keepdims=0))
     picks, hot = [idx], one_hot(idx)
-    picked, cover = hot, row(hot)
+    penalty, cover = f.op("Mul", hot, f.const(_MASK)), row(hot)
     for _ in range(1, num_dst):
-        residual = f.op("Relu", f.op("Sub", sim, f.op("Unsqueeze", cover, f.const([2], TensorProto.INT64, [1]))))
-        gain = f.op("Add", f.op("ReduceSum", residual, last, keepdims=0), f.op("Mul", picked, f.const(_MASK)))
+        # sum_u max(sim(v, u), cover(u)) is the marginal gain sum_u relu(sim(v, u) - cover(u)) plus
+        # sum_u cover(u), the same for every candidate v: one op fewer per step, the same picks and ties.
+        gain = f.op("Add", f.op("ReduceSum", f.op("Max", sim, cover), last, keepdims=0), penalty)
         idx = first_best(gain)
         hot = one_hot(idx)
         picks.append(idx)
-        picked = f.op("Add", picked, hot)
+        penalty = f.op("Add", penalty, f.op("Mul", hot, f.const(_MASK)))
         cover = f.op("Max", cover, row(hot))
     chosen = f.op("Concat", *picks, axis=-1) if num_dst > 1 else picks[0]
     flag = f.op("Cast", "recompute", to=TensorProto.BOOL)                      # int32 [1] broadcasts over (B, T, d)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import facility_location
+from .selection import greedy, similarity
 from .tiles import destinations_per_tile, fold, unfold
 
 
@@ -30,35 +30,38 @@ class TileMerge:
     unmerge_w: torch.Tensor  # (B, T, n, d) fp32
 
     @classmethod
-    def compute(cls, x, grid, tile, ratio: float, scale: float, dst: torch.Tensor | None = None) -> "TileMerge":
-        """Select destinations (unless given) and derive the weights from features x (B, H*W, C)."""
-        tiles = fold(x, grid, tile)
-        b, t, n, c = tiles.shape
+    def compute(cls, x, grid, tile, ratio: float, scale: float, dst: torch.Tensor | None = None,
+                tiled: bool = False) -> "TileMerge":
+        """Select destinations (unless given) and derive the weights from features x (B, H*W, C), raster
+        order, or already in tile order when `tiled` (as `fold(...).flatten(1, 2)` gives them)."""
+        tiles = to_tiles(x, grid, tile, tiled)
+        b, t, n, _ = tiles.shape
+        sim = similarity(tiles)                                      # one similarity for both
         if dst is None:
             d = destinations_per_tile(tile, ratio)
-            dst = facility_location(tiles.reshape(b * t, n, c), d).reshape(b, t, d)
-        return cls.from_tiles(tiles, grid, tile, scale, dst)
+            dst = greedy(sim.reshape(b * t, n, n), d).reshape(b, t, d)
+        return cls.from_similarity(sim, grid, tile, scale, dst)
 
     @classmethod
-    def from_tiles(cls, tiles, grid, tile, scale: float, dst: torch.Tensor) -> "TileMerge":
-        """The weights for given destinations from features already folded into tiles (B, T, n, C)."""
-        merge_w, unmerge_w = merge_weights(tiles, dst, scale)
+    def from_similarity(cls, sim, grid, tile, scale: float, dst: torch.Tensor) -> "TileMerge":
+        """The weights for given destinations from the tiles' similarity (B, T, n, n)."""
+        merge_w, unmerge_w = merge_weights(sim, dst, scale)
         return cls(tuple(grid), tuple(tile), dst, merge_w, unmerge_w)
 
     @property
     def batch(self) -> int:
         return self.dst.shape[0]
 
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H*W, C) -> (B, T*d, C)."""
-        y = self.merge_w.to(x.dtype) @ fold(x, self.grid, self.tile)
+    def merge(self, x: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """(B, H*W, C) -> (B, T*d, C); `tiled`: x is in tile order already, so no layout copy is made."""
+        y = self.merge_w.to(x.dtype) @ to_tiles(x, self.grid, self.tile, tiled)
         return y.flatten(1, 2)
 
-    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, T*d, C) -> (B, H*W, C)."""
+    def unmerge(self, y: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """(B, T*d, C) -> (B, H*W, C), in raster order, or in tile order when `tiled` (no layout copy)."""
         b, t, d = self.dst.shape
         z = self.unmerge_w.to(y.dtype) @ y.reshape(b, t, d, y.shape[-1])
-        return unfold(z, self.grid, self.tile)
+        return z.flatten(1, 2) if tiled else unfold(z, self.grid, self.tile)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The destinations' own rows of per-token data, (B or 1, H*W, C) -> (B, T*d, C); e.g. RoPE angles."""
@@ -67,15 +70,17 @@ class TileMerge:
         return tiles.gather(2, idx).flatten(1, 2)
 
 
-def merge_weights(tiles: torch.Tensor, dst: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge (B,T,d,n) and unmerge (B,T,n,d) weights from tiles (B,T,n,C) and destinations (B,T,d)."""
-    # Cosines from the Gram matrix of each tile: normalising n x n entries instead of n x C features, and
-    # gathering d of n rows instead of d feature vectors, keeps the work off the wide channel axis (it
-    # halves ToMA's overhead in ONNX Runtime); the result equals cos(x_d, x_j) up to rounding.
-    x = tiles.float()
-    gram = x @ x.transpose(-1, -2)                                       # (B, T, n, n)
-    norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()      # |x| (F.normalize's eps is 1e-12)
-    cos = gram / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
-    rows = cos.gather(2, dst.unsqueeze(-1).expand(-1, -1, -1, cos.shape[-1]))   # (B, T, d, n)
+def to_tiles(x: torch.Tensor, grid, tile, tiled: bool) -> torch.Tensor:
+    """(B, H*W, C) -> (B, T, n, C): a layout copy from raster order, a free reshape from tile order."""
+    if not tiled:
+        return fold(x, grid, tile)
+    (h, w), (th, tw) = grid, tile
+    return x.reshape(x.shape[0], (h // th) * (w // tw), th * tw, x.shape[-1])
+
+
+def merge_weights(sim: torch.Tensor, dst: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge (B,T,d,n) and unmerge (B,T,n,d) weights from the tiles' similarity (B,T,n,n) and destinations
+    (B,T,d). The unmerge weights are stored contiguous, so applying them needs no transposed product."""
+    rows = sim.gather(2, dst.unsqueeze(-1).expand(-1, -1, -1, sim.shape[-1]))   # (B, T, d, n)
     a = torch.softmax(scale * rows, dim=-2)
-    return a / a.sum(-1, keepdim=True), a.transpose(-1, -2)
+    return a / a.sum(-1, keepdim=True), a.transpose(-1, -2).contiguous()

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ToMAConfig
-from .merge import TileMerge
-from .selection import select_or_reuse
-from .tiles import check_tiling, fold
+from .merge import TileMerge, to_tiles
+from .selection import select_or_reuse, similarity
+from .tiles import check_tiling
 
 
 @dataclass
@@ -72,15 +72,21 @@ class ToMAState:
     def merging(self) -> bool:
         return self.graph is not None or self.config.merges_at(self.step)
 
-    def merger(self, group: str, features: torch.Tensor) -> TileMerge:
-        """The group's TileMerge for this call: computed by the group's first block, reused by the rest,
-        and refreshed across steps per the schedule (or when the batch or grid changed)."""
+    def grid(self, group: str) -> tuple[int, int]:
+        """The group's token grid (H, W) for this call, checked against the tile shape."""
         grid = self.grids.get(group)
         if grid is None:
             raise RuntimeError(f"ToMA: no token grid known for group {group!r}; was the model called directly?")
         check_tiling(grid, self.config.tile)
+        return grid
+
+    def merger(self, group: str, features: torch.Tensor, tiled: bool = False) -> TileMerge:
+        """The group's TileMerge for this call: computed by the group's first block, reused by the rest,
+        and refreshed across steps per the schedule (or when the batch or grid changed). `features` are
+        (B, H*W, C) in raster order, or in tile order when `tiled`."""
+        grid = self.grid(group)
         if self.graph is not None:
-            return self._graph_merger(group, features, grid)
+            return self._graph_merger(group, features, grid, tiled)
         key = (group, self.call)
         cached = self.cache.get(key)
         if cached is not None and cached.step == self.step:
@@ -88,25 +94,27 @@ class ToMAState:
         cfg = self.config
         stale = cached is None or cached.merge.grid != tuple(grid) or cached.merge.batch != features.shape[0]
         if stale or cfg.refreshes_at(self.step):
-            merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale)
+            merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, tiled=tiled)
             self.counts["select"] += 1
             self.counts["weights"] += 1
         elif cfg.reweights_at(self.step):
-            merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=cached.merge.dst)
+            merge = TileMerge.compute(features, grid, cfg.tile, cfg.ratio, cfg.scale, dst=cached.merge.dst,
+                                      tiled=tiled)
             self.counts["weights"] += 1
         else:
             merge = cached.merge
         self.cache[key] = _Cached(self.step, merge)
         return merge
 
-    def _graph_merger(self, group: str, features: torch.Tensor, grid) -> TileMerge:
+    def _graph_merger(self, group: str, features: torch.Tensor, grid, tiled: bool) -> TileMerge:
         g, cfg = self.graph, self.config
         if group not in g.merges:
             previous = g.previous[group]
-            tiles = fold(features, grid, cfg.tile)
+            tiles = to_tiles(features, grid, cfg.tile, tiled)
+            sim = similarity(tiles)
             dst = select_or_reuse(tiles, previous.reshape(tiles.shape[0], tiles.shape[1], previous.shape[-1]),
-                                  g.recompute)
-            g.merges[group] = TileMerge.from_tiles(tiles, grid, cfg.tile, cfg.scale, dst)
+                                  g.recompute, sim)
+            g.merges[group] = TileMerge.from_similarity(sim, grid, cfg.tile, cfg.scale, dst)
             g.used[group] = dst.reshape(previous.shape)
             g.tiles[group] = tiles
         return g.merges[group]
