@@ -82,6 +82,24 @@ def test_targets_say_whether_met_and_by_how_much(quick_run):
     assert worst["measured"] == max(shares)
 
 
+def test_parts_run_in_half_precision_as_the_gpu_mode_runs_them():
+    """The GPU mode times the parts in fp16 (no GPU here: the same modules on the CPU): activations stay
+    fp16, the similarity and the weights fp32, and the parts chain into what the patched block computes."""
+    from toma_export.toma import ToMAConfig
+    from toma_export.toma.merge import TileMerge
+
+    case = blocks.sdxl_block(grid=8)
+    got = {name: module(*inputs) for name, (module, inputs) in
+           blocks.parts(case, ToMAConfig(), "cpu", torch.float16).items()}
+    assert [got[p].dtype for p in ("fold", "merge", "unmerge", "unfold")] == [torch.float16] * 4
+    assert got["similarity"].dtype == torch.float32 and got["selection"].dtype == torch.int64
+    assert [w.dtype for w in got["weights"]] == [torch.float32] * 2
+    hidden = case.inputs["hidden_states"].half()
+    want = TileMerge.compute(hidden, (8, 8), (4, 4), 0.5, 1000.0)
+    assert torch.equal(got["selection"], want.dst)
+    torch.testing.assert_close(got["merge"].flatten(1, 2), want.merge(hidden))
+
+
 def test_amortised_figures_follow_the_schedule_by_hand():
     """One SDXL row with made-up parts: SDXL base's default patch has 5 groups of 10 blocks. Per merged
     step a group pays selection + weights (2 + 1 ms), a block its layout copies and 3 round trips

@@ -114,20 +114,24 @@ def test_plugin_engine_matches_onnxruntime(tmp_path, name, selection):
 
 
 @cuda
-def test_bench_gpu_mode(tmp_path):
-    """`toma-export bench --device cuda` at a small grid: fp16 blocks, and the Triton selection identical to
-    the PyTorch greedy."""
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_bench_gpu_mode(tmp_path, dtype):
+    """`toma-export bench --device cuda` at a small grid: half-precision blocks and their parts, and the Triton
+    selection identical to the PyTorch greedy."""
     import json
 
     from toma_export.cli import main
 
-    assert main(["bench", "--device", "cuda", "--grid", "16", "--text", "16", "--ratios", "0.5", "--repeats", "2",
-                 "--models", "", "--json", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--device", "cuda", "--gpu-dtype", dtype, "--grid", "16", "--text", "16", "--ratios", "0.5",
+                 "--repeats", "2", "--models", "", "--json", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["machine"]["gpu"]
-    assert {r["backend"] for r in doc["results"]} >= {"torch-cuda-fp16", "cuda"}
+    assert {r["backend"] for r in doc["results"]} >= {f"torch-cuda-{dtype}", "cuda"}
     selection = [r for r in doc["results"] if r["method"] == "triton-kernel"]
     assert selection and all(r["rel_l2_vs_baseline"] == 0.0 for r in selection)
+    broken_down = [r for r in doc["results"] if r["backend"] == f"torch-cuda-{dtype}" and r["method"] == "toma"]
+    assert broken_down and all(r["breakdown"]["sum_ms"] > 0 for r in broken_down)   # the same parts as on the CPU
+    assert {a["schedule"] for a in doc["amortised"]} == {"default", "official FLUX (merge every 3rd step)"}
 
 
 @cuda

@@ -60,7 +60,8 @@ class BenchOptions:
     peer: bool = True                # tomesd on the SDXL block
     models: tuple = ("flux-tiny", "sdxl-tiny")   # whole tiny models, PyTorch, reported only
     model_size: int = 1024
-    device: str = "cpu"              # cpu | cuda (GPU mode: fp16 blocks, Triton selection, TensorRT engines)
+    device: str = "cpu"              # cpu | cuda (GPU mode: half-precision blocks, Triton selection, TensorRT)
+    gpu_dtype: str = "fp16"          # fp16 | bf16: the blocks' and parts' dtype in GPU mode
     workdir: str | None = None       # where the ONNX files go (a temporary folder by default)
 
 
@@ -68,6 +69,8 @@ def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
     """Run every requested measurement; returns the JSON document."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     torch.set_grad_enabled(False)
+    if options.gpu_dtype not in ("fp16", "bf16"):
+        raise UsageError(f"--gpu-dtype must be fp16 or bf16, got {options.gpu_dtype!r}")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda needs a CUDA GPU visible to PyTorch; drop it to benchmark on the CPU")
     unknown = set(options.blocks) - {"sdxl", "flux"} or set(options.backends) - {"torch", "onnxruntime"}
@@ -105,7 +108,13 @@ def _cases(options: BenchOptions):
 
 
 def _backend_label(backend: str, options: BenchOptions) -> str:
-    return "torch-cuda-fp16" if options.device == "cuda" else backend
+    return f"torch-cuda-{options.gpu_dtype}" if options.device == "cuda" else backend
+
+
+def _dtype(options: BenchOptions) -> torch.dtype:
+    """The blocks' dtype: fp32 on the CPU, the chosen half precision on a GPU."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[options.gpu_dtype] if options.device == "cuda" \
+        else torch.float32
 
 
 def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes: list, progress) -> list:
@@ -121,8 +130,8 @@ def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes:
     inputs = tuple(case.inputs.values())
     sync = None
     if options.device == "cuda":
-        modules = {k: m.to("cuda", torch.float16) for k, m in modules.items()}
-        inputs = tuple(t.to("cuda", torch.float16) for t in inputs)
+        modules = {k: m.to("cuda", _dtype(options)) for k, m in modules.items()}
+        inputs = tuple(t.to("cuda", _dtype(options)) for t in inputs)
         sync = torch.cuda.synchronize
         case.inputs = dict(zip(case.inputs, inputs))
     calls = {}
@@ -165,7 +174,7 @@ def bench_parts(case, backend: str, config: ToMAConfig, options: BenchOptions, w
     more rounds than the blocks (they take milliseconds). Returns the medians in ms, the round trips per
     block call, and their sum as the block pays it (blocks.parts_total)."""
     device = options.device
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = _dtype(options)
     calls = {}
     for name, (module, inputs) in blocks.parts(case, config, device, dtype).items():
         if backend == "torch":

@@ -34,7 +34,10 @@ def add_parser(sub):
     p.add_argument("--text", type=int, default=512, help="FLUX text tokens (512)")
     p.add_argument("--no-peer", action="store_true", help="skip tomesd")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: fp16 blocks in PyTorch (SDPA), Triton vs PyTorch selection, TensorRT engines")
+                   help="cuda: fp16 or bf16 blocks and parts in PyTorch (SDPA), Triton vs PyTorch selection, TensorRT "
+                        "engines")
+    p.add_argument("--gpu-dtype", choices=["fp16", "bf16"], default="fp16",
+                   help="with --device cuda: the blocks' half precision (fp16)")
     p.add_argument("--out", help="folder for results.json, results.md and latency.png")
     p.add_argument("--readme", help="also put the table and plot into this README between the bench markers")
     add_json(p, "the table")
@@ -57,7 +60,7 @@ def run(args) -> int:
     options = BenchOptions(ratios=_floats(args.ratios), blocks=split(args.blocks), backends=split(args.backends),
                            repeats=args.repeats, warmup=args.warmup, flux_width=args.flux_width, grid=args.grid,
                            text=args.text, peer=not args.no_peer, models=split(args.models), model_size=args.model_size,
-                           device=args.device)
+                           device=args.device, gpu_dtype=args.gpu_dtype)
     doc = run_bench(options)
     if args.out:
         files = report.write(doc, Path(args.out))
