@@ -30,7 +30,9 @@ test: $(STAMP)
 test-large: $(STAMP)
 	$(PY) scripts/real_models.py --out docs/real_models --readme README.md
 
-# ToMA vs baseline vs tomesd per block and backend; rewrites docs/bench/ and the README's results table
+# ToMA vs baseline vs tomesd per block and backend, ToMA's overhead part by part and amortised per step;
+# rewrites docs/bench/ (this machine kind's run kept in docs/bench/machines/) and the README's results table.
+# About 15 minutes on 2 cores: the FLUX block runs at its real width 3072.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out docs/bench --readme README.md
 
