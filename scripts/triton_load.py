@@ -4,7 +4,7 @@
 It exports (or reuses from the cache) the model's dynamic ONNX export, writes a repository with
 `export-repo --onnx`, starts tritonserver (`toma-export serve --install` fetches it), warms every instance,
 then for each concurrency level runs that many client threads (each with its own connection) sending
---requests requests in all, seeds distinct. Prints one JSON object (also written to --out) and a markdown
+--requests requests in all (64), seeds distinct. Prints one JSON object (also written to --out) and a markdown
 table for the README, with the CPU model from /proc/cpuinfo.
 
     python scripts/triton_load.py --model flux-tiny --instances 2 --out docs/triton_load.json
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--instances", type=int, default=2, help="pipeline model instances (2)")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level (32)")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (64)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="grpc")
     p.add_argument("--onnx", help="an existing dynamic export of --model (default: export or reuse one)")
     p.add_argument("--out", help="JSON file to write")
