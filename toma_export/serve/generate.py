@@ -3,6 +3,8 @@ Runtime) or engine (TensorRT), timing each stage.
 
 Without an ONNX file or engine it exports (or reuses from the cache) what the machine's best backend needs:
 the static ONNX export at the size, plus the baseline export when the schedule leaves steps unmerged.
+The loaded pipeline is a Session, which the Triton pipeline model (triton_model.py) also keeps, so both run
+one denoising loop.
 """
 from __future__ import annotations
 
