@@ -241,3 +241,24 @@ def test_the_pipeline_model_checks_its_environment(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(MissingComponent, match="needs CUDA, which torch cannot see here"):
             check_environment("CPU", "engine", tmp_path)
+
+
+def test_export_repo_refuses_to_overwrite_and_writes_the_options(repo, dynamic_export, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    onnx = dynamic_export("flux-tiny")["onnx"]
+    before = sorted(os.listdir(repo[0]))
+    assert main(["export-repo", "--onnx", onnx, "--out", str(repo[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "flux-tiny already exists; pass --force to replace it" in err
+    assert sorted(os.listdir(repo[0])) == before                  # nothing staged or half-written left
+    out = tmp_path / "r"
+    assert main(["export-repo", "--onnx", onnx, "--out", str(out), "--name", "fox", "--instances", "3", "--kind",
+                 "gpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pipeline_model"] == "fox"
+    cfg = text_format.Parse((out / "fox" / "config.pbtxt").read_text(), mc.ModelConfig())
+    group = cfg.instance_group[0]
+    assert (cfg.name, group.count, group.kind) == ("fox", 3, mc.ModelInstanceGroup.KIND_GPU)
+    assert sorted(os.listdir(out / "fox" / "1")) == ["model.py", "network"]
+    assert (out / "fox" / "1" / "network" / "model.onnx").read_bytes() == Path(onnx).read_bytes()
