@@ -1,11 +1,13 @@
 # `make demo` and `make test` each create .venv on first use: torch first (the local CPU wheel),
-# then the package with its extras, every version pinned by constraints.txt.
+# then the package with its extras, every version pinned by constraints.txt, then the Triton Inference
+# Server (`toma-export serve --install`: the pinned nvidia-pytriton wheel unpacked into ~/.cache/toma-export,
+# never pip-installed, so its numpy<2 requirement stays out of .venv).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-large bench venv clean
+.PHONY: demo test test-large bench triton-load venv clean
 
 venv: $(STAMP)
 
@@ -14,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,ort,report,tensorrt-rtx,triton,bench,serve,test]'
+	$(VENV)/bin/toma-export serve --install
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,6 +38,10 @@ test-large: $(STAMP)
 # About 15 minutes on 2 cores: the FLUX block runs at its real width 3072.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --out docs/bench --readme README.md
+
+# Requests/s and p50/p95 latency of the Triton pipeline model at 1, 4 and 16 clients (about a minute)
+triton-load: $(STAMP)
+	$(PY) scripts/triton_load.py --out docs/triton_load.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,9 @@
 """`toma-export export-repo`: Triton model repositories written from real TensorRT-RTX engines built here.
 
 The config is parsed with Triton's own ModelConfig protobuf (tritonclient) and checked against engine.json
-and the ONNX graph, independently. Serving it needs a GPU, full TensorRT and tritonserver, none of which are
-here, so these tests stop at the files."""
+and the ONNX graph, independently. Serving the plan needs a GPU, full TensorRT and tritonserver's TensorRT
+backend, none of which are here, so these tests stop at the files (tests/test_triton_server.py serves the
+ONNX pipeline models on a real server)."""
 import json
 import os
 import shutil
@@ -79,7 +80,22 @@ def test_dynamic_engine_repository(engines, tmp_path, capsys):
     assert export_repo("--engine", engines["dynamic"] / "engine.json", "--out", repo, "--instances", 2, RTX) == 0
     assert "TensorRT-RTX engine, which Triton's TensorRT backend cannot load" in capsys.readouterr().err
     meta = json.loads((engines["dynamic"] / "engine.json").read_text())
-    assert sorted(os.listdir(repo)) == ["flux-tiny"]                         # no staging folder left behind
+    # the plan model and the pipeline model around the same engine; no staging folder left behind
+    assert sorted(os.listdir(repo)) == ["flux-tiny", "flux-tiny-pipeline"]
+    pipeline = repo / "flux-tiny-pipeline"
+    assert sorted(os.listdir(pipeline / "1")) == ["model.py", "network"]
+    plan = (engines["dynamic"] / "engine.plan").read_bytes()
+    assert (pipeline / "1" / "network" / "engine.plan").read_bytes() == plan
+    pcfg = parse(pipeline)
+    assert (pcfg.backend, pcfg.max_batch_size, pcfg.instance_group[0].kind) == (
+        "python", 4, mc.ModelInstanceGroup.KIND_GPU)                       # the dynamic profile batches 4
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in pcfg.input] == [
+        ("prompt", "TYPE_STRING", [1], False), ("height", "TYPE_INT64", [1], False),
+        ("width", "TYPE_INT64", [1], False), ("steps", "TYPE_INT64", [1], False),
+        ("seed", "TYPE_INT64", [1], False), ("guidance", "TYPE_FP32", [1], True)]
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in pcfg.output] == [
+        ("image", "TYPE_UINT8", [-1, -1, 3])]
+    assert pcfg.HasField("dynamic_batching") and pcfg.parameters["network_kind"].string_value == "engine"
     model = repo / "flux-tiny"
     assert sorted(os.listdir(model)) == ["1", "config.pbtxt"] and os.listdir(model / "1") == ["model.plan"]
     assert (model / "1" / "model.plan").read_bytes() == (engines["dynamic"] / "engine.plan").read_bytes()
@@ -140,8 +156,10 @@ def test_existing_model_folder_needs_force(engines, tmp_path, capsys):
 
     assert export_repo("--engine", engines["static"], "--out", repo, "--name", "m", "--instances", 3, "--force",
                        RTX) == 0
-    assert sorted(os.listdir(repo)) == ["m"]
+    assert sorted(os.listdir(repo)) == ["m", "m-pipeline"]
     cfg = parse(repo / "m")
+    assert parse(repo / "m-pipeline").max_batch_size == 1 and not parse(repo / "m-pipeline").HasField(
+        "dynamic_batching")                                                  # a static engine does not batch
     assert cfg.instance_group[0].count == 3 and cfg.input[0].name == "sample"
     assert (repo / "m" / "1" / "model.plan").read_bytes() == (engines["static"] / "engine.plan").read_bytes()
 

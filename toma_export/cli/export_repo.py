@@ -1,25 +1,70 @@
-"""`toma-export export-repo`: a Triton Inference Server model repository for a built engine."""
+"""`toma-export export-repo`: a Triton Inference Server model repository whose pipeline model answers
+prompt -> image, from an ONNX export (ONNX Runtime, CPU) or a built engine (TensorRT, GPU; the engine is also
+written as a `tensorrt_plan` model for clients that run the denoising loop themselves)."""
 from __future__ import annotations
+
+import json
+
+from .common import add_json
 
 
 def add_parser(sub):
-    p = sub.add_parser("export-repo", help="write a Triton Inference Server model repository for a built engine")
-    p.add_argument("--engine", required=True, help="engine.json written by `toma-export build`, or its folder")
+    p = sub.add_parser("export-repo", help="write a Triton Inference Server model repository (pipeline model: "
+                                           "prompt -> image)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", help="an exported model.onnx (or its folder): the pipeline runs it in ONNX Runtime")
+    src.add_argument("--engine", help="engine.json written by `toma-export build`, or its folder: a tensorrt_plan "
+                                      "model plus a pipeline running the engine in TensorRT")
+    p.add_argument("--baseline", help="the same model exported without ToMA, for schedules that leave steps unmerged")
     p.add_argument("--out", required=True, help="the model repository folder (created if needed)")
-    p.add_argument("--name", help="model name, the folder under REPO (default: the model's name)")
+    p.add_argument("--name", help="model name, the folder under REPO (default: the model's name; with --engine the "
+                                  "pipeline is NAME-pipeline)")
     p.add_argument("--max-batch-size", type=int, default=0,
-                   help="Triton's max_batch_size (0: requests carry the batch; ToMA engines need 0)")
-    p.add_argument("--instances", type=int, default=1, help="model instances per GPU (1)")
-    p.add_argument("--force", action="store_true", help="replace an existing model folder")
+                   help="--engine: the plan model's max_batch_size (0: requests carry the batch; ToMA engines need 0)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, 1)")
+    p.add_argument("--kind", choices=["cpu", "gpu"], help="pipeline instances on CPU or GPU (default: cpu with "
+                                                          "--onnx, gpu with --engine)")
+    p.add_argument("--force", action="store_true", help="replace existing model folders")
     p.add_argument("--allow-tensorrt-rtx", action="store_true",
                    help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
+    add_json(p)
     return p
 
 
 def run(args) -> int:
-    from ..serve.repository import export_repo
+    from pathlib import Path
 
-    final = export_repo(args.engine, args.out, args.name, args.max_batch_size, args.instances, args.force,
-                        args.allow_tensorrt_rtx)
-    print(f"{final}\n  config.pbtxt, 1/model.plan\n  serve: tritonserver --model-repository={final.parent}")
+    from ..artifacts import Artifact
+    from ..serve.repository import RepositoryError, export_pipeline, export_repo
+
+    result = {"repository": str(Path(args.out).expanduser().resolve())}
+    if args.engine:
+        artifact = Artifact.load(args.engine, "engine")
+        name = args.name or Path(artifact.model).name
+        pipeline = f"{name}-pipeline"
+        if args.kind == "cpu":
+            raise RepositoryError("a TensorRT engine runs on a GPU: drop --kind cpu, or export the repository from "
+                                  "an ONNX export with --onnx to serve on CPU")
+        repo = Path(args.out).expanduser()
+        for folder in (repo / name, repo / pipeline):     # refuse before writing either model
+            if not args.force and folder.exists():
+                raise RepositoryError(f"{folder} already exists; pass --force to replace it, or choose another "
+                                      "--name")
+        final = export_repo(args.engine, args.out, name, args.max_batch_size, args.instances, args.force,
+                            args.allow_tensorrt_rtx)
+        export_pipeline(artifact, args.out, pipeline, args.instances, args.kind or "gpu", force=True,
+                        baseline=args.baseline)
+        result.update(plan_model=final.name, pipeline_model=pipeline, network="tensorrt")
+    else:
+        artifact = Artifact.load(args.onnx, "onnx")
+        name = args.name or Path(artifact.model).name
+        final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
+                                baseline=args.baseline)
+        result.update(pipeline_model=final.name, network="onnxruntime")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['repository']}\n  pipeline model: {result['pipeline_model']} (prompt -> image, "
+              f"{result['network']})" + (f"\n  plan model: {result['plan_model']}" if "plan_model" in result else "")
+              + f"\n  serve: toma-export serve --repo {result['repository']}")
     return 0

@@ -3,6 +3,8 @@ Runtime) or engine (TensorRT), timing each stage.
 
 Without an ONNX file or engine it exports (or reuses from the cache) what the machine's best backend needs:
 the static ONNX export at the size, plus the baseline export when the schedule leaves steps unmerged.
+The loaded pipeline is a Session, which the Triton pipeline model (triton_model.py) also keeps, so both run
+one denoising loop.
 """
 from __future__ import annotations
 
@@ -46,8 +48,7 @@ def generate(args: GenerateRequest, progress) -> dict:
     transformers_logging.set_verbosity_error()
 
     from .. import models
-    from .network import load_network
-    from .pipeline import attach, best_backend, check_pipeline, load_pipeline, serving_artifacts
+    from .pipeline import best_backend, check_pipeline, serving_artifacts
 
     torch.set_grad_enabled(False)
     spec = models.get(args.model)
@@ -73,25 +74,73 @@ def generate(args: GenerateRequest, progress) -> dict:
         toma_path, base_path = serving_artifacts(args.model, args.config, (height, width), cfg_batch, backend,
                                                  args.output_dir, args.force, progress)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
-    network = load_network(toma_path or base_path, base_path if toma_path else None,
-                           share_weights=args.share_weights, schedule=schedule)
-    pipe = load_pipeline(args.model, network=False, seed=args.seed)
-    attach(pipe, network)
-    if network.device.type == "cuda":
-        pipe.to("cuda")
-    stages = _instrument(pipe)
+    session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
+                      parts_seed=args.seed, model=args.model)
     t_ready = time.perf_counter()
-    kwargs = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=guidance,
-                  generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=stages.step_end)
-    kwargs.update(network.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
-    progress(f"[generate] {args.steps} steps at {height}x{width} px on {network.provider}")
-    image = pipe(args.prompt, **kwargs).images[0]
+    progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
+    image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance)[0]
     t_done = time.perf_counter()
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
-    return _result(args, spec, backend, network, toma_path, base_path, (height, width), guidance, stages,
-                   setup=t_ready - t_start, total=t_done - t_ready, out=out)
+    return _result(args, spec, backend, session.network, toma_path, base_path, (height, width), guidance,
+                   session.stages, setup=t_ready - t_start, total=t_done - t_ready, out=out)
+
+
+class Session:
+    """A pipeline whose network is the served graph or engine, loaded once and run for many requests: the
+    `generate` command runs one, the Triton pipeline model (triton_model.py) keeps one per model instance.
+
+    Every run starts the network's ToMA schedule afresh, so destinations never pass from one request to the
+    next; the prompts of one run form one batch and each gets its own destinations from the graph.
+    `parts_seed` seeds a tiny model's random text encoders and VAE (real models load theirs)."""
+
+    def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None, parts_seed: int = 0,
+                 model: str | None = None):
+        import torch
+
+        from .network import load_network
+        from .pipeline import attach, load_pipeline
+
+        torch.set_grad_enabled(False)
+        self.network = load_network(toma_path or base_path, base_path if toma_path else None,
+                                    share_weights=share_weights, schedule=schedule)
+        self.artifacts = [a for a in (self.network.toma_artifact, self.network.baseline_artifact) if a]
+        self.spec = self.network.spec
+        self.pipe = load_pipeline(model or self.artifacts[0].model, network=False, seed=parts_seed)
+        attach(self.pipe, self.network)
+        if self.network.device.type == "cuda":
+            self.pipe.to("cuda")
+        self.stages = _instrument(self.pipe)
+
+    def check(self, height: int, width: int, steps: int, guidance: float, count: int = 1) -> None:
+        """Raise a one-line UsageError for a request the served graph cannot run (bad steps, a size that is
+        no multiple of the model's or outside the export, a batch above its range), before any work."""
+        if steps < 1:
+            raise UsageError(f"steps must be >= 1, got {steps}")
+        self.spec.size(height, width)
+        shapes = self.spec.input_shapes(count * self.spec.cfg_batch(guidance), height, width)
+        for artifact in self.artifacts:
+            artifact.check_shapes({n: s for n, s in shapes.items() if n in artifact.input_names()}, (height, width))
+
+    def max_requests(self, guidance: float) -> int:
+        """How many requests one run may batch: the export's largest batch over the CFG batch."""
+        batch = min(a.allowed(a.input_names()[0])[1][0] for a in self.artifacts)    # axis 0: the batch
+        return max(1, batch // self.spec.cfg_batch(guidance))
+
+    def run(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float):
+        """One image (PIL) per prompt, each from its own seed's generator, in one pipeline call."""
+        import torch
+
+        self.network.reset()
+        self.network.timings.clear()
+        self.stages.__init__()
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        kwargs = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators[0] if len(generators) == 1 else generators,
+                      callback_on_step_end=self.stages.step_end)
+        kwargs.update(self.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
+        return self.pipe(prompts[0] if len(prompts) == 1 else list(prompts), **kwargs).images
 
 
 class _Stages:

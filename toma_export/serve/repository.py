@@ -131,3 +131,105 @@ def export_repo(engine, out, name: str | None = None, max_batch_size: int = 0, i
         shutil.copyfile(plan, tmp / "1" / "model.plan")
         (tmp / "config.pbtxt").write_text(text)
     return final
+
+
+# -- the pipeline model (Python backend): prompt -> image around the exported network --
+KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_of_instances: str,
+                         max_requests: int) -> str:
+    """config.pbtxt of the pipeline model. `max_requests`: how many requests one pipeline call may batch
+    (the export's largest batch over the default CFG batch); 1 turns dynamic batching off."""
+    if instances < 1:
+        raise RepositoryError("--instances must be 1 or more")
+    network = "ONNX Runtime" if kind == "onnx" else f"{meta['backend']} {meta['backend_version']}"
+    head = [f"# written by `toma-export export-repo`: text-to-image with {meta['model']} (dtype {meta.get('dtype')}), "
+            f"the network run by {network} inside this Python-backend model (toma_export.serve.triton_model)",
+            "# inputs per request: prompt BYTES, height/width/steps/seed INT64, guidance FP32 (optional), each [1];",
+            "# output image UINT8 [H, W, 3]; the batch axis Triton adds makes them [1, ...] on the wire"]
+    if max_requests > 1:
+        head.append(f"# dynamic batching: requests of equal size, steps and guidance run as one pipeline batch of up "
+                    f"to {max_requests} (the export's batch range over the CFG batch); ToMA destinations stay per "
+                    "request")
+    else:
+        head.append("# no dynamic batching: the export takes one image per network call (a static export, or a "
+                    "batch range no larger than the CFG batch); scale with --instances")
+    ranges = (meta.get("ranges") or {}).get("sizes")
+    sizes = (f"sizes {'x'.join(map(str, ranges[0]))} to {'x'.join(map(str, ranges[-1]))} px" if meta.get("dynamic")
+             and ranges else f"size {meta.get('height')}x{meta.get('width')} px only" if not meta.get("dynamic")
+             else "a dynamic size")
+    head.append(f"# the export takes {sizes}; other sizes get an error response")
+
+    def scalar(n, t, extra=""):
+        return f"  {{\n    name: {json.dumps(n)}\n    data_type: {t}\n    dims: [ 1 ]{extra}\n  }}"
+
+    inputs = [scalar("prompt", "TYPE_STRING")] + [scalar(n, "TYPE_INT64") for n in ("height", "width", "steps", "seed")]
+    inputs.append(scalar("guidance", "TYPE_FP32", "\n    optional: true"))
+    body = [f"name: {json.dumps(name)}", 'backend: "python"', f"max_batch_size: {max(1, max_requests)}",
+            "input [\n" + ",\n".join(inputs) + "\n]",
+            'output [\n  {\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1, -1, 3 ]\n  }\n]',
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: {KINDS[kind_of_instances]}\n  }}\n]"]
+    if max_requests > 1:
+        body.append("dynamic_batching {\n  max_queue_delay_microseconds: 20000\n}")
+    body.append(f'parameters: {{\n  key: "network_kind"\n  value: {{ string_value: "{kind}" }}\n}}')
+    return "\n".join(head) + "\n" + "\n".join(body) + "\n"
+
+
+def _copy_artifact(artifact, dest: Path) -> None:
+    """The export's or engine's folder files that loading needs (hard links where the filesystem allows)."""
+    import os
+
+    dest.mkdir(parents=True)
+    folder = artifact.path.parent
+    names = (["engine.json", "engine.plan"] if artifact.kind == "engine" else
+             ["toma.json", "model.onnx"] + [p.name for p in folder.iterdir() if p.name.startswith("model.onnx.")
+                                           or p.suffix == ".data"])
+    for n in dict.fromkeys(names):
+        if (folder / n).is_file():
+            try:
+                os.link(folder / n, dest / n)
+            except OSError:
+                shutil.copyfile(folder / n, dest / n)
+
+
+def max_requests(meta: dict) -> int:
+    """Requests one pipeline call can batch: the export's largest batch over the default CFG batch."""
+    from .. import models
+
+    spec = models.get(meta["model"])
+    first = meta["inputs"][0]
+    profile = (meta.get("profiles") or {}).get(first["name"])
+    batch = profile["max"][0] if profile else first["shape"][0]
+    return max(1, int(batch) // spec.cfg_batch(spec.default_guidance)) if meta.get("dynamic") else 1
+
+
+def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "cpu", force: bool = False,
+                    baseline=None, check_free=()) -> Path:
+    """Write REPO/<name>/{config.pbtxt, 1/model.py, 1/network/...}: the pipeline model (staged, renamed).
+    `check_free`: other model folders this export will write, refused together when they exist."""
+    from ..artifacts import Artifact
+    from .triton_model import BASELINE, MODEL_PY, NETWORK
+
+    artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
+    base = None if baseline is None else Artifact.load(baseline)
+    if kind not in KINDS:
+        raise RepositoryError(f"--kind must be cpu or gpu, got {kind!r}")
+    if artifact.kind == "engine" and kind == "cpu":
+        raise RepositoryError("a TensorRT engine runs on a GPU: pass --kind gpu (or export the repository from an "
+                              "ONNX export with --onnx to serve on CPU)")
+    if not _NAME.fullmatch(name):
+        raise RepositoryError(f"model name {name!r} is not a plain folder name (letters, digits, _ . -); pass --name")
+    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta))
+    final = writable_dir(out) / name
+    for folder in (final, *check_free):
+        if folder.exists() and not force:
+            raise RepositoryError(f"{folder} already exists; pass --force to replace it, or choose another --name")
+    with staged_dir(final) as tmp:
+        (tmp / "1").mkdir()
+        _copy_artifact(artifact, tmp / "1" / NETWORK)
+        if base is not None:
+            _copy_artifact(base, tmp / "1" / BASELINE)
+        (tmp / "1" / "model.py").write_text(MODEL_PY)
+        (tmp / "config.pbtxt").write_text(text)
+    return final

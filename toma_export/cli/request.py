@@ -1,0 +1,47 @@
+"""`toma-export request`: send one prompt to a served pipeline model and save the image."""
+from __future__ import annotations
+
+import json
+
+from .common import add_json, size
+
+
+def add_parser(sub):
+    p = sub.add_parser("request", help="ask a running `toma-export serve` for one image (HTTP or gRPC)")
+    p.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of the server's HTTP (or, with --grpc, gRPC) "
+                                                          "endpoint (127.0.0.1:8000)")
+    p.add_argument("--grpc", action="store_true", help="talk gRPC instead of HTTP")
+    p.add_argument("--model", help="the pipeline model's name (default: the repository's only pipeline model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--size", type=size, default=(256, 256), help="HEIGHTxWIDTH in pixels (256x256)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, help="guidance scale (the model's default)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    add_json(p)
+    return p
+
+
+def run(args) -> int:
+    import time
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ..serve.triton_client import Client
+
+    client = Client(args.url, "grpc" if args.grpc else "http", args.model)
+    t0 = time.perf_counter()
+    image = client.generate(args.prompt, *args.size, args.steps, args.seed, args.guidance)
+    seconds = time.perf_counter() - t0
+    client.close()
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    tmp.replace(out)
+    result = dict(image=str(out), model=client.model, height=image.shape[0], width=image.shape[1],
+                  seconds=round(seconds, 3))
+    print(json.dumps(result) if args.json else f"{out}  ({client.model}, {image.shape[0]}x{image.shape[1]} px, "
+          f"{seconds:.2f} s)")
+    return 0

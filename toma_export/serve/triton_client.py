@@ -1,0 +1,84 @@
+"""A client of the pipeline model (HTTP or gRPC, tritonclient): one prompt in, one image (H, W, 3 uint8) out."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ExecutionError, MissingComponent, UsageError
+
+
+def _module(protocol: str):
+    if protocol not in ("http", "grpc"):
+        raise UsageError(f"protocol must be http or grpc, got {protocol!r}")
+    try:
+        if protocol == "http":
+            import tritonclient.http as client
+        else:
+            import tritonclient.grpc as client
+    except ImportError as err:
+        raise MissingComponent(f"tritonclient[{protocol}] is not installed ({err}); pip install "
+                               f"'tritonclient[{protocol}]' (make venv installs it)") from None
+    return client
+
+
+def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, guidance: float | None = None):
+    """The request tensors, each [1, 1] (the batch axis and the per-request [1])."""
+    tensors = []
+
+    def add(name, array, dtype):
+        t = client.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        tensors.append(t)
+
+    add("prompt", np.array([[prompt.encode("utf-8")]], dtype=object), "BYTES")
+    for name, value in (("height", height), ("width", width), ("steps", steps), ("seed", seed)):
+        add(name, np.array([[value]], dtype=np.int64), "INT64")
+    if guidance is not None:
+        add("guidance", np.array([[guidance]], dtype=np.float32), "FP32")
+    return tensors
+
+
+class Client:
+    """One connection to a server; `generate` is safe to call from one thread at a time per Client."""
+
+    def __init__(self, url: str, protocol: str = "http", model: str | None = None, timeout: float = 600.0):
+        self.module = _module(protocol)
+        self.protocol = protocol
+        kwargs = dict(network_timeout=timeout, connection_timeout=timeout) if protocol == "http" else {}
+        self.client = self.module.InferenceServerClient(url, **kwargs)
+        self.model = model or self._only_model()
+
+    def _only_model(self) -> str:
+        """The pipeline model when the repository has one (the model whose config has a prompt input)."""
+        try:
+            index = self.client.get_model_repository_index()
+        except Exception as err:      # noqa: BLE001  (connection refused, wrong protocol: the library's own types)
+            raise ExecutionError(f"cannot reach a Triton server ({type(err).__name__}: {str(err)[:200]}); is "
+                                 "`toma-export serve` running, and does --url name its HTTP or gRPC port?") from None
+        models = [m["name"] if isinstance(m, dict) else m.name for m in
+                  (index if isinstance(index, list) else index.models)]
+        pipelines = [m for m in models if self._has_prompt(m)]
+        if len(pipelines) != 1:
+            raise UsageError(f"the server has pipeline models {pipelines or 'none'}; pass --model NAME")
+        return pipelines[0]
+
+    def _has_prompt(self, name: str) -> bool:
+        try:
+            meta = self.client.get_model_metadata(name)
+        except Exception:             # noqa: BLE001  (not loaded)
+            return False
+        names = [i["name"] for i in meta["inputs"]] if isinstance(meta, dict) else [i.name for i in meta.inputs]
+        return "prompt" in names
+
+    def generate(self, prompt: str, height: int, width: int, steps: int, seed: int = 0,
+                 guidance: float | None = None) -> np.ndarray:
+        """The image as (H, W, 3) uint8; a server-side refusal is an ExecutionError with the server's message."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed, guidance))
+        except InferenceServerException as err:
+            raise ExecutionError(f"the server refused the request: {err.message()}") from None
+        return result.as_numpy("image")[0]
+
+    def close(self) -> None:
+        self.client.close()
