@@ -104,18 +104,22 @@ def test_amortised_figures_follow_the_schedule_by_hand():
     """One SDXL row with made-up parts: SDXL base's default patch has 5 groups of 10 blocks. Per merged
     step a group pays selection + weights (2 + 1 ms), a block its layout copies and 3 round trips
     (0.5 + 0.5 + 3 * (1 + 1) = 7 ms): 5 * 3 + 10 * 7 = 85 ms on each of the 30 steps by default, on every
-    3rd step (10 of 30) under the official FLUX schedule: 850 / 30 ms per step."""
+    3rd step (10 of 30) under the official FLUX schedule: 850 / 30 ms per step. The parts add up to the
+    10 ms measured together, so they are taken as they are."""
     parts = dict(fold_ms=0.5, similarity_ms=0.4, selection_ms=2.0, weights_ms=1.0, merge_ms=1.0, unmerge_ms=1.0,
                  unfold_ms=0.5)
     row = dict(block="sdxl-block-64x64", backend="torch", method="toma", ratio=0.5, baseline_median_ms=100.0,
-               overhead_share=0.09, breakdown=dict(parts, round_trips=3, sum_ms=10.0))
+               overhead_ms=10.0, overhead_share=0.1, breakdown=dict(parts, round_trips=3, sum_ms=10.0))
     got = {a["schedule"]: a for a in amortised([row, dict(row, method="baseline", breakdown=None)])}
     assert list(got) == ["default", "official FLUX (merge every 3rd step)"]
     default, official = got.values()
     assert (default["overhead_per_step_ms"], default["overhead_share_per_step"]) == pytest.approx((85.0, 0.085))
     assert (official["overhead_per_step_ms"], official["overhead_share_per_step"]) == pytest.approx(
         (850 / 30, 850 / 30 / 1000), abs=1e-3)
-    assert default["patched_baseline_per_step_ms"] == 1000.0 and official["every_call_share"] == 0.09
+    assert default["patched_baseline_per_step_ms"] == 1000.0 and official["every_call_share"] == 0.1
+    # parts that add up to half the overhead measured together are scaled up to it: twice the cost
+    doubled = amortised([dict(row, overhead_ms=20.0)])[0]
+    assert doubled["overhead_per_step_ms"] == pytest.approx(170.0)
 
 
 def test_table_plot_and_readme_match_the_json(quick_run):
