@@ -177,11 +177,12 @@ def parts(case: BlockCase, config: ToMAConfig, device="cpu", dtype=torch.float32
     sim = similarity(tiles)
     dst = select_or_reuse(tiles, previous, torch.tensor(True), sim)
     merge_w, unmerge_w = merge_weights(sim, dst, config.scale)
-    merged = merge_w.to(dtype) @ tiles
+    apply = _Apply()
+    merged = apply(merge_w, tiles)
     return dict(fold=(_Fold(case.grid, config.tile), (hidden,)), similarity=(_Similarity(), (tiles,)),
                 selection=(_Select(), (tiles, previous)), weights=(_Weights(config.scale), (sim, dst)),
-                merge=(_Apply(), (merge_w, tiles)), unmerge=(_Apply(), (unmerge_w, merged)),
-                unfold=(_Unfold(case.grid, config.tile), (unmerge_w.to(dtype) @ merged,)))
+                merge=(apply, (merge_w, tiles)), unmerge=(apply, (unmerge_w, merged)),
+                unfold=(_Unfold(case.grid, config.tile), (apply(unmerge_w, merged),)))
 
 
 def parts_total(ms: dict, pairs: int) -> float:

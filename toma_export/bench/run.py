@@ -6,6 +6,7 @@ and the output's distance from the baseline as a quality hint. Targets are measu
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -247,6 +248,7 @@ def amortised(results: list) -> list:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def patched_layout(name: str) -> tuple[int, int]:
     """(groups, patched blocks) of ToMA's default patch on a real configuration, built on the meta device."""
     from ..models import real_configs

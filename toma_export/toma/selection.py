@@ -8,7 +8,6 @@ inputs (identical tokens), where the official code could repeat a destination.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
 
