@@ -10,6 +10,7 @@ ToMA settings round-trip through `toma_section` / `config_from_section` with eve
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -93,6 +94,38 @@ def staged_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claimed(final: Path, progress=None):
+    """Hold `final` for this process while it makes it: a second process asking for the same artifact waits
+    here and then finds it finished, instead of making it again and replacing it under the first one's readers.
+
+    The lock is an flock on a hidden file beside `final`, so a killed holder frees it at once. The holder
+    removes the file when done; a waiter that locked a removed file tries again on the new one."""
+    final = Path(final)
+    path = final.parent / f".{final.name}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"[wait] another process is making {final.name}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def remove_abandoned(folder: Path, prefix: str) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, source_digest, staged_dir,
-                         toma_section, versions, writable_dir)
+from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, claimed, source_digest,
+                         staged_dir, toma_section, versions, writable_dir)
 from ..errors import ArtifactError, UsageError
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
@@ -55,41 +55,44 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
     meta = None if force else _reuse(final, progress)
     if meta is not None:
         return meta
+    with claimed(final, progress):
+        meta = None if force else _reuse(final, progress)      # made by the process we waited for
+        if meta is not None:
+            return meta
+        t0 = time.perf_counter()
+        progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
+        model = spec.load(DTYPES[options.dtype])
+        report = apply_toma(model, config) if config else None
+        graph = ToMAGraph(model, spec, report).eval()
+        units = _units(spec, graph)
+        for size in ranges["sizes"] if options.dynamic else [(height, width)]:
+            _check_size(spec, units, *size)
 
-    t0 = time.perf_counter()
-    progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
-    model = spec.load(DTYPES[options.dtype])
-    report = apply_toma(model, config) if config else None
-    graph = ToMAGraph(model, spec, report).eval()
-    units = _units(spec, graph)
-    for size in ranges["sizes"] if options.dynamic else [(height, width)]:
-        _check_size(spec, units, *size)
+        sample_batch = 2 if options.dynamic else options.batch   # batch 1 would be specialised by torch.export
+        net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
+                                smooth=True)
+        args = tuple(net.values()) + tuple(graph.sample_toma_inputs(net).values())
+        dynamic_shapes = _dynamic_shapes(spec, graph, units, ranges) if options.dynamic else None
 
-    sample_batch = 2 if options.dynamic else options.batch   # batch 1 would be specialised by torch.export
-    net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
-                            smooth=True)
-    args = tuple(net.values()) + tuple(graph.sample_toma_inputs(net).values())
-    dynamic_shapes = _dynamic_shapes(spec, graph, units, ranges) if options.dynamic else None
+        progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
+                 f"{', dynamic batch/size/text' if options.dynamic else ''}); this takes a minute")
+        program = trace(graph, args, options.opset, dynamic_shapes=dynamic_shapes, input_names=graph.input_names,
+                        output_names=graph.output_names)
 
-    progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
-             f"{', dynamic batch/size/text' if options.dynamic else ''}); this takes a minute")
-    program = trace(graph, args, options.opset, dynamic_shapes=dynamic_shapes, input_names=graph.input_names,
-                    output_names=graph.output_names)
+        with staged_dir(final) as tmp:
+            progress("[export 3/4] attaching the ToMASelect body and writing the file")
+            onnx_path = tmp / "model.onnx"
+            external = write_model(program, onnx_path, options.opset)
+            progress("[export 4/4] running the ONNX checker (full_check)")
+            import onnx
 
-    with staged_dir(final) as tmp:
-        progress("[export 3/4] attaching the ToMASelect body and writing the file")
-        onnx_path = tmp / "model.onnx"
-        external = write_model(program, onnx_path, options.opset)
-        progress("[export 4/4] running the ONNX checker (full_check)")
-        import onnx
-
-        onnx.checker.check_model(str(onnx_path), full_check=True)
-        meta = _metadata(spec, config, options, report, graph, onnx_path, external, (height, width), ranges, key,
-                         key_fields["versions"], time.perf_counter() - t0)
-        meta["onnx"] = str(final / "model.onnx")
-        Artifact("onnx", onnx_path, meta).save()
-    progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
-    return meta
+            onnx.checker.check_model(str(onnx_path), full_check=True)
+            meta = _metadata(spec, config, options, report, graph, onnx_path, external, (height, width), ranges, key,
+                             key_fields["versions"], time.perf_counter() - t0)
+            meta["onnx"] = str(final / "model.onnx")
+            Artifact("onnx", onnx_path, meta).save()
+        progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
+        return meta
 
 
 def cached(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -196,9 +199,53 @@ def trace(module: torch.nn.Module, args: tuple, opset: int, **kwargs):
     """torch.onnx (dynamo) export of `module`, quietly: the exporter narrates on stdout (kept for our JSON)
     and logs that torchvision ops are missing."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), linear_rewrites():
         warnings.simplefilter("ignore")
         return torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, **kwargs)
+
+
+@contextlib.contextmanager
+def linear_rewrites():
+    """Keep the exporter's optimizer linear in the node count.
+
+    onnxscript's rewrite rules with two output nodes (SlicesSplit: two Slices of one value become a Split)
+    index the whole graph for every node they are tried on, so the optimizer's time grows with the square of
+    the node count: 19 of the 45 s a tiny dynamic export took. Here such a rule is tried only on nodes of its
+    first output's op type, where a match can start; the optimized graph is byte for byte the same."""
+    try:
+        from onnxscript.rewriter import pattern, rules
+    except ImportError:          # another onnxscript layout: its optimizer as it is
+        yield
+        return
+    patched = []
+    for rule in (rules.common.slice_split_rule,):
+        matcher = getattr(rule, "_matcher", None)
+        if isinstance(matcher, pattern.PatternMatcher) and len(matcher.pattern.output_nodes) > 1:
+            patched.append((rule, matcher))
+            rule._matcher = _FromOutputOp(matcher)
+    try:
+        yield
+    finally:
+        for rule, matcher in patched:
+            rule._matcher = matcher
+
+
+class _FromOutputOp:
+    """A multi-output matcher that answers "no" at once for a node its first output node cannot be."""
+
+    def __init__(self, inner):
+        self.inner, self.pattern = inner, inner.pattern
+        self.op = inner.pattern.output_nodes[0].op_identifier()
+
+    def match(self, model, graph_or_function, node, **kwargs):
+        from onnxscript.rewriter import pattern
+
+        if self.op is not None and node.op_identifier() != self.op:
+            return pattern.MatchResult().fail(f"not a {self.op[1]} node")
+        return self.inner.match(model, graph_or_function, node, **kwargs)
+
+    def __str__(self) -> str:
+        return str(self.inner)
 
 
 def write_model(program, path: Path, opset: int) -> bool:

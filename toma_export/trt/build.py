@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models, resources
-from ..artifacts import ENGINE_META, Artifact, cache_key, staged_dir, writable_dir
+from ..artifacts import ENGINE_META, Artifact, cache_key, claimed, staged_dir, writable_dir
 from ..errors import ArtifactError, ExecutionError, UsageError
 from ..onnx import ExportOptions, export_in_child
 from ..toma import ToMAConfig
@@ -148,25 +148,31 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
     final = out_root / f"{Path(onnx_meta['model']).name}-{name}-{cache_key(fields)}"
     if (final / ENGINE_META).is_file() and not force:
-        meta = check_engine(final / ENGINE_META, trt_module=trt)
-        progress(f"[build] reusing {final} (selection: {meta['selection']})")
+        return _reuse(final, trt, progress)
+    with claimed(final, progress):
+        if (final / ENGINE_META).is_file() and not force:     # built by the process we waited for
+            return _reuse(final, trt, progress)
+        selection = PLUGIN if use_plugin else BODY if onnx_meta["toma"] else NONE
+        progress(f"[build] building a {name} {backends.version(trt)} engine{f' for {target}' if target else ''}; "
+                 f"selection: {selection} ({why})")
+        t0 = time.perf_counter()
+        engine = _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
+        with staged_dir(final) as tmp:
+            (tmp / "engine.plan").write_bytes(engine)
+            meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
+                        onnx_key=onnx_meta["key"], selection=selection, selection_reason=why, dtype=dtype,
+                        dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
+                        profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
+                        toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
+                        engine_bytes=len(engine))
+            Artifact("engine", tmp / ENGINE_META, meta).save()
+        progress(f"[build] wrote {meta['engine']} ({len(engine) / 2**20:.1f} MiB) in {meta['build_seconds']:.0f} s")
         return meta
 
-    selection = PLUGIN if use_plugin else BODY if onnx_meta["toma"] else NONE
-    progress(f"[build] building a {name} {backends.version(trt)} engine{f' for {target}' if target else ''}; "
-             f"selection: {selection} ({why})")
-    t0 = time.perf_counter()
-    engine = _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
-    with staged_dir(final) as tmp:
-        (tmp / "engine.plan").write_bytes(engine)
-        meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
-                    onnx_key=onnx_meta["key"], selection=selection, selection_reason=why, dtype=dtype,
-                    dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
-                    profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
-                    toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
-                    engine_bytes=len(engine))
-        Artifact("engine", tmp / ENGINE_META, meta).save()
-    progress(f"[build] wrote {meta['engine']} ({len(engine) / 2**20:.1f} MiB) in {meta['build_seconds']:.0f} s")
+
+def _reuse(final: Path, trt, progress) -> dict:
+    meta = check_engine(final / ENGINE_META, trt_module=trt)
+    progress(f"[build] reusing {final} (selection: {meta['selection']})")
     return meta
 
 
