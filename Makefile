@@ -24,8 +24,13 @@ demo: $(STAMP)
 	$(VENV)/bin/toma-export build --model flux-tiny
 	$(VENV)/bin/toma-export generate --model flux-tiny --prompt "a red fox" --steps 4 --size 256x256 --out out/fox.png
 
+# One pytest worker per core (pytest-xdist). A test module runs whole on one worker, so its module fixtures
+# (a tritonserver, a bench run) start once; exports and engines are made once per run and shared by both
+# workers (tests/conftest.py, docs/architecture.md "Tests"). The 15 slowest tests are listed at the end.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Real architectures with random weights (FLUX.1-dev cut to 1+2 ... 8+16 blocks, the full SDXL base UNet):
 # export, TensorRT-RTX build and fp16 parity, each timed with its peak memory; rewrites docs/real_models/ and

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import toma_export as te
-from toma_export.artifacts import EXPORT_FORMAT, Artifact, config_from_section, staged_dir, toma_section
+from toma_export.artifacts import EXPORT_FORMAT, Artifact, claimed, config_from_section, staged_dir, toma_section
 from toma_export.errors import ArtifactError, ToMAExportError
 from toma_export.onnx import ExportOptions, export
 
@@ -78,14 +78,12 @@ def test_every_field_round_trips_through_export_validate_and_serve(every_field_e
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_files_with_own_settings_refuse_other_toma_options(every_field_export, tmp_path):
+def test_files_with_own_settings_refuse_other_toma_options(every_field_export, tmp_path, cli_here):
     onnx, base = every_field_export
-    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "generate", "--model", "flux-tiny", "--onnx", onnx,
-                          "--baseline", base, "--ratio", "0.5", "--prompt", "x", "--out", str(tmp_path / "x.png")],
-                         capture_output=True, text=True, timeout=300)
+    res = cli_here("generate", "--model", "flux-tiny", "--onnx", onnx, "--baseline", base, "--ratio", "0.5",
+                   "--prompt", "x", "--out", tmp_path / "x.png")
     assert res.returncode == 2 and "carry their own ToMA settings" in res.stderr and "--ratio" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", "--model", "sdxl-tiny", "--onnx", onnx],
-                         capture_output=True, text=True, timeout=300)
+    res = cli_here("validate", "--model", "sdxl-tiny", "--onnx", onnx)
     assert res.returncode == 2 and "was made from flux-tiny, not sdxl-tiny" in res.stderr
 
 
@@ -142,7 +140,7 @@ def test_engine_metadata_without_its_plan_is_refused(every_field_export, tmp_pat
         Artifact.load(engine, "onnx")
 
 
-def test_validate_with_a_missing_or_corrupt_file_is_one_line(every_field_export, tmp_path):
+def test_validate_with_a_missing_or_corrupt_file_is_one_line(every_field_export, tmp_path, cli_here):
     """Through the CLI: exit 2, one line naming the fix, no traceback; a model.onnx ONNX Runtime cannot read
     (toma.json intact) included."""
     cases = _damaged(every_field_export, tmp_path)
@@ -150,8 +148,7 @@ def test_validate_with_a_missing_or_corrupt_file_is_one_line(every_field_export,
     (garbage / "model.onnx").write_bytes(b"not a protobuf")
     cases["corrupt model.onnx"] = (garbage / "model.onnx", "ONNX Runtime cannot load")
     for what, (path, message) in cases.items():
-        res = subprocess.run([sys.executable, "-m", "toma_export.cli", "validate", "--model", "flux-tiny", "--onnx",
-                              str(path)], capture_output=True, text=True, timeout=300)
+        res = cli_here("validate", "--model", "flux-tiny", "--onnx", path)
         lines = [line for line in res.stderr.splitlines() if line.startswith("toma-export: error:")]
         assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (what, res.stderr[-2000:])
         assert "Traceback" not in res.stderr, what
@@ -213,6 +210,23 @@ def test_a_later_run_removes_what_a_killed_run_left(tmp_path):
     with staged_dir(tmp_path / "x") as tmp:
         (tmp / "model.onnx").write_text("done")
     assert not left.exists() and running.is_dir() and (tmp_path / "x" / "model.onnx").read_text() == "done"
+
+
+def test_a_second_process_waits_for_the_artifact_the_first_is_making(tmp_path):
+    """Two processes asking for one artifact: the second says it waits, and gets the claim only once the first
+    lets go (so it finds the artifact finished instead of making it again). No lock file is left behind."""
+    final = tmp_path / "model-abc"
+    waiter = ("import sys; from pathlib import Path; from toma_export.artifacts import claimed\n"
+              "with claimed(Path(sys.argv[1]), progress=lambda m: print(m, flush=True)):\n"
+              "    print('claimed', Path(sys.argv[1]).is_dir(), flush=True)\n")
+    with claimed(final):
+        assert (tmp_path / ".model-abc.lock").is_file()
+        child = subprocess.Popen([sys.executable, "-c", waiter, str(final)], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "[wait] another process is making model-abc; waiting for it\n"
+        final.mkdir()                                   # the first process finishes its artifact...
+    out, _ = child.communicate(timeout=60)              # ...and only then the second one holds the claim
+    assert child.returncode == 0 and out == "claimed True\n"
+    assert list(tmp_path.iterdir()) == [final]
 
 
 @pytest.mark.parametrize("model,dtype", [("flux-tiny", "bf16"), ("sdxl-tiny", "fp16")])

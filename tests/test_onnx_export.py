@@ -126,7 +126,7 @@ def cli(*args):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_cli_export_json_and_reuse(tmp_path, name):
+def test_cli_export_json_and_reuse(tmp_path, name, cli_here):
     res = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads(res.stdout)                                      # stdout holds the JSON alone
@@ -137,7 +137,7 @@ def test_cli_export_json_and_reuse(tmp_path, name):
     assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] == 0     # exported in this process
     assert "peak_rss_gb" not in json.loads((Path(meta["onnx"]).parent / "toma.json").read_text())   # not metadata
     assert not list(tmp_path.rglob(".*tmp*"))
-    again = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
+    again = cli_here("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
     assert json.loads(again.stdout)["key"] == meta["key"] and "reusing" in again.stderr
     if name == "flux-tiny":   # polygraphy runs the file as is (dst values kept within a 16-token tile)
         ranges = [f"{i['name']}:[0,15]" for i in meta["inputs"] if i["name"].startswith("toma_dst.")]
@@ -153,17 +153,17 @@ def test_cli_export_json_and_reuse(tmp_path, name):
     (["--model", "flux-tiny", "--opset", "23"], "opset must be between 17 and 22"),
     (["--model", "flux-tiny", "--dynamic", "--min-size", "96x96"], "the height must be a multiple of 64 px"),
 ])
-def test_bad_export_input_is_one_clear_line(tmp_path, args, message):
-    res = cli("export", *args, "--output-dir", str(tmp_path))
+def test_bad_export_input_is_one_clear_line(tmp_path, args, message, cli_here):
+    res = cli_here("export", *args, "--output-dir", str(tmp_path))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("toma-export: error:")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, cli_here):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    res = cli("export", "--model", "flux-tiny", "--output-dir", str(blocker / "sub"))
+    res = cli_here("export", "--model", "flux-tiny", "--output-dir", str(blocker / "sub"))
     assert res.returncode == 2 and "is not writable" in res.stderr
 
 
@@ -208,6 +208,63 @@ def test_models_over_2gb_keep_their_tensors_in_external_data(tmp_path, monkeypat
     graph, net, toma, (ref, *_) = reference("flux-tiny", 1, 128, 128)
     out = ort.InferenceSession(meta["onnx"]).run(None, feed(graph, net, toma))[0]
     assert np.abs(out - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
+
+
+def test_the_optimizer_tries_two_output_rules_only_where_they_can_match():
+    """onnxscript's SlicesSplit rule indexes the whole graph for every node it is tried on, which makes the
+    optimizer quadratic in the node count; under `linear_rewrites` it is tried on Slice nodes only. Real: the
+    onnxscript optimizer on a graph where the rule fires (two halves of the last axis become one Split),
+    and torch.onnx on a small module, each compared with the unchanged optimizer."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    from onnx import TensorProto, helper
+    from onnxscript.rewriter import rules
+
+    from toma_export.onnx.export import linear_rewrites, trace
+
+    rule = rules.common.slice_split_rule
+    const = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, TensorProto.INT64, [1], [v]))
+             for n, v in (("zero", 0), ("half", 4), ("end", 8), ("last", -1))]
+    # the second half first: the rule's matcher pairs a Slice with the first Slice of the graph it fits
+    nodes = const + [helper.make_node("Slice", ["x", "half", "end", "last"], ["b"]),
+                     helper.make_node("Slice", ["x", "zero", "half", "last"], ["a"]),
+                     helper.make_node("Relu", ["b"], ["r"]),
+                     helper.make_node("Mul", ["a", "r"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])]), opset_imports=[helper.make_opsetid("", 20)])
+
+    def optimized(proto):
+        m = ir.serde.deserialize_model(proto)
+        onnxscript.optimizer.optimize_ir(m)
+        return ir.serde.serialize_model(m)
+
+    stock = optimized(model)
+    tried = []
+    original = rule._matcher
+    with linear_rewrites():
+        inner = rule._matcher.inner
+        assert inner is original
+        spy = inner.match
+        inner.match = lambda model, graph, node, **kw: tried.append(node.op_type) or spy(model, graph, node, **kw)
+        try:
+            ours = optimized(model)
+        finally:
+            del inner.match
+    assert rule._matcher is original                                  # restored on the way out
+    assert ours.SerializeToString() == stock.SerializeToString()
+    assert "Split" in [n.op_type for n in ours.graph.node]               # the rule still fires
+    assert tried and set(tried) == {"Slice"}                             # and is tried on nothing else
+
+    class Halves(torch.nn.Module):
+        def forward(self, x):
+            h = torch.nn.functional.gelu(x @ x.transpose(-1, -2))
+            return h[..., :4] * h[..., 4:].softmax(-1)
+
+    x = torch.randn(2, 8, 8)
+    ours = trace(Halves(), (x,), 20).model_proto
+    stock = torch.onnx.export(Halves(), (x,), dynamo=True, opset_version=20, verbose=False).model_proto
+    assert ours.SerializeToString() == stock.SerializeToString()
 
 
 @pytest.mark.parametrize("dies,message", [

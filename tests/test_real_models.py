@@ -141,7 +141,7 @@ def test_default_split_on_the_real_depths():
     assert all(b.startswith(("down_blocks.1.", "up_blocks.1.")) for b in blocks)
 
 
-def test_schnell_exports_in_its_own_dtype_and_text_length_at_a_size_outside_the_profile(real, tmp_path):
+def test_schnell_exports_in_its_own_dtype_and_text_length_at_a_size_outside_the_profile(real, tmp_path, cli_here):
     """Defects 8 and 9: no --dtype and no --text-len -> the folder's bf16 and schnell's 256 tokens; a static
     256x256 export lies below FLUX's dynamic range (512..1536) and is still allowed."""
     res = cli("export", "--model", str(real["schnell"]), "--height", "256", "--width", "256", "--output-dir",
@@ -156,7 +156,7 @@ def test_schnell_exports_in_its_own_dtype_and_text_length_at_a_size_outside_the_
     assert res.returncode == 0, res.stderr
     meta64 = json.loads(res.stdout)
     assert meta64["text_len"] == 64 and meta64["key"] != meta["key"]
-    res = cli("export", "--model", str(real["schnell"]), "--text-len", "0", "--output-dir", str(tmp_path))
+    res = cli_here("export", "--model", str(real["schnell"]), "--text-len", "0", "--output-dir", str(tmp_path))
     assert res.returncode == 2 and res.stderr.strip() == "toma-export: error: --text-len must be >= 1 token, got 0"
 
 
@@ -196,11 +196,11 @@ def test_the_large_run_extrapolates_full_flux_linearly_in_parameters():
     assert script.extrapolate(runs[:1]) is None                  # one point fixes no line
 
 
-def test_generate_names_what_a_network_only_folder_lacks(real):
+def test_generate_names_what_a_network_only_folder_lacks(real, cli_here):
     """export, build and validate need only the network; generate needs the pipeline around it."""
-    res = cli("generate", "--model", str(real["schnell"] / "transformer"), "--prompt", "a fox", "--out", "x.png")
+    res = cli_here("generate", "--model", str(real["schnell"] / "transformer"), "--prompt", "a fox", "--out", "x.png")
     assert res.returncode == 2 and "holds only the flux network" in res.stderr and "Traceback" not in res.stderr
-    res = cli("generate", "--model", str(real["schnell"]), "--prompt", "a fox", "--out", "x.png")
+    res = cli_here("generate", "--model", str(real["schnell"]), "--prompt", "a fox", "--out", "x.png")
     assert res.returncode == 2 and "lacks text_encoder, text_encoder_2, tokenizer" in res.stderr
 
 

@@ -95,8 +95,8 @@ def test_an_error_in_the_export_process_is_one_line(tmp_path):
                                 "body (the inlined ONNX body) or auto"),
     (("--selection", "body", "--ptx-version", "84"), "--ptx-version applies to the plugin only"),
 ])
-def test_cli_refuses_an_impossible_selection_in_one_line(tmp_path, args, message):
-    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", *args, "--output-dir", str(tmp_path))
+def test_cli_refuses_an_impossible_selection_in_one_line(tmp_path, args, message, cli_here):
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", *args, "--output-dir", str(tmp_path))
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and not any(tmp_path.iterdir())           # refused before exporting
 

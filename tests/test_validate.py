@@ -65,7 +65,7 @@ def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_expo
     assert table.returncode == 1 and "FAIL" in table.stdout and table.stdout.strip().endswith("FAILED")
 
 
-def test_reference_saved_here_loads_elsewhere_and_report_is_written(artifacts, dynamic_export, tmp_path):
+def test_reference_saved_here_loads_elsewhere_and_report_is_written(artifacts, dynamic_export, tmp_path, cli_here):
     dynamic_export("sdxl-tiny")
     ref = tmp_path / "reference.npz"
     first = cli("--model", "sdxl-tiny", "--steps", "2", "--output-dir", str(artifacts), "--save-reference", str(ref),
@@ -79,7 +79,7 @@ def test_reference_saved_here_loads_elsewhere_and_report_is_written(artifacts, d
     assert [c["max_abs"] for c in a["comparisons"]] == [c["max_abs"] for c in b["comparisons"]]
     assert (tmp_path / "report" / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["passed"]
-    wrong = cli("--model", "flux-tiny", "--backends", "onnxruntime", "--load-reference", str(ref))
+    wrong = cli_here("validate", "--model", "flux-tiny", "--backends", "onnxruntime", "--load-reference", ref)
     assert wrong.returncode == 2 and "holds a reference for sdxl-tiny, not flux-tiny" in wrong.stderr
 
 
@@ -103,7 +103,7 @@ def test_metrics_count_nan_and_inf():
     assert compare(np.ones(4), np.ones(4) + 1e-6, 0.0, 1e-3)["passed"]
 
 
-def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifacts, dynamic_export):
+def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifacts, dynamic_export, cli_here):
     """Which case applies is decided from this machine, not from the report: without a CUDA GPU (or with no
     TensorRT to load) tensorrt must be skipped with that reason and compared nowhere; with both it must have
     run, with a passing comparison wherever ONNX Runtime has one. Either way the run passes on the others."""
@@ -128,7 +128,7 @@ def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifact
         assert "tensorrt" not in report["skipped"]
         assert trt and all(c["passed"] and c["nan"] == 0 and c["inf"] == 0 for c in trt)
         assert {(c["kind"], c["size"], c["step"]) for c in trt} == {(c["kind"], c["size"], c["step"]) for c in ort}
-    bad = cli("--model", "flux-tiny", "--backends", "onnx")
+    bad = cli_here("validate", "--model", "flux-tiny", "--backends", "onnx")
     assert bad.returncode == 2 and "backends name the candidates, from torch, onnxruntime, tensorrt" in bad.stderr
 
 
