@@ -45,6 +45,22 @@ def test_sample_inputs_shapes():
     assert te.models.get("flux").sample_inputs.__self__.config["in_channels"] == 64
 
 
+@pytest.mark.parametrize("name", ["flux-tiny", "sdxl-tiny"])
+def test_input_shapes_of_any_size_allocate_nothing_of_that_size(name, monkeypatch):
+    """A served request's shapes are checked before any work: input_shapes builds sample inputs only at the
+    smallest profile size and scales their size axes (a 65536 px request once allocated 1 GB of latents)."""
+    spec = te.models.get(name)
+    made, real = [], type(spec).graph_inputs
+    monkeypatch.setattr(type(spec), "graph_inputs",
+                        lambda self, **kw: made.append((kw["height"], kw["width"])) or real(self, **kw))
+    huge = spec.input_shapes(3, 65536, 32768)
+    assert set(made) == {spec.size_range[0]}
+    assert max(max(s) for s in huge.values()) >= 32768 // 16 and next(iter(huge.values()))[0] == 3
+    # at a size that can be allocated, the shapes are those of the real inputs
+    inputs = real(spec, batch=1, height=256, width=128)
+    assert spec.input_shapes(1, 256, 128) == {n: tuple(t.shape) for n, t in inputs.items()}
+
+
 @pytest.mark.parametrize("name,folder", [("flux", "transformer"), ("sdxl", "unet")])
 def test_real_models_without_weights_say_where_weights_are_expected(name, folder):
     with pytest.raises(ModelNotAvailable, match=rf"huggingface-cli download .*{folder}/"):
