@@ -92,7 +92,8 @@ def test_dynamic_engine_repository(engines, tmp_path, capsys):
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in pcfg.input] == [
         ("prompt", "TYPE_STRING", [1], False), ("height", "TYPE_INT64", [1], False),
         ("width", "TYPE_INT64", [1], False), ("steps", "TYPE_INT64", [1], False),
-        ("seed", "TYPE_INT64", [1], False), ("guidance", "TYPE_FP32", [1], True)]
+        ("seed", "TYPE_INT64", [1], False), ("guidance", "TYPE_FP32", [1], True),
+        ("max_seconds", "TYPE_FP32", [1], True)]
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in pcfg.output] == [
         ("image", "TYPE_UINT8", [-1, -1, 3])]
     assert pcfg.HasField("dynamic_batching") and pcfg.parameters["network_kind"].string_value == "engine"

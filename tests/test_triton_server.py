@@ -30,6 +30,7 @@ from toma_export.serve.triton_client import Client
 MODELS = ("flux-tiny", "sdxl-tiny")
 SIZE, STEPS = (128, 128), 2          # the smallest size the tiny models' dynamic exports take
 BATCH_TOLERANCE = 2                  # uint8 levels; single requests are compared bit for bit
+LONG_STEPS = 1000                    # flux-tiny's step limit in this repository
 CLI = [sys.executable, "-m", "toma_export.cli"]
 
 
@@ -46,6 +47,8 @@ def repo(dynamic_export, tmp_path_factory):
     for model, instances in zip(MODELS, (1, 2)):
         meta = dynamic_export(model)
         cmd = CLI + ["export-repo", "--onnx", meta["onnx"], "--out", str(out), "--instances", str(instances), "--json"]
+        if model == "flux-tiny":          # long enough to cancel or run out of time (about 30 steps/s at 512 px)
+            cmd += ["--max-steps", str(LONG_STEPS)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout)
         assert result["network"] == "onnxruntime"
@@ -159,7 +162,17 @@ def test_concurrent_requests(server, repo, reference, model):
     stats.close()
 
 
+def _with_budget(module, tensors, seconds):
+    budget = module.InferInput("max_seconds", [1, 1], "FP32")
+    budget.set_data_from_numpy(np.array([[seconds]], dtype=np.float32))
+    return tensors + [budget]
+
+
 def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, repo, reference):
+    """Client mistakes are client errors (HTTP 400, gRPC INVALID_ARGUMENT) whose one line names the input and
+    what it accepts, refused before any work: a 65536x65536 request allocates nothing and steps=10^6 runs
+    nothing, so the one flux-tiny instance answers the next request at once."""
+    import tritonclient.grpc as grpc
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
@@ -167,10 +180,13 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, repo
 
     name = repo[1]["flux-tiny"]
     client = http.InferenceServerClient(server.http_url)
+    rpc = grpc.InferenceServerClient(server.grpc_url)
 
-    def refused(tensors) -> str:
+    def refused(tensors, status="400") -> str:
         with pytest.raises(InferenceServerException) as err:
             client.infer(name, tensors)
+        assert err.value.status() == status, err.value.message()
+        assert "\n" not in err.value.message()
         return err.value.message()
 
     wrong_dtype = inputs(http, "a fox", *SIZE, STEPS, 1)
@@ -179,24 +195,118 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, repo
     assert "height" in refused(wrong_dtype) and "INT32" in refused(wrong_dtype)
     missing = [t for t in inputs(http, "a fox", *SIZE, STEPS, 1) if t.name() != "seed"]
     assert "seed" in refused(missing)
-    assert "the profile allows" in refused(inputs(http, "a fox", 1024, 1024, STEPS, 1))
-    assert "not a positive multiple of 16" in refused(inputs(http, "a fox", 120, 128, STEPS, 1))
-    assert "steps must be >= 1, got -3" in refused(inputs(http, "a fox", *SIZE, -3, 1))
+    for size in ((1024, 1024), (65536, 65536), (64, 128)):
+        assert refused(inputs(http, "a fox", *size, STEPS, 1)) == (
+            f"height x width {size[0]}x{size[1]} px is outside what the export accepts: 128x128 to 512x512 px")
+    assert "not a positive multiple of 16" in refused(inputs(http, "a fox", 200, 128, STEPS, 1))
+    for steps in (-3, 0, LONG_STEPS + 1, 10 ** 6):
+        assert refused(inputs(http, "a fox", *SIZE, steps, 1)) == (
+            f"steps must be in 1..{LONG_STEPS}, got {steps} (export-repo --max-steps sets the limit)")
+    assert refused(inputs(http, "a fox", *SIZE, STEPS, -1)) == f"seed must be in 0..{2 ** 63 - 1}, got -1"
+    for guidance, shown in ((-1.0, "-1"), (31.0, "31"), (float("nan"), "nan"), (float("inf"), "inf")):
+        assert refused(inputs(http, "a fox", *SIZE, STEPS, 1, guidance)) == (
+            f"guidance must be in 0..30, got {shown} (config.pbtxt parameter max_guidance)")
+    assert refused(inputs(http, "x" * 2049, *SIZE, STEPS, 1)) == (
+        "prompt is 2049 bytes; the limit is 2048 bytes of UTF-8 (config.pbtxt parameter max_prompt_bytes)")
+    assert "max_seconds must be in (0, 300]" in refused(_with_budget(http, inputs(http, "a fox", *SIZE, STEPS, 1), 301))
+    with pytest.raises(InferenceServerException) as err:           # the same over gRPC
+        rpc.infer(name, inputs(grpc, "a fox", *SIZE, 10 ** 6, 1))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "steps must be in 1..1000" in err.value.message()
     # still serving, with the right image
     ok = Client(server.http_url, "http", name)
     assert np.array_equal(ok.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
     ok.close()
+    rpc.close()
     client.close()
 
 
+def _log_line(server, text, timeout=120) -> str:
+    """The first new server log line holding `text` (the log is written as the server goes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in Path(server.log).read_text(errors="replace").splitlines() if text in line]
+        if lines:
+            return lines[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in the server log after {timeout} s")
+
+
+def test_a_cancelled_or_overdue_request_stops_and_frees_the_instance(server, repo, reference):
+    """A gRPC client cancels a 1000-step request: the loop stops after the step it is in, and the one flux-tiny
+    instance serves the next request. A request whose time budget (max_seconds, here 0.5 s) runs out stops
+    the same way and gets a retryable 503 naming the budget and the step."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from toma_export.serve.triton_client import inputs
+
+    name = repo[1]["flux-tiny"]
+    rpc = grpc.InferenceServerClient(server.grpc_url)
+    call = rpc.async_infer(name, inputs(grpc, "a fox", 512, 512, LONG_STEPS, 3), callback=lambda result, error: None)
+    time.sleep(1.0)                                  # it is running: nothing else is queued on this instance
+    call.cancel()
+    line = _log_line(server, "request(s) cancelled after step")
+    step = int(line.split("after step ")[1].split()[0])
+    assert 0 < step < LONG_STEPS and line.endswith(f"of {LONG_STEPS}")
+    ok = Client(server.http_url, "http", name)
+    assert np.array_equal(ok.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+
+    client = http.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(name, _with_budget(http, inputs(http, "a fox", 512, 512, LONG_STEPS, 4), 0.5))
+    assert err.value.status() == "503", err.value.message()
+    message = err.value.message()
+    assert message.startswith("the request ran past its time budget of 0.5 s and stopped after step ")
+    assert int(message.split("after step ")[1].split()[0]) < LONG_STEPS
+    assert np.array_equal(ok.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+    ok.close()
+    client.close()
+    rpc.close()
+
+
+def test_the_server_listens_on_loopback_unless_told_otherwise(server, parts, repo, capsys):
+    """HTTP, gRPC and metrics are bound to 127.0.0.1 (the kernel's table of listening sockets says so);
+    --address 0.0.0.0 binds every interface on purpose, and a host name is refused in one line."""
+    import ipaddress
+
+    def address(hex_words: str):                       # /proc/net/tcp*: 32-bit words in host (little) byte order
+        raw = b"".join(bytes.fromhex(hex_words[i:i + 8])[::-1] for i in range(0, len(hex_words), 8))
+        ip = ipaddress.ip_address(raw)
+        return getattr(ip, "ipv4_mapped", None) or ip
+
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A":                                  # LISTEN
+                where, port = local.split(":")
+                listening.setdefault(int(port, 16), set()).add(address(where))
+    for port in server.ports.values():
+        assert listening.get(port) == {ipaddress.ip_address("127.0.0.1")}, (port, listening.get(port))
+    assert server.http_url.startswith("127.0.0.1:")
+    everywhere = triton_server.Server(repo[0], 1, 2, 3, parts=parts, address="0.0.0.0")
+    command = everywhere.command()
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert f"{flag}=0.0.0.0" in command
+    assert everywhere.http_url == "127.0.0.1:1"
+    assert main(["serve", "--repo", str(repo[0]), "--address", "my-host"]) == 2
+    assert capsys.readouterr().err.strip() == ("toma-export: error: --address 'my-host' is not an IP address; pass "
+                                               "127.0.0.1 (this machine only, the default) or 0.0.0.0 (every "
+                                               "interface)")
+
+
 def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, repo, reference, tmp_path):
-    """The module's server stops cleanly; `toma-export serve` starts a new one on the same repository, which
-    serves the same image, and exits 0 on SIGTERM."""
+    """The module's server stops cleanly; `toma-export serve` starts a new one on the same repository, with
+    Triton's restricted gRPC inference passed through --server-arg: it serves the same image to a client
+    that sends the key and refuses one that does not, and exits 0 on SIGTERM."""
+    from toma_export.errors import ExecutionError
+
     assert server.stop() == 0
     ports = [triton_server.free_port() for _ in range(3)]
     log = tmp_path / "serve.log"
     cmd = CLI + ["serve", "--repo", str(repo[0]), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                 "--metrics-port", str(ports[2])]
+                 "--metrics-port", str(ports[2]), "--server-arg=--grpc-restricted-protocol=inference:x-api-key=SECRET"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -205,16 +315,21 @@ def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, r
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "not ready in 600 s"
             time.sleep(1)
-        client = Client(f"127.0.0.1:{ports[1]}", "grpc", repo[1]["sdxl-tiny"])
+        key = {"triton-grpc-protocol-x-api-key": "SECRET"}          # gRPC metadata keys carry Triton's prefix
+        client = Client(f"127.0.0.1:{ports[1]}", "grpc", repo[1]["sdxl-tiny"], headers=key)
         assert np.array_equal(client.generate("a red fox", *SIZE, STEPS, 9), reference("sdxl-tiny", 9))
         client.close()
+        stranger = Client(f"127.0.0.1:{ports[1]}", "grpc", repo[1]["sdxl-tiny"])
+        with pytest.raises(ExecutionError, match="x-api-key"):
+            stranger.generate("a red fox", *SIZE, STEPS, 9)
+        stranger.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
-    assert "[serve] stopped (status 0)" in text
+    assert "[serve] stopped (status 0)" in text and "[serve] ready on 127.0.0.1 only" in text
     with pytest.raises(Exception):          # nothing listens any more
         Client(f"127.0.0.1:{ports[0]}", "http", repo[1]["flux-tiny"]).client.is_server_live()
 
@@ -227,6 +342,8 @@ def test_missing_server_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert "\n" not in err and "no tritonserver in" in err and "toma-export serve --install" in err
     assert main(["serve", "--repo", str(tmp_path / "absent")]) == 2
     assert "does not exist; write one with `toma-export export-repo`" in capsys.readouterr().err
+    assert main(["request", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--header", "x-api-key"]) == 2
+    assert capsys.readouterr().err.strip() == "toma-export: error: --header takes KEY=VALUE, got 'x-api-key'"
 
 
 def test_the_pipeline_model_checks_its_environment(tmp_path):
@@ -255,10 +372,15 @@ def test_export_repo_refuses_to_overwrite_and_writes_the_options(repo, dynamic_e
     assert sorted(os.listdir(repo[0])) == before                  # nothing staged or half-written left
     out = tmp_path / "r"
     assert main(["export-repo", "--onnx", onnx, "--out", str(out), "--name", "fox", "--instances", "3", "--kind",
-                 "gpu", "--json"]) == 0
+                 "gpu", "--max-steps", "40", "--max-seconds", "12.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pipeline_model"] == "fox"
     cfg = text_format.Parse((out / "fox" / "config.pbtxt").read_text(), mc.ModelConfig())
     group = cfg.instance_group[0]
     assert (cfg.name, group.count, group.kind) == ("fox", 3, mc.ModelInstanceGroup.KIND_GPU)
+    limits = {k: v.string_value for k, v in cfg.parameters.items() if k.startswith("max_")}
+    assert limits == dict(max_steps="40", max_seconds="12.5", max_guidance="30.0", max_prompt_bytes="2048")
+    assert [i.name for i in cfg.input if i.optional] == ["guidance", "max_seconds"]
+    assert main(["export-repo", "--onnx", onnx, "--out", str(tmp_path / "none"), "--max-steps", "0"]) == 2
+    assert "pass --max-steps N >= 1" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert sorted(os.listdir(out / "fox" / "1")) == ["model.py", "network"]
     assert (out / "fox" / "1" / "network" / "model.onnx").read_bytes() == Path(onnx).read_bytes()

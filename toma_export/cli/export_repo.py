@@ -24,6 +24,10 @@ def add_parser(sub):
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, 1)")
     p.add_argument("--kind", choices=["cpu", "gpu"], help="pipeline instances on CPU or GPU (default: cpu with "
                                                           "--onnx, gpu with --engine)")
+    p.add_argument("--max-steps", type=int, default=100, help="the most denoising steps a request may ask for "
+                   "(100); more is refused before any work")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="time budget of one request's pipeline run in "
+                   "seconds (300): the run stops after the step that passes it; a request may ask for less")
     p.add_argument("--force", action="store_true", help="replace existing model folders")
     p.add_argument("--allow-tensorrt-rtx", action="store_true",
                    help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
@@ -36,6 +40,12 @@ def run(args) -> int:
 
     from ..artifacts import Artifact
     from ..serve.repository import RepositoryError, export_pipeline, export_repo
+    from ..serve.triton_model import Limits
+
+    try:
+        limits = Limits(max_steps=args.max_steps, max_seconds=args.max_seconds)
+    except ValueError as err:
+        raise RepositoryError(f"{err}; pass --max-steps N >= 1 and --max-seconds S > 0") from None
 
     result = {"repository": str(Path(args.out).expanduser().resolve())}
     if args.engine:
@@ -53,13 +63,13 @@ def run(args) -> int:
         final = export_repo(args.engine, args.out, name, args.max_batch_size, args.instances, args.force,
                             args.allow_tensorrt_rtx)
         export_pipeline(artifact, args.out, pipeline, args.instances, args.kind or "gpu", force=True,
-                        baseline=args.baseline)
+                        baseline=args.baseline, limits=limits)
         result.update(plan_model=final.name, pipeline_model=pipeline, network="tensorrt")
     else:
         artifact = Artifact.load(args.onnx, "onnx")
         name = args.name or Path(artifact.model).name
         final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
-                                baseline=args.baseline)
+                                baseline=args.baseline, limits=limits)
         result.update(pipeline_model=final.name, network="onnxruntime")
     if args.json:
         print(json.dumps(result))

@@ -17,6 +17,10 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=4, help="denoising steps (4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, help="guidance scale (the model's default)")
+    p.add_argument("--max-seconds", type=float, help="time budget of this request (at most the model's)")
+    p.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
+                   help="an HTTP header or gRPC metadata entry to send, e.g. x-api-key=SECRET for a server "
+                        "started with Triton's restricted APIs; repeatable")
     p.add_argument("--out", required=True, help="PNG file to write")
     add_json(p)
     return p
@@ -30,9 +34,14 @@ def run(args) -> int:
 
     from ..serve.triton_client import Client
 
-    client = Client(args.url, "grpc" if args.grpc else "http", args.model)
+    from ..errors import UsageError
+
+    headers = dict(h.split("=", 1) for h in args.header if "=" in h)
+    if len(headers) != len(args.header):
+        raise UsageError(f"--header takes KEY=VALUE, got {[h for h in args.header if '=' not in h][0]!r}")
+    client = Client(args.url, "grpc" if args.grpc else "http", args.model, headers=headers)
     t0 = time.perf_counter()
-    image = client.generate(args.prompt, *args.size, args.steps, args.seed, args.guidance)
+    image = client.generate(args.prompt, *args.size, args.steps, args.seed, args.guidance, args.max_seconds)
     seconds = time.perf_counter() - t0
     client.close()
     out = Path(args.out).expanduser()

@@ -7,6 +7,9 @@ import signal
 def add_parser(sub):
     p = sub.add_parser("serve", help="run tritonserver on a repository from export-repo (--install fetches it)")
     p.add_argument("--repo", help="the model repository (written by `toma-export export-repo`)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="the address HTTP, gRPC and metrics listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                        "interface, e.g. in a container or behind an authenticating proxy)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -15,6 +18,9 @@ def add_parser(sub):
     p.add_argument("--wheel", action="append", help="with --install: a wheel already downloaded (nvidia-pytriton "
                    "or numpy 1.x; repeat for both)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to load (600)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="passed to tritonserver as it is; repeatable (e.g. --server-arg=--http-restricted-api="
+                        "inference,model-repository:x-api-key=SECRET)")
     return p
 
 
@@ -29,7 +35,8 @@ def run(args) -> int:
         return 0
     if not args.repo:
         raise UsageError("serve needs --repo REPO (or --install)")
-    server = triton_server.Server(args.repo, args.http_port, args.grpc_port, args.metrics_port)
+    server = triton_server.Server(args.repo, args.http_port, args.grpc_port, args.metrics_port,
+                                  extra_args=args.server_arg, address=args.address)
     stop = []
 
     def on_signal(signum, frame):
@@ -39,7 +46,9 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start(args.timeout)
-        progress(f"[serve] ready: http {server.http_url}, grpc {server.grpc_url}, metrics port "
+        where = ("every interface: anyone who reaches this machine can use it" if args.address in ("0.0.0.0", "::")
+                 else f"{args.address} only")
+        progress(f"[serve] ready on {where}: http {server.http_url}, grpc {server.grpc_url}, metrics port "
                  f"{args.metrics_port}; Ctrl-C or SIGTERM stops it")
         server.process.wait()
         progress(f"[serve] tritonserver exited with status {server.process.returncode}")

@@ -87,6 +87,15 @@ def generate(args: GenerateRequest, progress) -> dict:
                    session.stages, setup=t_ready - t_start, total=t_done - t_ready, out=out)
 
 
+class Stopped(RuntimeError):
+    """A run ended early, after `step` of `steps` denoising steps: its requests were cancelled or ran out of
+    time (Session.run's `stop`)."""
+
+    def __init__(self, reason: str, step: int, steps: int):
+        super().__init__(f"{reason} after step {step} of {steps}")
+        self.reason, self.step, self.steps = reason, step, steps
+
+
 class Session:
     """A pipeline whose network is the served graph or engine, loaded once and run for many requests: the
     `generate` command runs one, the Triton pipeline model (triton_model.py) keeps one per model instance.
@@ -128,17 +137,27 @@ class Session:
         batch = min(a.allowed(a.input_names()[0])[1][0] for a in self.artifacts)    # axis 0: the batch
         return max(1, batch // self.spec.cfg_batch(guidance))
 
-    def run(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float):
-        """One image (PIL) per prompt, each from its own seed's generator, in one pipeline call."""
+    def run(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
+            stop=None):
+        """One image (PIL) per prompt, each from its own seed's generator, in one pipeline call. `stop`, called
+        after every denoising step, returns a reason to end the run there (raised as Stopped) or None."""
         import torch
 
         self.network.reset()
         self.network.timings.clear()
         self.stages.__init__()
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def step_end(pipe, step, timestep, kwargs):
+            kwargs = self.stages.step_end(pipe, step, timestep, kwargs)
+            reason = stop and stop()
+            if reason:
+                raise Stopped(reason, step + 1, steps)
+            return kwargs
+
         kwargs = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                       generator=generators[0] if len(generators) == 1 else generators,
-                      callback_on_step_end=self.stages.step_end)
+                      callback_on_step_end=step_end)
         kwargs.update(self.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
         return self.pipe(prompts[0] if len(prompts) == 1 else list(prompts), **kwargs).images
 

@@ -138,9 +138,13 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_of_instances: str,
-                         max_requests: int) -> str:
+                         max_requests: int, limits=None) -> str:
     """config.pbtxt of the pipeline model. `max_requests`: how many requests one pipeline call may batch
-    (the export's largest batch over the default CFG batch); 1 turns dynamic batching off."""
+    (the export's largest batch over the default CFG batch); 1 turns dynamic batching off. `limits`: what one
+    request may ask for (triton_model.Limits), written as parameters."""
+    from .triton_model import Limits
+
+    limits = limits or Limits()
     if instances < 1:
         raise RepositoryError("--instances must be 1 or more")
     network = "ONNX Runtime" if kind == "onnx" else f"{meta['backend']} {meta['backend_version']}"
@@ -160,19 +164,30 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
              and ranges else f"size {meta.get('height')}x{meta.get('width')} px only" if not meta.get("dynamic")
              else "a dynamic size")
     head.append(f"# the export takes {sizes}; other sizes get an error response")
+    head += ["# every request is checked before any work (HTTP 400 / INVALID_ARGUMENT otherwise): steps "
+             f"1..{limits.max_steps}, guidance 0..{limits.max_guidance:g},",
+             f"# seed 0..2^63-1, a prompt of at most {limits.max_prompt_bytes} UTF-8 bytes; a run stops when its "
+             f"client cancels or after max_seconds",
+             f"# ({limits.max_seconds:g} s; a request may send a smaller max_seconds). The parameters below set "
+             "these limits.",
+             "# The server has no authentication: `toma-export serve` listens on 127.0.0.1 unless --address says "
+             "otherwise; to expose it,",
+             "# put an authenticating reverse proxy in front, or pass Triton's --http-restricted-api / "
+             "--grpc-restricted-protocol (toma-export serve --server-arg)"]
 
     def scalar(n, t, extra=""):
         return f"  {{\n    name: {json.dumps(n)}\n    data_type: {t}\n    dims: [ 1 ]{extra}\n  }}"
 
     inputs = [scalar("prompt", "TYPE_STRING")] + [scalar(n, "TYPE_INT64") for n in ("height", "width", "steps", "seed")]
-    inputs.append(scalar("guidance", "TYPE_FP32", "\n    optional: true"))
+    inputs += [scalar(n, "TYPE_FP32", "\n    optional: true") for n in ("guidance", "max_seconds")]
     body = [f"name: {json.dumps(name)}", 'backend: "python"', f"max_batch_size: {max(1, max_requests)}",
             "input [\n" + ",\n".join(inputs) + "\n]",
             'output [\n  {\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1, -1, 3 ]\n  }\n]',
             f"instance_group [\n  {{\n    count: {instances}\n    kind: {KINDS[kind_of_instances]}\n  }}\n]"]
     if max_requests > 1:
         body.append("dynamic_batching {\n  max_queue_delay_microseconds: 20000\n}")
-    body.append(f'parameters: {{\n  key: "network_kind"\n  value: {{ string_value: "{kind}" }}\n}}')
+    for key, value in {"network_kind": kind, **limits.parameters()}.items():
+        body.append(f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(head) + "\n" + "\n".join(body) + "\n"
 
 
@@ -205,7 +220,7 @@ def max_requests(meta: dict) -> int:
 
 
 def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "cpu", force: bool = False,
-                    baseline=None, check_free=()) -> Path:
+                    baseline=None, check_free=(), limits=None) -> Path:
     """Write REPO/<name>/{config.pbtxt, 1/model.py, 1/network/...}: the pipeline model (staged, renamed).
     `check_free`: other model folders this export will write, refused together when they exist."""
     from ..artifacts import Artifact
@@ -220,7 +235,8 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
                               "ONNX export with --onnx to serve on CPU)")
     if not _NAME.fullmatch(name):
         raise RepositoryError(f"model name {name!r} is not a plain folder name (letters, digits, _ . -); pass --name")
-    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta))
+    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta),
+                                limits)
     final = writable_dir(out) / name
     for folder in (final, *check_free):
         if folder.exists() and not force:

@@ -20,7 +20,8 @@ def _module(protocol: str):
     return client
 
 
-def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, guidance: float | None = None):
+def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, guidance: float | None = None,
+           max_seconds: float | None = None):
     """The request tensors, each [1, 1] (the batch axis and the per-request [1])."""
     tensors = []
 
@@ -32,17 +33,20 @@ def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, 
     add("prompt", np.array([[prompt.encode("utf-8")]], dtype=object), "BYTES")
     for name, value in (("height", height), ("width", width), ("steps", steps), ("seed", seed)):
         add(name, np.array([[value]], dtype=np.int64), "INT64")
-    if guidance is not None:
-        add("guidance", np.array([[guidance]], dtype=np.float32), "FP32")
+    for name, value in (("guidance", guidance), ("max_seconds", max_seconds)):
+        if value is not None:
+            add(name, np.array([[value]], dtype=np.float32), "FP32")
     return tensors
 
 
 class Client:
     """One connection to a server; `generate` is safe to call from one thread at a time per Client."""
 
-    def __init__(self, url: str, protocol: str = "http", model: str | None = None, timeout: float = 600.0):
+    def __init__(self, url: str, protocol: str = "http", model: str | None = None, timeout: float = 600.0,
+                 headers: dict | None = None):
         self.module = _module(protocol)
         self.protocol = protocol
+        self.headers = headers or None        # sent with every call (e.g. the key of Triton's restricted APIs)
         kwargs = dict(network_timeout=timeout, connection_timeout=timeout) if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
         self.model = model or self._only_model()
@@ -50,7 +54,7 @@ class Client:
     def _only_model(self) -> str:
         """The pipeline model when the repository has one (the model whose config has a prompt input)."""
         try:
-            index = self.client.get_model_repository_index()
+            index = self.client.get_model_repository_index(headers=self.headers)
         except Exception as err:      # noqa: BLE001  (connection refused, wrong protocol: the library's own types)
             raise ExecutionError(f"cannot reach a Triton server ({type(err).__name__}: {str(err)[:200]}); is "
                                  "`toma-export serve` running, and does --url name its HTTP or gRPC port?") from None
@@ -63,19 +67,20 @@ class Client:
 
     def _has_prompt(self, name: str) -> bool:
         try:
-            meta = self.client.get_model_metadata(name)
+            meta = self.client.get_model_metadata(name, headers=self.headers)
         except Exception:             # noqa: BLE001  (not loaded)
             return False
         names = [i["name"] for i in meta["inputs"]] if isinstance(meta, dict) else [i.name for i in meta.inputs]
         return "prompt" in names
 
     def generate(self, prompt: str, height: int, width: int, steps: int, seed: int = 0,
-                 guidance: float | None = None) -> np.ndarray:
+                 guidance: float | None = None, max_seconds: float | None = None) -> np.ndarray:
         """The image as (H, W, 3) uint8; a server-side refusal is an ExecutionError with the server's message."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed, guidance))
+            result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed, guidance,
+                                                          max_seconds), headers=self.headers)
         except InferenceServerException as err:
             raise ExecutionError(f"the server refused the request: {err.message()}") from None
         return result.as_numpy("image")[0]

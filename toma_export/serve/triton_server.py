@@ -170,32 +170,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = "127.0.0.1"
+
+
 class Server:
-    """A running tritonserver process on a repository. Use as a context manager, or start() / stop()."""
+    """A running tritonserver process on a repository. Use as a context manager, or start() / stop().
+
+    It listens on `address` for HTTP, gRPC and metrics alike: loopback by default, because the server has no
+    authentication of its own; 0.0.0.0 exposes it on every interface on purpose (in a container, behind a
+    proxy). `extra_args` go to tritonserver as they are (e.g. --http-restricted-api)."""
 
     def __init__(self, repo, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 log=None, parts: ServerParts | None = None, extra_args=()):
+                 log=None, parts: ServerParts | None = None, extra_args=(), address: str = LOOPBACK):
         self.repo = Path(repo).expanduser().resolve()
         if not self.repo.is_dir():
             raise UsageError(f"model repository {self.repo} does not exist; write one with `toma-export export-repo`")
+        try:
+            socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            raise UsageError(f"--address {address!r} is not an IP address; pass 127.0.0.1 (this machine only, the "
+                             "default) or 0.0.0.0 (every interface)") from None
         self.parts = parts or find()
+        self.address = address
         self.ports = dict(http=http_port, grpc=grpc_port, metrics=metrics_port)
         self.log = log                   # a file to write the server's output to (default: inherit stderr)
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
 
     @property
+    def host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return LOOPBACK if self.address in ("0.0.0.0", "::") else self.address
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.ports['http']}"
+        return f"{self.host}:{self.ports['http']}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
+        return f"{self.host}:{self.ports['grpc']}"
 
     def command(self) -> list[str]:
         return [str(self.parts.binary), f"--model-repository={self.repo}",
-                f"--backend-directory={self.parts.backends}", f"--http-port={self.ports['http']}",
-                f"--grpc-port={self.ports['grpc']}", f"--metrics-port={self.ports['metrics']}",
+                f"--backend-directory={self.parts.backends}",
+                f"--http-address={self.address}", f"--http-port={self.ports['http']}",
+                f"--grpc-address={self.address}", f"--grpc-port={self.ports['grpc']}",
+                f"--metrics-address={self.address}", f"--metrics-port={self.ports['metrics']}",
                 "--exit-timeout-secs=30", *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "Server":
