@@ -46,8 +46,8 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start(args.timeout)
-        where = ("every interface: anyone who reaches this machine can use it" if args.address in ("0.0.0.0", "::")
-                 else f"{args.address} only")
+        where = ("every interface: anyone who reaches this machine can use it" if server.exposed
+                 else f"{server.address} only")
         progress(f"[serve] ready on {where}: http {server.http_url}, grpc {server.grpc_url}, metrics port "
                  f"{args.metrics_port}; Ctrl-C or SIGTERM stops it")
         server.process.wait()

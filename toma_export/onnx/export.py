@@ -212,22 +212,21 @@ def linear_rewrites():
     index the whole graph for every node they are tried on, so the optimizer's time grows with the square of
     the node count: 19 of the 45 s a tiny dynamic export took. Here such a rule is tried only on nodes of its
     first output's op type, where a match can start; the optimized graph is byte for byte the same."""
-    try:
+    rule = matcher = None
+    with contextlib.suppress(ImportError, AttributeError):      # another onnxscript: its optimizer as it is
         from onnxscript.rewriter import pattern, rules
-    except ImportError:          # another onnxscript layout: its optimizer as it is
+
+        rule = rules.common.slice_split_rule
+        if isinstance(rule._matcher, pattern.PatternMatcher) and len(rule._matcher.pattern.output_nodes) > 1:
+            matcher = rule._matcher
+    if matcher is None:
         yield
         return
-    patched = []
-    for rule in (rules.common.slice_split_rule,):
-        matcher = getattr(rule, "_matcher", None)
-        if isinstance(matcher, pattern.PatternMatcher) and len(matcher.pattern.output_nodes) > 1:
-            patched.append((rule, matcher))
-            rule._matcher = _FromOutputOp(matcher)
+    rule._matcher = _FromOutputOp(matcher)
     try:
         yield
     finally:
-        for rule, matcher in patched:
-            rule._matcher = matcher
+        rule._matcher = matcher
 
 
 class _FromOutputOp:

@@ -198,9 +198,14 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     @property
+    def exposed(self) -> bool:
+        """Listening on every interface rather than one address."""
+        return self.address in ("0.0.0.0", "::")
+
+    @property
     def host(self) -> str:
         """Where a client on this machine reaches the server."""
-        return LOOPBACK if self.address in ("0.0.0.0", "::") else self.address
+        return LOOPBACK if self.exposed else self.address
 
     @property
     def http_url(self) -> str:
