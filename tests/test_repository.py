@@ -174,6 +174,16 @@ def test_tensorrt_rtx_engine_is_refused_by_default(engines, tmp_path, capsys):
     assert not repo.exists()
 
 
+def test_the_pipeline_model_knows_the_pixel_range_of_an_export_not_of_an_engine(engines, dynamic_export):
+    """The served model checks a request's size against the export's recorded range before any work; an
+    engine.json records shape profiles only, so there the profiles (Session.check) decide alone."""
+    from toma_export.artifacts import Artifact
+
+    assert Artifact.load(dynamic_export("flux-tiny")["onnx"]).pixel_range() == ((128, 128), (512, 512))
+    assert Artifact.load(engines["static"] / "engine.json").pixel_range() is None
+    assert Artifact.load(engines["dynamic"] / "engine.json").pixel_range() is None
+
+
 def test_bad_engine_json_is_a_one_line_error(engines, dynamic_export, tmp_path, capsys):
     onnx_meta = dynamic_export("flux-tiny")
     bad = tmp_path / "bad"

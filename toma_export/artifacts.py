@@ -308,14 +308,26 @@ class Artifact:
             raise UsageError(f"{self.name}: input {name} has shape {tuple(shape)}{where}, but {allowed}"
                              f"{self._covered()}; {fix}")
 
-    def _covered(self) -> str:
+    def pixel_range(self) -> tuple | None:
+        """((min height, min width), (max height, max width)) in pixels that an export accepts, or None where
+        the metadata does not say (engine.json records shape profiles only)."""
         if self.meta.get("profiles") and self.meta.get("ranges"):
-            (h0, w0), _, (h1, w1) = self.meta["ranges"]["sizes"]
+            lo, _, hi = self.meta["ranges"]["sizes"]
+            return tuple(lo), tuple(hi)
+        if self.meta.get("height"):
+            size = (self.meta["height"], self.meta["width"])
+            return size, size
+        return None
+
+    def _covered(self) -> str:
+        pixels = self.pixel_range()
+        if pixels is None:
+            return ""
+        (h0, w0), (h1, w1) = pixels
+        if self.meta.get("profiles") and self.meta.get("ranges"):
             b0, _, b1 = self.meta["ranges"]["batch"]
             return f" ({h0}x{w0} to {h1}x{w1} px, batch {b0}-{b1}, CFG counts twice)"
-        if self.meta.get("height"):
-            return f" ({self.meta['height']}x{self.meta['width']} px, batch {self.meta.get('batch')}, CFG counts twice)"
-        return ""
+        return f" ({h0}x{w0} px, batch {self.meta.get('batch')}, CFG counts twice)"
 
 
 def _read_json(path: Path, kind: str) -> dict:

@@ -129,7 +129,7 @@ class TritonPythonModel:
         self.max_batch = int(config.get("max_batch_size") or 1)
         self.limits = Limits.from_parameters(params)
         self.name = config["name"]
-        self.sizes = _size_range(self.session.artifacts[0].meta)
+        self.sizes = self.session.artifacts[0].pixel_range()    # None for engines: their profiles decide
         print(f"[toma-export] {self.name}: {self.session.spec.name} on {self.session.network.provider}; limits "
               f"{asdict(self.limits)}", file=sys.stderr, flush=True)
 
@@ -175,6 +175,8 @@ class TritonPythonModel:
         return prompt.decode("utf-8", "replace"), seed, (height, width, steps, guidance, budget)
 
     def _check_size(self, height: int, width: int) -> None:
+        if self.sizes is None:
+            return
         (h0, w0), (h1, w1) = self.sizes
         if not (h0 <= height <= h1 and w0 <= width <= w1):
             accepted = f"{h0}x{w0} to {h1}x{w1} px" if (h0, w0) != (h1, w1) else f"{h0}x{w0} px only"
@@ -245,11 +247,3 @@ class TritonPythonModel:
 
     def finalize(self):
         self.session = None
-
-
-def _size_range(meta: dict) -> tuple:
-    """((min h, min w), (max h, max w)) in pixels that an export accepts, from its metadata."""
-    if meta.get("dynamic") and (meta.get("ranges") or {}).get("sizes"):
-        lo, _, hi = meta["ranges"]["sizes"]
-        return tuple(lo), tuple(hi)
-    return (meta["height"], meta["width"]), (meta["height"], meta["width"])
