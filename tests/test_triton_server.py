@@ -334,6 +334,114 @@ def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, r
         Client(f"127.0.0.1:{ports[0]}", "http", repo[1]["flux-tiny"]).client.is_server_live()
 
 
+def test_a_dead_worker_is_reloaded_and_readiness_says_so(parts, repo, reference, tmp_path):
+    """The flux-tiny worker process is killed (SIGKILL, as the out-of-memory killer does) while it runs a
+    request. Readiness turns false; the request in flight gets an error, not a hang; a request arriving
+    meanwhile gets Triton's 404 "has no available versions", which the toolkit's client waits out; the
+    watchdog has the model serving again, with the right image, within 60 s; sdxl-tiny's workers are left
+    alone. A reload that fails is tried again until it works, and a model an operator unloads on purpose
+    stays unloaded. Its own server (the module's stopped),
+    with a short exit timeout: Triton never frees the instance that died mid-request, so its shutdown waits
+    that long."""
+    import urllib.request
+
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from toma_export.serve import recovery
+    from toma_export.serve.triton_client import inputs, reloading
+
+    ports = [triton_server.free_port() for _ in range(3)]
+    said = []
+    srv = triton_server.Server(repo[0], *ports, log=tmp_path / "server.log", parts=parts, progress=said.append,
+                               extra_args=["--exit-timeout-secs=5"])
+    flux, sdxl = repo[1]["flux-tiny"], repo[1]["sdxl-tiny"]
+    with srv:
+        stubs = recovery.workers(srv.process.pid)
+        assert len(stubs[flux]) == 1 and len(stubs[sdxl]) == 2
+        outcome = {}
+
+        def in_flight():
+            client = Client(srv.http_url, "http", flux, timeout=120)
+            try:
+                outcome["image"] = client.generate("a fox", 512, 512, LONG_STEPS, 3)
+            except Exception as err:          # noqa: BLE001  (asserted below)
+                outcome["error"] = str(err)
+            client.close()
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        time.sleep(1.0)                        # it is running: 1000 steps at 512 px take half a minute
+        os.kill(stubs[flux][0], signal.SIGKILL)
+        killed = time.monotonic()
+        while srv.model_ready(flux):
+            assert time.monotonic() - killed < 5, "still ready 5 s after its worker died"
+            time.sleep(0.05)
+        plain = http.InferenceServerClient(srv.http_url)
+        with pytest.raises(InferenceServerException) as err:
+            plain.infer(flux, inputs(http, "a red fox", *SIZE, STEPS, 5))
+        assert err.value.status() == "404" and reloading(err.value), err.value.message()
+        waiting = Client(srv.http_url, "http", flux)          # waits for the reload, then is answered
+        assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+        assert time.monotonic() - killed < 60 and srv.model_ready(flux)
+        thread.join(60)
+        assert not thread.is_alive() and "image" not in outcome
+        assert "is not healthy" in outcome["error"]
+        assert [r["model"] for r in srv.recoveries] == [flux] and srv.recoveries[0]["lost"] == stubs[flux]
+        after = recovery.workers(srv.process.pid)
+        assert after[sdxl] == stubs[sdxl] and len(after[flux]) == 1 and after[flux] != stubs[flux]
+        assert said[0].startswith(f"[serve] {flux}: worker process {stubs[flux][0]} died; reloading")
+        assert said[1].startswith(f"[serve] {flux}: serving again ")
+
+        # a reload that fails (the network folder is gone) is tried again, with the model not ready meanwhile
+        network = repo[0] / flux / "1" / "network"
+        network.rename(network.with_name("away"))
+        try:
+            os.kill(after[flux][0], signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while not any("reloading failed" in line for line in said):
+                assert time.monotonic() < deadline, said
+                time.sleep(0.2)
+            assert not srv.model_ready(flux) and "repository is incomplete" in said[-1]
+        finally:
+            network.with_name("away").rename(network)
+        deadline = time.monotonic() + 120
+        while len(srv.recoveries) < 2:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.2)
+        assert srv.recoveries[1]["tries"] >= 2 and any(line.endswith("(try 2)") for line in said)
+        assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+
+        urllib.request.urlopen(urllib.request.Request(f"http://{srv.http_url}/v2/repository/models/{sdxl}/unload",
+                                                      data=b"{}", method="POST"), timeout=60).close()
+        deadline = time.monotonic() + 30                      # unload answers before the workers are gone
+        while sdxl in recovery.workers(srv.process.pid):
+            assert time.monotonic() < deadline, "sdxl-tiny's workers still there 30 s after the unload"
+            time.sleep(0.2)
+        time.sleep(2 * recovery.CHECK_EVERY + 1)
+        assert not srv.model_ready(sdxl) and len(srv.recoveries) == 2
+        assert sdxl not in recovery.workers(srv.process.pid)
+        plain.close()
+        waiting.close()
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 30
+
+
+def test_recovery_options_are_checked(parts, repo):
+    """serve sets the model control mode itself, unless recovery is off; the watchdog sends the key of a
+    restricted repository API."""
+    from toma_export.errors import UsageError
+    from toma_export.serve.recovery import repository_headers
+
+    with pytest.raises(UsageError, match="--model-control-mode is set by serve itself .* pass --no-recover"):
+        triton_server.Server(repo[0], 1, 2, 3, parts=parts, extra_args=["--model-control-mode=poll"])
+    own = triton_server.Server(repo[0], 1, 2, 3, parts=parts, extra_args=["--model-control-mode=poll"], recover=False)
+    assert "--model-control-mode=explicit" not in own.command() and "--model-control-mode=poll" in own.command()
+    assert "--model-control-mode=explicit" in triton_server.Server(repo[0], 1, 2, 3, parts=parts).command()
+    assert repository_headers(["--http-restricted-api=inference,model-repository:x-key=S3"]) == {"x-key": "S3"}
+    assert repository_headers(["--http-restricted-api=inference:x-key=S3", "--exit-timeout-secs=5"]) == {}
+
+
 def test_missing_server_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOMA_EXPORT_TRITON_HOME", str(tmp_path / "none"))
     (tmp_path / "repo").mkdir()

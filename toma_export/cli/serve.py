@@ -21,6 +21,9 @@ def add_parser(sub):
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="passed to tritonserver as it is; repeatable (e.g. --server-arg=--http-restricted-api="
                         "inference,model-repository:x-api-key=SECRET)")
+    p.add_argument("--no-recover", dest="recover", action="store_false",
+                   help="do not watch the model workers: a model whose worker died stays broken until restarted "
+                        "(by default serve reloads it, with explicit model control)")
     return p
 
 
@@ -36,7 +39,8 @@ def run(args) -> int:
     if not args.repo:
         raise UsageError("serve needs --repo REPO (or --install)")
     server = triton_server.Server(args.repo, args.http_port, args.grpc_port, args.metrics_port,
-                                  extra_args=args.server_arg, address=args.address)
+                                  extra_args=args.server_arg, address=args.address,
+                                  recover=args.recover, progress=progress)
     stop = []
 
     def on_signal(signum, frame):
@@ -48,8 +52,9 @@ def run(args) -> int:
         server.start(args.timeout)
         where = ("every interface: anyone who reaches this machine can use it" if server.exposed
                  else f"{server.address} only")
+        watch = "; a model whose worker dies is reloaded" if args.recover else ""
         progress(f"[serve] ready on {where}: http {server.http_url}, grpc {server.grpc_url}, metrics port "
-                 f"{args.metrics_port}; Ctrl-C or SIGTERM stops it")
+                 f"{args.metrics_port}{watch}; Ctrl-C or SIGTERM stops it")
         server.process.wait()
         progress(f"[serve] tritonserver exited with status {server.process.returncode}")
         return 1

@@ -1,6 +1,8 @@
 """A client of the pipeline model (HTTP or gRPC, tritonclient): one prompt in, one image (H, W, 3 uint8) out."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..errors import ExecutionError, MissingComponent, UsageError
@@ -39,13 +41,27 @@ def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, 
     return tensors
 
 
+RELOADING = "has no available versions"      # Triton's answer for a model it is loading again (HTTP 404)
+
+
+def reloading(err) -> bool:
+    """Whether a tritonclient error says the model is being loaded again: worth a retry once it is ready."""
+    return RELOADING in (err.message() or "") and str(err.status()) in ("404", "StatusCode.NOT_FOUND")
+
+
 class Client:
-    """One connection to a server; `generate` is safe to call from one thread at a time per Client."""
+    """One connection to a server; `generate` is safe to call from one thread at a time per Client.
+
+    While `serve` reloads a model whose worker died, Triton answers its requests with 404 "has no available
+    versions"; `generate` then waits for the model to be ready again, up to `recovery_wait` seconds, and sends
+    the request once more, so a recovery delays requests instead of failing them."""
 
     def __init__(self, url: str, protocol: str = "http", model: str | None = None, timeout: float = 600.0,
-                 headers: dict | None = None):
+                 headers: dict | None = None, recovery_wait: float = 60.0):
         self.module = _module(protocol)
         self.protocol = protocol
+        self.recovery_wait = recovery_wait
+        self.waited = 0                       # requests that waited for a reload before they were answered
         self.headers = headers or None        # sent with every call (e.g. the key of Triton's restricted APIs)
         kwargs = dict(network_timeout=timeout, connection_timeout=timeout) if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
@@ -78,12 +94,30 @@ class Client:
         """The image as (H, W, 3) uint8; a server-side refusal is an ExecutionError with the server's message."""
         from tritonclient.utils import InferenceServerException
 
-        try:
-            result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed, guidance,
-                                                          max_seconds), headers=self.headers)
-        except InferenceServerException as err:
-            raise ExecutionError(f"the server refused the request: {err.message()}") from None
-        return result.as_numpy("image")[0]
+        deadline = time.monotonic() + self.recovery_wait
+        while True:
+            try:
+                result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed,
+                                                              guidance, max_seconds), headers=self.headers)
+                return result.as_numpy("image")[0]
+            except InferenceServerException as err:
+                if not reloading(err):
+                    raise ExecutionError(f"the server refused the request: {err.message()}") from None
+                if not self._wait_until_ready(deadline):
+                    raise ExecutionError(f"model {self.model!r} is not loaded and was not ready within "
+                                         f"{self.recovery_wait:.0f} s (a reload after its worker died takes "
+                                         "seconds); see the server's log") from None
+                self.waited += 1
+
+    def _wait_until_ready(self, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            try:
+                if self.client.is_model_ready(self.model, headers=self.headers):
+                    return True
+            except Exception:         # noqa: BLE001  (the library's own types; the next look decides)
+                pass
+            time.sleep(0.25)
+        return False
 
     def close(self) -> None:
         self.client.close()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExecutionError, MissingComponent, UsageError
+from . import recovery
 
 PYTRITON_VERSION = "0.7.0"          # bundles tritonserver 2.51.0 and stubs for Python 3.8 to 3.13
 # The stub's C++ side builds NumPy arrays through the NumPy 1.x C API: under NumPy 2 it reads the wrong dtype
@@ -178,10 +179,14 @@ class Server:
 
     It listens on `address` for HTTP, gRPC and metrics alike: loopback by default, because the server has no
     authentication of its own; 0.0.0.0 exposes it on every interface on purpose (in a container, behind a
-    proxy). `extra_args` go to tritonserver as they are (e.g. --http-restricted-api)."""
+    proxy). `extra_args` go to tritonserver as they are (e.g. --http-restricted-api).
+
+    With `recover` (the default) the models load through Triton's repository API (explicit model control) and
+    a `recovery.Watchdog` reloads a model whose worker process died; `recoveries` lists each reload."""
 
     def __init__(self, repo, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 log=None, parts: ServerParts | None = None, extra_args=(), address: str = LOOPBACK):
+                 log=None, parts: ServerParts | None = None, extra_args=(), address: str = LOOPBACK,
+                 recover: bool = True, progress=None):
         self.repo = Path(repo).expanduser().resolve()
         if not self.repo.is_dir():
             raise UsageError(f"model repository {self.repo} does not exist; write one with `toma-export export-repo`")
@@ -195,7 +200,13 @@ class Server:
         self.ports = dict(http=http_port, grpc=grpc_port, metrics=metrics_port)
         self.log = log                   # a file to write the server's output to (default: inherit stderr)
         self.extra_args = list(extra_args)
+        if recover and any(a.startswith("--model-control-mode") for a in self.extra_args):
+            raise UsageError("--model-control-mode is set by serve itself (explicit: its watchdog reloads a model "
+                             "whose worker died); leave it out, or pass --no-recover to choose your own mode")
+        self.recover = recover
+        self.progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
         self.process: subprocess.Popen | None = None
+        self.watchdog: recovery.Watchdog | None = None
 
     @property
     def exposed(self) -> bool:
@@ -221,7 +232,8 @@ class Server:
                 f"--http-address={self.address}", f"--http-port={self.ports['http']}",
                 f"--grpc-address={self.address}", f"--grpc-port={self.ports['grpc']}",
                 f"--metrics-address={self.address}", f"--metrics-port={self.ports['metrics']}",
-                "--exit-timeout-secs=30", *self.extra_args]
+                "--exit-timeout-secs=30",
+                *(["--model-control-mode=explicit", "--load-model=*"] if self.recover else []), *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "Server":
         """Start the server and wait until every model in the repository is ready."""
@@ -238,10 +250,19 @@ class Server:
                 raise ExecutionError(f"tritonserver exited with status {code} before it was ready (a model "
                                      f"failed to load?){where}")
             if self.ready():
+                if self.recover:
+                    self.watchdog = recovery.Watchdog(self.process.pid, self.http_url,
+                                                      recovery.repository_headers(self.extra_args),
+                                                      self.progress).start()
                 return self
             time.sleep(0.5)
         self.stop()
         raise ExecutionError(f"tritonserver was not ready after {timeout:.0f} s on {self.repo}")
+
+    @property
+    def recoveries(self) -> list[dict]:
+        """The reloads after a worker died, each {model, lost, seconds}."""
+        return self.watchdog.recoveries if self.watchdog else []
 
     def ready(self) -> bool:
         try:
@@ -250,9 +271,19 @@ class Server:
         except (urllib.error.URLError, OSError):
             return False
 
+    def model_ready(self, model: str) -> bool:
+        """Triton's readiness of one model (what a load balancer polls). Plain HTTP: safe from any thread."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM, which Triton answers with a graceful shutdown (in-flight requests finish); SIGKILL after
         `timeout`. Returns the exit status."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         proc, self.process = self.process, None
         code = None
         if proc is not None:
