@@ -201,3 +201,49 @@ def test_rows_come_from_the_median_of_the_timed_rounds(monkeypatch, tmp_path):
     assert (half["rel_l2_vs_baseline"], quarter["rel_l2_vs_baseline"]) == pytest.approx((0.1, 0.2))
     assert half["default"] and not quarter["default"] and not base["default"]
     assert (half["breakdown"], quarter["breakdown"]) == ({"ratio": 0.5}, {"ratio": 0.25}) and "breakdown" not in base
+
+
+def test_a_whole_model_is_loaded_once_and_patched_on_a_tree_sharing_its_weights(monkeypatch):
+    """bench --models used to load each model twice (baseline and patched): for a real folder, twice its
+    weights read and held. Now one load; the patched tree shares every parameter tensor with the baseline,
+    which stays unpatched, and the rows still compare the two."""
+    from toma_export.bench import run as bench_run
+    from toma_export.families.spec import ModelSpec
+
+    loads = []
+    original = ModelSpec.load
+    monkeypatch.setattr(ModelSpec, "load", lambda self, *a, **k: loads.append(self.name) or original(self, *a, **k))
+    shared = []
+    real_sharing = bench_run.sharing_weights
+
+    def spy(model):
+        copy = real_sharing(model)
+        shared.append((model, copy))
+        return copy
+
+    monkeypatch.setattr(bench_run, "sharing_weights", spy)
+    rows = bench_run.bench_model("flux-tiny", BenchOptions(model_size=128, repeats=1, warmup=0))
+    assert loads == ["flux-tiny"]
+    base, patched = shared[0]
+    assert [p.data_ptr() for p in base.parameters()] == [p.data_ptr() for p in patched.parameters()]
+    assert getattr(patched, "_toma", None) is not None and getattr(base, "_toma", None) is None
+    assert not any(type(m).__name__.startswith("ToMA") for m in base.modules())
+    assert [r["method"] for r in rows] == ["baseline", "toma"] and rows[1]["rel_l2_vs_baseline"] > 0
+
+
+def test_json_on_stdout_is_kept_clean_of_native_loggers(quick_run, monkeypatch, capfd):
+    """TensorRT's logger writes to file descriptor 1. Stand-in: the bench run writes there itself (TensorRT
+    cannot be installed here); --json must still print exactly one JSON object on stdout."""
+    import os
+
+    from toma_export.bench import run as bench_run
+
+    def noisy_run(options):
+        os.write(1, b"[TRT] [I] a line a native logger printed\n")
+        return quick_run[0]
+
+    monkeypatch.setattr(bench_run, "run", noisy_run)
+    assert main(["bench", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["results"] == quick_run[0]["results"]
+    assert "a line a native logger printed" in err

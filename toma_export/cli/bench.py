@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..errors import UsageError
-from .common import add_json, peak_memory, peak_memory_line
+from .common import add_json, peak_memory, peak_memory_line, stdout_on_stderr
 
 
 def _floats(text: str) -> tuple:
@@ -61,7 +61,8 @@ def run(args) -> int:
                            repeats=args.repeats, warmup=args.warmup, flux_width=args.flux_width, grid=args.grid,
                            text=args.text, peer=not args.no_peer, models=split(args.models), model_size=args.model_size,
                            device=args.device, gpu_dtype=args.gpu_dtype)
-    doc = run_bench(options)
+    with stdout_on_stderr():            # TensorRT's logger writes to fd 1, which carries the --json object alone
+        doc = run_bench(options)
     if args.out:
         files = report.write(doc, Path(args.out))
         if args.readme:
