@@ -81,8 +81,7 @@ def measure(name: str, blocks, args) -> dict:
     label = f"{name} {blocks[0]}+{blocks[1]}" if blocks else name
     log(f"== {label}: {params / 1e9:.2f} B parameters")
     t0 = time.perf_counter()
-    folder = real_configs.write(name, work / "model", blocks=blocks,
-                                file_variant="fp16" if name.startswith("sdxl") else None)
+    folder = write_in_child(name, work / "model", blocks, "fp16" if name.startswith("sdxl") else None)
     run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, date=datetime.date.today().isoformat(),
                params_b=round(params / 1e9, 3),
                write_s=round(time.perf_counter() - t0, 1), folder_gib=gib(du(folder)), ok=True)
@@ -111,6 +110,18 @@ def measure(name: str, blocks, args) -> dict:
     run["ok"] = all(run[k]["ok"] for k in ("export", "build", "parity") if k in run)
     shutil.rmtree(work, ignore_errors=True)
     return run
+
+
+def write_in_child(name: str, folder: Path, blocks, file_variant) -> Path:
+    """Write the random-weight folder in a process of its own. Written here, the weights would stay in this
+    process's heap, and a command started from it would report them as its own peak: a child's peak RSS
+    (os.wait4) starts from what it inherited at the fork."""
+    code = ("import json, sys; from toma_export.models import real_configs; "
+            "real_configs.write(sys.argv[1], sys.argv[2], blocks=json.loads(sys.argv[3]), "
+            "file_variant=json.loads(sys.argv[4]))")
+    subprocess.run([sys.executable, "-c", code, name, str(folder), json.dumps(list(blocks) if blocks else None),
+                    json.dumps(file_variant)], check=True)
+    return folder
 
 
 def command(args: list, env: dict):

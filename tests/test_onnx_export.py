@@ -63,7 +63,7 @@ def test_file_is_well_formed_and_carries_the_custom_op(dynamic_export, name):
     meta = dynamic_export(name)
     onnx.checker.check_model(meta["onnx"], full_check=True)
     model = onnx.load(meta["onnx"])
-    assert model.ir_version <= 10 and not meta["external_data"]
+    assert model.ir_version <= 10 and meta["external_data"]
     nodes = [n for n in model.graph.node if n.domain == "toma"]
     assert len(nodes) == len(meta["toma"]["groups"]) == meta["toma"]["selection_nodes"]
     for node in nodes:
@@ -168,14 +168,15 @@ def test_unwritable_output_dir(tmp_path, cli_here):
 
 
 def test_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
-    """The exporter is stood in for by one that dies half-way through writing: what is under test is the
-    staging of the artifact folder, not torch.onnx."""
-    class Dying:
-        def save(self, path, external_data=True):
-            Path(path).write_bytes(b"half a model")
-            raise KeyboardInterrupt
+    """The weight writer is stood in for by one that dies half-way through the data file: what is under test
+    is the staging of the artifact folder."""
+    from toma_export.onnx import weights
 
-    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Dying())
+    def dying(model, data, *a, **k):
+        Path(data).write_bytes(b"half the weights")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         export("flux-tiny", te.ToMAConfig(), tmp_path, progress=lambda m: None)
     assert list(tmp_path.iterdir()) == []
@@ -199,72 +200,59 @@ def test_bf16_flux_export_is_well_formed(tmp_path):
     assert next(i for i in meta["inputs"] if i["name"] == "hidden_states")["dtype"] == "bfloat16"
 
 
-def test_models_over_2gb_keep_their_tensors_in_external_data(tmp_path, monkeypatch):
-    """The external-data path, exercised by lowering the 2 GB threshold to one byte."""
-    monkeypatch.setattr(sys.modules["toma_export.onnx.export"], "TWO_GB", 1)
+def test_weights_are_traced_on_meta_and_streamed_under_their_keys(tmp_path, monkeypatch):
+    """The network is traced with every parameter on the meta device; each initializer is then named by its
+    state_dict key and stored in model.onnx.data (none inline), holding exactly that weight's bytes; ONNX
+    Runtime runs the file as the eager network does."""
+    from onnx import numpy_helper
+
+    export_module = sys.modules["toma_export.onnx.export"]
+    traced = []
+    real_trace = export_module.trace
+    monkeypatch.setattr(export_module, "trace", lambda module, *a, **k: traced.append(
+        {p.device.type for p in module.parameters()}) or real_trace(module, *a, **k))
     meta = export("flux-tiny", te.ToMAConfig(), tmp_path, ExportOptions(height=128, width=128), progress=lambda m: None)
-    assert meta["external_data"] and Path(meta["onnx"] + ".data").is_file()
+    assert traced == [{"meta"}]
     onnx.checker.check_model(meta["onnx"], full_check=True)
+    model = onnx.load(meta["onnx"], load_external_data=False)
+    weights = te.models.get("flux-tiny").load().state_dict()
+    inits = {t.name: t for t in model.graph.initializer}
+    assert set(inits) == set(weights)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in inits.values())
+    data = Path(meta["onnx"] + ".data")
+    assert meta["external_data"] and meta["weights"] == dict(file=data.name, tensors=len(weights),
+                                                             bytes=data.stat().st_size, source="random init (seed 0)")
+    for key, tensor in inits.items():
+        stored = numpy_helper.to_array(tensor, base_dir=str(data.parent))
+        assert np.array_equal(stored, weights[key].numpy()), key
     graph, net, toma, (ref, *_) = reference("flux-tiny", 1, 128, 128)
     out = ort.InferenceSession(meta["onnx"]).run(None, feed(graph, net, toma))[0]
     assert np.abs(out - ref.numpy()).max() <= 1e-4 * ref.abs().max().item()
 
 
-def test_the_optimizer_tries_two_output_rules_only_where_they_can_match():
-    """onnxscript's SlicesSplit rule indexes the whole graph for every node it is tried on, which makes the
-    optimizer quadratic in the node count; under `linear_rewrites` it is tried on Slice nodes only. Real: the
-    onnxscript optimizer on a graph where the rule fires (two halves of the last axis become one Split),
-    and torch.onnx on a small module, each compared with the unchanged optimizer."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-    from onnx import TensorProto, helper
-    from onnxscript.rewriter import rules
+def test_weight_files_are_read_per_tensor_in_pieces_or_converted(tmp_path, monkeypatch):
+    """A sharded safetensors folder read through WeightSource: a tensor in the wanted dtype comes as its stored
+    bytes in pieces (CHUNK made 7 bytes here), one in another dtype converted as torch converts it; either way
+    the bytes equal the tensor's."""
+    from safetensors.torch import save_file
 
-    from toma_export.onnx.export import linear_rewrites, trace
+    from toma_export.onnx import weights
 
-    rule = rules.common.slice_split_rule
-    const = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, TensorProto.INT64, [1], [v]))
-             for n, v in (("zero", 0), ("half", 4), ("end", 8), ("last", -1))]
-    # the second half first: the rule's matcher pairs a Slice with the first Slice of the graph it fits
-    nodes = const + [helper.make_node("Slice", ["x", "half", "end", "last"], ["b"]),
-                     helper.make_node("Slice", ["x", "zero", "half", "last"], ["a"]),
-                     helper.make_node("Relu", ["b"], ["r"]),
-                     helper.make_node("Mul", ["a", "r"], ["y"])]
-    model = helper.make_model(helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])]), opset_imports=[helper.make_opsetid("", 20)])
-
-    def optimized(proto):
-        m = ir.serde.deserialize_model(proto)
-        onnxscript.optimizer.optimize_ir(m)
-        return ir.serde.serialize_model(m)
-
-    stock = optimized(model)
-    tried = []
-    original = rule._matcher
-    with linear_rewrites():
-        inner = rule._matcher.inner
-        assert inner is original
-        spy = inner.match
-        inner.match = lambda model, graph, node, **kw: tried.append(node.op_type) or spy(model, graph, node, **kw)
-        try:
-            ours = optimized(model)
-        finally:
-            del inner.match
-    assert rule._matcher is original                                  # restored on the way out
-    assert ours.SerializeToString() == stock.SerializeToString()
-    assert "Split" in [n.op_type for n in ours.graph.node]               # the rule still fires
-    assert tried and set(tried) == {"Slice"}                             # and is tried on nothing else
-
-    class Halves(torch.nn.Module):
-        def forward(self, x):
-            h = torch.nn.functional.gelu(x @ x.transpose(-1, -2))
-            return h[..., :4] * h[..., 4:].softmax(-1)
-
-    x = torch.randn(2, 8, 8)
-    ours = trace(Halves(), (x,), 20).model_proto
-    stock = torch.onnx.export(Halves(), (x,), dynamo=True, opset_version=20, verbose=False).model_proto
-    assert ours.SerializeToString() == stock.SerializeToString()
+    monkeypatch.setattr(weights, "CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16), "b.bias": torch.randn(4, generator=g),
+               "c.weight": torch.randn(2, 2, 2, generator=g).half()}
+    save_file({k: tensors[k] for k in ("a.weight",)}, tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in ("b.bias", "c.weight")},
+              tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    source = weights.WeightSource.of_files(sorted(tmp_path.glob("*.safetensors")), "here")
+    assert sorted(source.keys()) == sorted(tensors)
+    for key, tensor in tensors.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            pieces = list(source.chunks(key, dtype))
+            assert b"".join(pieces) == weights._bytes(tensor.to(dtype)), (key, dtype)
+            if dtype == tensor.dtype:
+                assert len(pieces) == -(-tensor.numel() * tensor.element_size() // 7)
 
 
 @pytest.mark.parametrize("dies,message", [

@@ -87,7 +87,7 @@ def test_an_error_in_the_export_process_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         "toma-export: error: flux-tiny: 96x96 px does not fit the tiles: the height must be a multiple of 64 px "
         "(tile times the merged level's down-sampling)")
-    assert "[export 1/4] loading flux-tiny" in res.stderr                   # it did get as far as the child
+    assert "[export 1/4] building flux-tiny" in res.stderr                  # it did get as far as the child
 
 
 @pytest.mark.parametrize("args,message", [

@@ -50,7 +50,7 @@ def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_expo
     folder = tmp_path / "corrupt"
     shutil.copytree(meta["onnx"].rsplit("/", 1)[0], folder)
     model = onnx.load(folder / "model.onnx")
-    weight = next(t for t in model.graph.initializer if t.name == "model.single_transformer_blocks.3.proj_out.bias")
+    weight = next(t for t in model.graph.initializer if t.name == "single_transformer_blocks.3.proj_out.bias")
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) + 1.0, weight.name))
     onnx.save(model, folder / "model.onnx")                            # one weight perturbed
     res = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--bisect", "--output-dir",

@@ -36,11 +36,14 @@ def torch_call(module: torch.nn.Module, inputs: tuple):
 
 
 def export_onnx(module: torch.nn.Module, inputs: tuple, path: Path) -> Path:
-    """Static-shape ONNX of a benchmark module, with the ToMASelect body attached as in model exports."""
+    """Static-shape ONNX of a benchmark module, written as model exports are: the ToMASelect body attached,
+    the weights in external data under their state_dict keys."""
     from ..onnx.export import trace, write_model
+    from ..onnx.weights import WeightSource
 
     names = [f"input_{i}" for i in range(len(inputs))]
-    write_model(trace(module, inputs, OPSET, input_names=names, output_names=["output"]), path, OPSET)
+    write_model(trace(module, inputs, OPSET, input_names=names, output_names=["output"]), path, OPSET,
+                WeightSource.of_module(module))
     return path
 
 

@@ -88,31 +88,48 @@ class ModelSpec:
                 model = self.model_cls(**self.config)
             # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these configs lack
             return torch.nn.Module.to(model, dtype).eval()
-        path = Path(self.source)
-        if not path.is_dir():
-            raise ModelNotAvailable(
-                f"{self.name}: the weights of {self.source} are not in the local Hugging Face cache; download them "
-                f"where the hub is reachable (`huggingface-cli download {self.source}`) or pass a local diffusers "
-                f"folder holding {self.subfolder}/ as --model PATH")
-        folder = network_folder(path, self.subfolder)
-        mismatch = "the folder is incomplete or mixes files of different models"
+        folder = self._folder()
         try:
             model = self.model_cls.from_pretrained(str(folder), torch_dtype=dtype, variant=self.weights_variant,
                                                    low_cpu_mem_usage=True).eval()
         except (OSError, ValueError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise ModelNotAvailable(f"{self.name}: the weights in {folder} do not load with its config.json ({first}); "
-                                    f"{mismatch}") from None
+                                    f"{MISMATCH}") from None
         stored = stored_keys(folder, self.weights_variant)
         if stored is not None:          # diffusers fills missing weights with random ones and only warns
-            missing = sorted(set(model.state_dict()) - stored)
-            extra = sorted(stored - set(model.state_dict()))
-            if missing or extra:
-                what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else \
-                       f"{len(extra)} weights unused (e.g. {extra[0]})"
-                raise ModelNotAvailable(f"{self.name}: the weights in {folder} do not load with its config.json "
-                                        f"({what}); {mismatch}")
+            check_keys(stored, model.state_dict(), self.name, folder)
         return model
+
+    def skeleton(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The network's modules on the meta device, in eval mode: its structure and every parameter's name,
+        shape and dtype, and no weights (what an export traces)."""
+        config = self.config if self.source is None else self.model_cls.load_config(str(self._folder()))
+        with torch.device("meta"):
+            model = self.model_cls.from_config(config)
+        return torch.nn.Module.to(model, dtype).eval()
+
+    def weight_source(self, seed: int = 0):
+        """Where an export reads the weights from, tensor by tensor: the folder's weight files, else (tiny
+        models) the seeded random init, made in memory."""
+        from ..onnx.weights import WeightSource
+
+        if self.source is None:
+            return WeightSource.of_module(self.load(torch.float32, seed), f"random init (seed {seed})")
+        folder = self._folder()
+        source = WeightSource.of_files(weight_files(folder)[self.weights_variant], str(folder))
+        check_keys(source.keys(), self.skeleton().state_dict(), self.name, folder)
+        return source
+
+    def _folder(self) -> Path:
+        """The network's folder (config.json and weights), or one line saying where to get it."""
+        path = Path(self.source)
+        if not path.is_dir():
+            raise ModelNotAvailable(
+                f"{self.name}: the weights of {self.source} are not in the local Hugging Face cache; download them "
+                f"where the hub is reachable (`huggingface-cli download {self.source}`) or pass a local diffusers "
+                f"folder holding {self.subfolder}/ as --model PATH")
+        return network_folder(path, self.subfolder)
 
     def weights_fingerprint(self) -> str | None:
         """A hash of the folder's config.json and of each weight file's name, size and modification time:
@@ -259,12 +276,32 @@ def weight_files(folder: Path) -> dict:
 
 
 def safetensors_header(path: Path) -> dict:
-    """{tensor name: {dtype, shape, ...}} from a .safetensors file's JSON header; no tensor data is read."""
+    """{tensor name: {dtype, shape, data_offsets}} from a .safetensors file's JSON header; no tensor data is
+    read. The offsets count from where the data starts (safetensors_layout)."""
+    return safetensors_layout(path)[1]
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict]:
+    """(where the tensor data starts in the file, the header without its __metadata__)."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return header
+    return 8 + length, header
+
+
+MISMATCH = "the folder is incomplete or mixes files of different models"
+
+
+def check_keys(found, expected, name: str, folder: Path) -> None:
+    """Refuse weight files that do not fit the network, naming a missing or an unused weight."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else \
+               f"{len(extra)} weights unused (e.g. {extra[0]})"
+        raise ModelNotAvailable(f"{name}: the weights in {folder} do not load with its config.json ({what}); "
+                                f"{MISMATCH}")
 
 
 def stored_keys(folder: Path, variant: str | None) -> set | None:

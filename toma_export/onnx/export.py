@@ -1,9 +1,11 @@
 """Export a ToMA-patched FLUX transformer / SDXL UNet to ONNX with the selection as `toma::ToMASelect`.
 
-torch.onnx (dynamo) traces ToMAGraph; the selection node comes out opaque and its portable body is then
-attached as a model-local function, the IR version is pinned for the pinned ONNX Runtime, and the full
-checker runs before the folder is renamed into place. The folder name hashes every option that changes
-the file, so an existing export is reused.
+torch.onnx (dynamo) traces ToMAGraph over the network built on the meta device, so no weight is in memory
+while it traces; the weights are then streamed into the export's external data file under their
+`state_dict` keys (onnx/weights.py). The selection node comes out opaque and its portable body is attached
+as a model-local function, the IR version is pinned for the pinned ONNX Runtime, and the full checker runs
+before the folder is renamed into place. The folder name hashes every option that changes the file, so an
+existing export is reused.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph
 
 IR_VERSION = 10            # onnx 1.23 writes 14 by default; onnxruntime 1.3x loads <= 10
-TWO_GB = 2 ** 31
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,10 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         if meta is not None:
             return meta
         t0 = time.perf_counter()
-        progress(f"[export 1/4] loading {spec.name} ({options.dtype}){' and applying ToMA' if config else ', no ToMA'}")
-        model = spec.load(DTYPES[options.dtype])
+        progress(f"[export 1/4] building {spec.name} ({options.dtype}) on the meta device, no weights in memory"
+                 f"{', applying ToMA' if config else ', no ToMA'}")
+        source = spec.weight_source()                  # opened (and checked against the config) before the trace
+        model = spec.skeleton(DTYPES[options.dtype])
         report = apply_toma(model, config) if config else None
         graph = ToMAGraph(model, spec, report).eval()
         units = _units(spec, graph)
@@ -72,6 +75,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
                                 smooth=True)
         args = tuple(net.values()) + tuple(graph.sample_toma_inputs(net).values())
+        args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
         dynamic_shapes = _dynamic_shapes(spec, graph, units, ranges) if options.dynamic else None
 
         progress(f"[export 2/4] tracing with torch.onnx (opset {options.opset}"
@@ -80,14 +84,15 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                         output_names=graph.output_names)
 
         with staged_dir(final) as tmp:
-            progress("[export 3/4] attaching the ToMASelect body and writing the file")
+            progress(f"[export 3/4] streaming the weights ({source.describe}) into model.onnx.data, attaching the "
+                     "ToMASelect body")
             onnx_path = tmp / "model.onnx"
-            external = write_model(program, onnx_path, options.opset)
+            weights = write_model(program, onnx_path, options.opset, source, prefix="model.", progress=progress)
             progress("[export 4/4] running the ONNX checker (full_check)")
             import onnx
 
             onnx.checker.check_model(str(onnx_path), full_check=True)
-            meta = _metadata(spec, config, options, report, graph, onnx_path, external, (height, width), ranges, key,
+            meta = _metadata(spec, config, options, report, graph, onnx_path, weights, (height, width), ranges, key,
                              key_fields["versions"], time.perf_counter() - t0)
             meta["onnx"] = str(final / "model.onnx")
             Artifact("onnx", onnx_path, meta).save()
@@ -196,12 +201,18 @@ def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
 
 
 def trace(module: torch.nn.Module, args: tuple, opset: int, **kwargs):
-    """torch.onnx (dynamo) export of `module`, quietly: the exporter narrates on stdout (kept for our JSON)
-    and logs that torchvision ops are missing."""
+    """torch.onnx (dynamo) export of `module`, quietly (the exporter narrates on stdout, kept for our JSON, and
+    logs that torchvision ops are missing), and without the exporter's optimizer: its constant folding fails
+    on meta weights and turns a Linear's transposed weight into an unnamed copy; write_model optimizes once
+    the weights are in place. A module on the meta device is traced with meta as the default device, so
+    tensors made during the trace meet its weights there."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), linear_rewrites():
+    device = next(module.parameters(), torch.empty(0)).device
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), \
+            torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
         warnings.simplefilter("ignore")
-        return torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, **kwargs)
+        return torch.onnx.export(module, args, dynamo=True, opset_version=opset, verbose=False, optimize=False,
+                                 **kwargs)
 
 
 @contextlib.contextmanager
@@ -247,26 +258,60 @@ class _FromOutputOp:
         return str(self.inner)
 
 
-def write_model(program, path: Path, opset: int) -> bool:
-    """Save with the selection body attached; tensors stay external only past 2 GB. Returns external."""
-    import onnx
+def _keeps_weights(node) -> bool | None:
+    """The optimizer's folding rule: never fold a node that reads a weight (a Linear's Transpose would become
+    an unnamed copy of the weight); elsewhere its own rule."""
+    return False if any(v is not None and v.is_initializer() for v in node.inputs) else None
 
+
+def write_model(program, path: Path, opset: int, source, prefix: str = "", progress=None) -> dict:
+    """Optimize the traced graph without touching a weight (shapes folded, SplitToSequence made Split, ...),
+    then save it with every weight in external data beside it (path + ".data"), streamed from `source` and
+    named by its `state_dict` key (initializer `prefix` + key in the trace), and the selection body attached.
+    Returns the weights' summary for the metadata."""
+    import onnx
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from . import weights
     from .select_function import attach
 
-    program.save(str(path), external_data=True)
-    data = path.with_name(path.name + ".data")
-    model = onnx.load(str(path), load_external_data=False)
+    stored = set(source.keys())
+    for name, value in program.model.graph.initializers.items():
+        if name[len(prefix):] in stored:  # a weight (not a constant the trace lifted): opaque to the optimizer,
+            value.const_value = None      # so no rule may read, fold or drop its value
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup.level
+    dedup.setLevel(logging.ERROR)          # "skipped deduplication of ... as it has no constant value": ours
+    try:
+        with linear_rewrites(), contextlib.redirect_stdout(sys.stderr):
+            onnxscript.optimizer.optimize_ir(program.model, should_fold=_keeps_weights)
+    finally:
+        dedup.setLevel(level)
+    summary = weights.write(program.model, path.with_name(path.name + ".data"), source, prefix, progress)
+    model = ir.serde.serialize_model(program.model)
+    streamed = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    _constants_as_nodes(model, streamed)
     attach(model, opset)
     model.ir_version = IR_VERSION
-    external = data.exists() and data.stat().st_size >= TWO_GB
-    if external:
-        onnx.save(model, str(path))
-    else:
-        if data.exists():
-            onnx.load_external_data_for_model(model, str(path.parent))
-        onnx.save(model, str(path))
-        data.unlink(missing_ok=True)
-    return external
+    onnx.save(model, str(path))
+    return summary
+
+
+def _constants_as_nodes(model, weights: set) -> None:
+    """Turn the small initializers the optimizer folded (shapes, scalars, named val_N) into Constant nodes, so
+    that every initializer is a weight named by its key."""
+    import onnx
+
+    folded = [t for t in model.graph.initializer if t.name not in weights]
+    if not folded:
+        return
+    keep = [t for t in model.graph.initializer if t.name in weights]
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"folded_{t.name}", value=t) for t in folded]
+    nodes += list(model.graph.node)
+    del model.graph.initializer[:], model.graph.node[:]
+    model.graph.initializer.extend(keep)
+    model.graph.node.extend(nodes)
 
 
 def _io(values) -> list:
@@ -280,7 +325,7 @@ def _io(values) -> list:
     return out
 
 
-def _metadata(spec, config, options, report, graph, path, external, size, ranges, key, vers, seconds) -> dict:
+def _metadata(spec, config, options, report, graph, path, weights, size, ranges, key, vers, seconds) -> dict:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -295,7 +340,8 @@ def _metadata(spec, config, options, report, graph, path, external, size, ranges
                     for name in shapes[0]}
     return dict(
         format=EXPORT_FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
-        onnx=str(path), external_data=external, dtype=options.dtype, opset=options.opset, ir_version=IR_VERSION,
+        onnx=str(path), external_data=True, weights=weights, dtype=options.dtype, opset=options.opset,
+        ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
         text_len=spec.text_len, variant=spec.variant,
         ranges=ranges if options.dynamic else None, profiles=profiles,

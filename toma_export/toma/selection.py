@@ -115,8 +115,9 @@ def select_or_reuse(tiles: torch.Tensor, previous: torch.Tensor, recompute: torc
     d = previous.shape[-1]
     if torch.onnx.is_in_onnx_export():
         attrs = dict(plugin_namespace=OP_DOMAIN, plugin_version=str(OP_VERSION), num_dst=d, tie_tol=TIE_TOL)
-        return torch.onnx.ops.symbolic(f"{OP_DOMAIN}::{OP_NAME}", (tiles, previous, recompute), attrs,
-                                       dtype=torch.int64, shape=previous.shape, version=OP_VERSION)
+        out = torch.onnx.ops.symbolic(f"{OP_DOMAIN}::{OP_NAME}", (tiles, previous, recompute), attrs,
+                                      dtype=torch.int64, shape=previous.shape, version=OP_VERSION)
+        return out.to(previous.device)     # made on the default device; a trace on meta weights needs meta
     if not bool(recompute.reshape(-1)[0]):
         return previous
     if sim is None:
