@@ -45,6 +45,9 @@ def main(argv=None) -> int:
                         "holds about 4x the weights)")
     p.add_argument("--max-parity-params", type=float, default=3.0,
                    help="skip parity above this many billion parameters (3.0; the fp32 reference is 4 bytes each)")
+    p.add_argument("--stream-above", type=float, default=6.0,
+                   help="draw the folders of models above this many billion parameters tensor by tensor instead "
+                        "of saving a model built in memory (6.0; such weights serve time and memory, not parity)")
     p.add_argument("--work", default=os.environ.get("TOMA_REAL_WORK", "/tmp/toma-real-models"),
                    help="scratch folder for model folders and artifacts, emptied per model (/tmp/toma-real-models)")
     p.add_argument("--out", help="folder for results.json and results.md")
@@ -81,7 +84,8 @@ def measure(name: str, blocks, args) -> dict:
     label = f"{name} {blocks[0]}+{blocks[1]}" if blocks else name
     log(f"== {label}: {params / 1e9:.2f} B parameters")
     t0 = time.perf_counter()
-    folder = write_in_child(name, work / "model", blocks, "fp16" if name.startswith("sdxl") else None)
+    streamed = params / 1e9 > args.stream_above
+    folder = write_in_child(name, work / "model", blocks, "fp16" if name.startswith("sdxl") else None, streamed)
     run = dict(model=name, blocks=list(blocks) if blocks else None, label=label, date=datetime.date.today().isoformat(),
                params_b=round(params / 1e9, 3),
                write_s=round(time.perf_counter() - t0, 1), folder_gib=gib(du(folder)), ok=True)
@@ -112,13 +116,15 @@ def measure(name: str, blocks, args) -> dict:
     return run
 
 
-def write_in_child(name: str, folder: Path, blocks, file_variant) -> Path:
+def write_in_child(name: str, folder: Path, blocks, file_variant, streamed: bool) -> Path:
     """Write the random-weight folder in a process of its own. Written here, the weights would stay in this
     process's heap, and a command started from it would report them as its own peak: a child's peak RSS
-    (os.wait4) starts from what it inherited at the fork."""
-    code = ("import json, sys; from toma_export.models import real_configs; "
+    (os.wait4) starts from what it inherited at the fork. `streamed`: drawn tensor by tensor
+    (real_configs.write_streamed), for models too large to build in memory; time and memory only."""
+    call = ("real_configs.write_streamed(sys.argv[1], sys.argv[2], blocks=json.loads(sys.argv[3]))" if streamed else
             "real_configs.write(sys.argv[1], sys.argv[2], blocks=json.loads(sys.argv[3]), "
             "file_variant=json.loads(sys.argv[4]))")
+    code = f"import json, sys; from toma_export.models import real_configs; {call}"
     subprocess.run([sys.executable, "-c", code, name, str(folder), json.dumps(list(blocks) if blocks else None),
                     json.dumps(file_variant)], check=True)
     return folder

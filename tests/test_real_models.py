@@ -122,6 +122,26 @@ def test_folders_that_cannot_load_get_one_line(real, tmp_path):
     with pytest.raises(ModelNotAvailable, match="do not load with its config.json") as err:
         te.models.get(str(mixed)).load(torch.bfloat16)
     assert "\n" not in str(err.value)
+    with pytest.raises(ModelNotAvailable, match="do not load with its config.json") as err:
+        te.models.get(str(mixed)).weight_source()              # what export opens before it traces
+    assert "weights missing (e.g. single_transformer_blocks.1.attn.norm_k.weight)" in str(err.value)
+
+
+def test_a_folder_drawn_tensor_by_tensor_is_sharded_as_the_hub_shards(tmp_path):
+    """real_configs.write_streamed (the full FLUX.1-dev does not fit in memory to be saved whole): shards
+    named and indexed as diffusers writes them, detected as FLUX.1-dev in bf16, and every weight the
+    configuration has is there for an export to stream."""
+    folder = real_configs.write_streamed("flux-dev", tmp_path / "dev", blocks=(1, 1), shard_bytes=300 << 20)
+    net = folder / "transformer"
+    index = json.loads((net / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(net.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
+    assert not list(net.glob(".shard-*"))
+    spec = te.models.get(str(folder))
+    assert (spec.family, spec.variant, spec.weights_dtype) == ("flux", "dev", "bf16")
+    skeleton = spec.skeleton().state_dict()
+    assert sorted(spec.weight_source().keys()) == sorted(index["weight_map"]) == sorted(skeleton)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in skeleton.values())
 
 
 def test_default_split_on_the_real_depths():

@@ -77,6 +77,61 @@ def write(name: str, folder, blocks=None, transformer_depths=None, dtype: str | 
     return folder
 
 
+def write_streamed(name: str, folder, blocks=None, transformer_depths=None, dtype: str | None = None, seed: int = 0,
+                   shard_bytes: int = 2 << 30) -> Path:
+    """The same pipeline folder as `write`, for models too large to hold in memory (the full FLUX.1-dev is
+    24 GB in bf16): the network is built on the meta device and each weight is drawn on its own (normal over
+    the square root of its fan-in for matrices and kernels, ones for 1-D scales, zeros for biases) and saved
+    in shards of at most `shard_bytes` with the index JSON diffusers writes. These weights are not the
+    module's own init: use such a folder to measure time and memory, not parity."""
+    from diffusers import __version__
+    from safetensors.torch import save_file
+
+    from ..artifacts import DTYPES
+
+    _, sub, pipeline, extra, hub_dtype = MODELS[name]
+    cls = _network_class(name)
+    with torch.device("meta"):
+        model = cls(**config(name, blocks, transformer_depths))
+    net = Path(folder) / sub
+    net.mkdir(parents=True)
+    model.save_config(net)
+    dtype_ = DTYPES[dtype or hub_dtype]
+    generator = torch.Generator().manual_seed(seed)
+    shards, current, size = [], {}, 0
+    for key, meta in model.state_dict().items():
+        if current and size + meta.numel() * dtype_.itemsize > shard_bytes:
+            shards.append(_save_shard(current, net, len(shards), save_file))
+            current, size = {}, 0
+        current[key] = _draw(key, meta.shape, dtype_, generator)
+        size += meta.numel() * dtype_.itemsize
+    shards.append(_save_shard(current, net, len(shards), save_file))
+    weight_map, total = {}, 0
+    for i, (temporary, keys, nbytes) in enumerate(shards):
+        final = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        temporary.rename(net / final)
+        weight_map.update(dict.fromkeys(keys, final))
+        total += nbytes
+    index = dict(metadata=dict(total_size=total), weight_map=weight_map)
+    (net / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    pipe = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
+    (Path(folder) / "model_index.json").write_text(json.dumps(pipe, indent=2))
+    return Path(folder)
+
+
+def _draw(key: str, shape, dtype, generator) -> torch.Tensor:
+    if len(shape) == 1:
+        return (torch.zeros if key.endswith("bias") else torch.ones)(shape, dtype=dtype)
+    fan_in = max(1, torch.Size(shape)[1:].numel())
+    return (torch.randn(shape, generator=generator) / fan_in ** 0.5).to(dtype)
+
+
+def _save_shard(tensors: dict, net: Path, index: int, save_file) -> tuple:
+    path = net / f".shard-{index}.safetensors"
+    save_file(tensors, str(path))
+    return path, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype):
     saved = torch.get_default_dtype()
