@@ -253,6 +253,10 @@ def test_weight_files_are_read_per_tensor_in_pieces_or_converted(tmp_path, monke
             assert b"".join(pieces) == weights._bytes(tensor.to(dtype)), (key, dtype)
             if dtype == tensor.dtype:
                 assert len(pieces) == -(-tensor.numel() * tensor.element_size() // 7)
+    save_file({"q.weight": torch.zeros(4, dtype=torch.float8_e4m3fn)}, tmp_path / "quantized.safetensors")
+    with pytest.raises(te.models.ModelNotAvailable, match="q.weight is stored as F8_E4M3, which an export cannot "
+                                                          "read .*; pass unquantized weights"):
+        weights.WeightSource.of_files([tmp_path / "quantized.safetensors"], "here")
 
 
 @pytest.mark.parametrize("dies,message", [

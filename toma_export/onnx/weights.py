@@ -56,6 +56,9 @@ class WeightSource:
             if f.suffix == ".safetensors":
                 start, header = safetensors_layout(f)
                 for key, entry in header.items():
+                    if entry["dtype"] not in _SAFETENSORS:
+                        raise ModelNotAvailable(f"{f}: {key} is stored as {entry['dtype']}, which an export cannot "
+                                                f"read (it reads {', '.join(_SAFETENSORS)}); pass unquantized weights")
                     begin, end = entry["data_offsets"]
                     where[key] = (f, start + begin, start + end, _SAFETENSORS[entry["dtype"]], entry["shape"])
             else:
@@ -67,7 +70,10 @@ class WeightSource:
             if not span:                                  # a .bin file: torch.load it (once per file)
                 if f not in pickled:
                     pickled.clear()
-                    pickled[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    try:
+                        pickled[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError:               # the legacy (non-zip) format cannot be mapped
+                        pickled[f] = torch.load(f, map_location="cpu", weights_only=True)
                 yield _bytes(pickled[f][key].to(dtype))
                 return
             begin, end, stored, shape = span
