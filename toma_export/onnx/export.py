@@ -276,10 +276,7 @@ def write_model(program, path: Path, opset: int, source, prefix: str = "", progr
     from . import weights
     from .select_function import attach
 
-    stored = set(source.keys())
-    for name, value in program.model.graph.initializers.items():
-        if name[len(prefix):] in stored:  # a weight (not a constant the trace lifted): opaque to the optimizer,
-            value.const_value = None      # so no rule may read, fold or drop its value
+    weights.hide(program.model, source, prefix)
     dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
     level = dedup.level
     dedup.setLevel(logging.ERROR)          # "skipped deduplication of ... as it has no constant value": ours

@@ -98,17 +98,31 @@ def _pickled_keys(path: Path) -> list[str]:
         raise ModelNotAvailable(f"{path}: not a readable PyTorch weights file ({str(err)[:120]})") from None
 
 
+def _key(name: str, prefix: str) -> str:
+    """The state_dict key of an initializer the trace named `prefix + key`."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def hide(model, source: WeightSource, prefix: str = "") -> None:
+    """Clear the value of every initializer that is one of `source`'s weights (not a constant the trace
+    lifted), so that no optimizer rule may read, fold or drop it; `write` streams exactly these."""
+    stored = set(source.keys())
+    for name, value in model.graph.initializers.items():
+        if _key(name, prefix) in stored:
+            value.const_value = None
+
+
 def write(model, data: Path, source: WeightSource, prefix: str = "", progress=None) -> dict:
-    """Rename `model`'s weights (its initializers without a value: traced on meta, cleared for the optimizer)
-    from `prefix + key` to `key` and stream each tensor from `source` into the file `data`, in the dtype the
-    graph declares for it (the export's). Returns {file, tensors, bytes, source}."""
+    """Rename `model`'s weights (its initializers without a value, after `hide`) from `prefix + key` to `key`
+    and stream each tensor from `source` into the file `data`, in the dtype the graph declares for it (the
+    export's). Returns {file, tensors, bytes, source}."""
     import onnx_ir as ir
 
     inits = [(name, v) for name, v in model.graph.initializers.items() if v.const_value is None]   # the weights
     offset = 0
     with open(data, "wb") as out:
         for i, (name, value) in enumerate(inits):
-            key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            key = _key(name, prefix)
             pad = -offset % ALIGN
             out.write(b"\0" * pad)
             offset += pad

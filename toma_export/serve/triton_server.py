@@ -265,16 +265,15 @@ class Server:
         return self.watchdog.recoveries if self.watchdog else []
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return self._answers_ok("health/ready")
 
     def model_ready(self, model: str) -> bool:
         """Triton's readiness of one model (what a load balancer polls). Plain HTTP: safe from any thread."""
+        return self._answers_ok(f"models/{model}/ready")
+
+    def _answers_ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/{path}", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
