@@ -2,7 +2,9 @@
 # The checks a CPU machine cannot run, in one command: the Triton selection kernel on CUDA against the
 # reference, the PyTorch ToMA patch on CUDA in fp16/bf16 against fp32, the benchmark's GPU mode, and, where
 # full TensorRT 10.9+ imports, engines built with the toma::ToMASelect plugin (and with the inlined body) run
-# against ONNX Runtime and an image generated through one. Checks that cannot run skip with their reason.
+# against ONNX Runtime, an image generated through one, and `build --weightless` plans (refit and identical)
+# refitted at load and compared with the normal engine, per call and through generate (their sizes in the
+# summary). Checks that cannot run skip with their reason.
 # Writes one JSON summary: $TOMA_GPU_SUMMARY, default gpu-checks.json.
 #
 # Where `make venv` made .venv (a machine with a package index) it runs there. Otherwise (a bare GPU machine

@@ -144,3 +144,54 @@ def test_generate_through_a_tensorrt_engine(tmp_path):
     assert main(["generate", "--model", "flux-tiny", "--backend", "tensorrt", "--prompt", "a red fox", "--steps", "3",
                  "--size", "256x256", "--output-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@cuda
+@tensorrt
+@pytest.mark.parametrize("mode", ["refit", "identical"])
+def test_weightless_engine_matches_the_normal_engine(tmp_path, mode, record_property):
+    """`build --weightless` on full TensorRT: the plan leaves the weights out (it is smaller than the normal plan by
+    at least half the weights' bytes), every load refits it from the export, and it then gives the normal engine's
+    outputs, per call (destinations forced) and through generate. Plain REFIT may drop a GEMM bias (TensorRT
+    11.3's docs): this is where that would show. The plan sizes go to the summary's user properties."""
+    import numpy as np
+    from PIL import Image
+
+    from toma_export.artifacts import Artifact
+    from toma_export.cli import main
+    from toma_export.onnx import ToMAGraph
+    from toma_export.onnx.graph import RECOMPUTE
+    from toma_export.runtime.tensorrt import EngineRunner
+    from toma_export.toma.selection import recompute_flag
+    from toma_export.trt import BuildOptions, build
+
+    normal = build("flux-tiny", te.ToMAConfig(), tmp_path, BuildOptions(backend="tensorrt", selection="body"))
+    stripped = build("flux-tiny", te.ToMAConfig(), tmp_path, BuildOptions(backend="tensorrt", selection="body",
+                                                                           weightless=mode))
+    weights = Artifact.load(normal["onnx"], "onnx").meta["weights"]["bytes"]
+    sizes = dict(normal_plan=normal["engine_bytes"], weightless_plan=stripped["engine_bytes"], weights=weights)
+    record_property("plan_bytes", sizes)
+    assert stripped["weightless"] == mode and stripped["weights"] == normal["onnx"]
+    assert stripped["engine_bytes"] <= normal["engine_bytes"] - weights // 2, sizes
+
+    spec = te.models.get("flux-tiny")
+    model = spec.load()
+    graph = ToMAGraph(model, spec, te.apply_toma(model)).eval()
+    net = spec.graph_inputs(batch=2, smooth=True)
+    feeds = dict(zip(graph.input_names, [*net.values(), *graph.sample_toma_inputs(net).values()]))
+    runners = [EngineRunner(Path(m["engine"]).with_name("engine.json")) for m in (normal, stripped)]
+    first = runners[0](feeds)
+    forced = dict(feeds, **{n: first[o["name"]].cpu() for n, o in zip(graph.input_names[len(net):-1],
+                                                                        normal["outputs"][1:])})
+    forced[RECOMPUTE] = recompute_flag(False)
+    noise = [r(forced)[normal["outputs"][0]["name"]].float().cpu().numpy() for r in runners]
+    assert np.abs(noise[1] - noise[0]).max() <= 1e-3 * np.abs(noise[0]).max()
+
+    images = []
+    for meta in (normal, stripped):
+        out = tmp_path / f"{meta['weightless'] if meta.get('weightless') else 'normal'}.png"
+        assert main(["generate", "--model", "flux-tiny", "--backend", "tensorrt", "--engine",
+                     str(Path(meta["engine"]).with_name("engine.json")), "--prompt", "a red fox", "--steps", "3",
+                     "--size", "256x256", "--seed", "0", "--out", str(out)]) == 0
+        images.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert np.abs(images[1] - images[0]).mean() <= 1.0

@@ -206,6 +206,8 @@ def test_weights_are_traced_on_meta_and_streamed_under_their_keys(tmp_path, monk
     Runtime runs the file as the eager network does."""
     from onnx import numpy_helper
 
+    from toma_export.onnx import weights as weights_module
+
     export_module = sys.modules["toma_export.onnx.export"]
     traced = []
     real_trace = export_module.trace
@@ -220,8 +222,12 @@ def test_weights_are_traced_on_meta_and_streamed_under_their_keys(tmp_path, monk
     assert set(inits) == set(weights)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in inits.values())
     data = Path(meta["onnx"] + ".data")
-    assert meta["external_data"] and meta["weights"] == dict(file=data.name, tensors=len(weights),
-                                                             bytes=data.stat().st_size, source="random init (seed 0)")
+    summary = {k: meta["weights"][k] for k in ("file", "files", "tensors", "bytes", "written", "linked", "source")}
+    total = sum(w.numel() * w.element_size() for w in weights.values())
+    assert meta["external_data"] and summary == dict(file=data.name, files=[data.name], tensors=len(weights),
+                                                     bytes=total, written=total, linked=[],
+                                                     source="random init (seed 0)")
+    assert total <= data.stat().st_size < total + weights_module.ALIGN * len(weights)     # aligned, no more
     for key, tensor in inits.items():
         stored = numpy_helper.to_array(tensor, base_dir=str(data.parent))
         assert np.array_equal(stored, weights[key].numpy()), key

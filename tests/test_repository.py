@@ -174,6 +174,22 @@ def test_tensorrt_rtx_engine_is_refused_by_default(engines, tmp_path, capsys):
     assert not repo.exists()
 
 
+def test_a_weightless_engine_is_refused(engines, tmp_path, capsys):
+    """Triton's TensorRT backend never refits, so a weightless plan would run without its weights (the
+    engine.json here is the real one with `weightless` set: such a plan cannot be built without a GPU driver)."""
+    import json
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(engines["dynamic"], engine)
+    meta = json.loads((engine / "engine.json").read_text())
+    (engine / "engine.json").write_text(json.dumps(dict(meta, weightless="refit")))
+    assert export_repo("--engine", engine, "--out", tmp_path / "repo", "--allow-tensorrt-rtx") == 2
+    assert "is a weightless plan (refit), which Triton's TensorRT backend would run without its weights" in \
+        one_line_error(capsys)
+    assert not (tmp_path / "repo").exists()
+
+
 def test_the_pipeline_model_knows_the_pixel_range_of_an_export_not_of_an_engine(engines, dynamic_export):
     """The served model checks a request's size against the export's recorded range before any work; an
     engine.json records shape profiles only, so there the profiles (Session.check) decide alone."""

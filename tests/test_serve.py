@@ -4,6 +4,7 @@ same pipelines running the PyTorch ToMA patch; schedules with unmerged steps; sh
 One ToMA export and one baseline export per tiny model (128x128 px; SDXL at batch 2 for its CFG batch),
 shared by every test through the session's artifact folder."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,28 @@ def test_generate_writes_a_png(exports, artifacts, tmp_path, capsys):
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (SIZE, SIZE)
     assert np.asarray(image).std() > 0
+
+
+def test_generate_with_a_lora_exports_weights_only_and_changes_the_image(exports, artifacts, tmp_path, capsys):
+    """--lora: the fixture's graph is reused (only the weights are written), the LoRA changes the picture, and
+    files given with --onnx carry their own weights, so --lora is refused beside them."""
+    from loras import peft_lora
+
+    lora = peft_lora("flux-tiny", tmp_path / "lora", seed=7)
+    images = []
+    for extra in ([], ["--lora", f"{lora}:1.5"]):
+        out = tmp_path / f"fox{len(images)}.png"
+        assert main(["generate", "--model", "flux-tiny", "--prompt", "a red fox", "--steps", "2", "--size",
+                     f"{SIZE}x{SIZE}", "--output-dir", str(artifacts), "--out", str(out), "--json", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        images.append(np.asarray(Image.open(out)).astype(int))
+    assert result["loras"] == [dict(file=str(lora), scale=1.5)] and result["onnx_or_engine"] != exports("flux-tiny")[0]
+    meta = json.loads(Path(result["onnx_or_engine"]).with_name("toma.json").read_text())
+    assert meta["graph_from"] and meta["weights"]["loras"][0]["scale"] == 1.5
+    assert np.abs(images[0] - images[1]).mean() > 1
+    code = main(["generate", "--model", "flux-tiny", "--onnx", exports("flux-tiny")[0], "--lora", str(lora),
+                 "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    assert code != 0 and "carry their own weights; drop --lora" in capsys.readouterr().err
 
 
 def test_generate_with_given_files_and_schedule(exports, tmp_path, capsys):

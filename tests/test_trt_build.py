@@ -1,7 +1,9 @@
 """Engine builds with TensorRT-RTX, which builds ahead of time on this CPU machine: the parser must take
 every exported graph (the selection body inlined) and the builder must write an engine."""
+import importlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,9 @@ from toma_export.trt.build import choose_selection
 from toma_export.trt.backend import BackendMissing, load, version
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
+import trt_standin  # noqa: E402  (tests/: the stand-ins for what needs a GPU or a CUDA driver)
+
+build_module = importlib.import_module("toma_export.trt.build")    # `toma_export.trt.build` names the function
 RTX = BuildOptions(backend="tensorrt-rtx")
 quiet = dict(progress=lambda m: None)
 
@@ -59,6 +64,7 @@ def test_cli_build_json_and_other_target(artifacts, dynamic_export):
     assert meta["target"] == "sm86" and meta["engine"].endswith("engine.plan") and meta["onnx"].endswith("model.onnx")
     assert meta["selection"] == "inlined ONNX body" and meta["build_seconds"] > 0
     assert meta["selection_reason"] == "--selection body"
+    assert meta["plan"] == meta["engine"] and meta["weights"] == meta["onnx"]        # the plan holds those weights
     assert "selection: inlined ONNX body (--selection body)" in res.stderr
     assert meta["peak_rss_gb"] > 0.1 and meta["peak_rss_children_gb"] >= 0      # the export was cached: no child
 
@@ -184,3 +190,96 @@ def test_full_tensorrt_is_taken_where_it_imports_and_named_missing_where_not(mon
     message = str(err.value)
     assert message.startswith("no TensorRT backend found (tensorrt: ") and "; tensorrt-rtx: " in message
     assert "pip install tensorrt-rtx-cu13" in message
+
+
+# -- build --weightless --
+
+def test_weightless_is_refused_before_exporting_where_no_cuda_driver_loads(tmp_path, cli_here):
+    """Real TensorRT-RTX: it builds ordinary plans here, but a refittable one makes its compiler call the CUDA
+    driver (1.7.1, measured on this machine: flux-tiny with REFIT + STRIP_PLAN fails after 10 s with
+    `MyelinCheckException: graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS)`). The build probes that with a
+    one-layer network before exporting, and refuses in one line."""
+    if build_module.cuda_driver():
+        pytest.skip("a CUDA driver loads here, so weightless builds can work (tests/test_gpu.py builds one)")
+    assert not build_module._refit_probe(trt_rtx, "refit") and not build_module._refit_probe(trt_rtx, "identical")
+    for mode in ([], ["identical"]):
+        res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--weightless", *mode,
+                       "--output-dir", tmp_path)
+        assert res.returncode == 2 and res.stderr == (
+            f"toma-export: error: tensorrt-rtx {trt_rtx.__version__} cannot build a refittable plan on this machine: "
+            "its refit compiler calls the CUDA driver (libcuda), which is not installed here; build --weightless on "
+            "a machine with an NVIDIA driver, or drop --weightless\n")
+    assert not any(tmp_path.iterdir())                                     # nothing was exported
+
+
+def test_weightless_needs_a_known_mode_and_refit_flags():
+    with pytest.raises(ValueError, match="--weightless must be one of refit, identical, got 'stripped'"):
+        build_module.check_weightless("tensorrt-rtx", trt_rtx, "stripped")
+    old = types.SimpleNamespace(__version__="8.6.1", BuilderFlag=types.SimpleNamespace(REFIT=1))   # no STRIP_PLAN
+    with pytest.raises(RuntimeError, match=r"^tensorrt 8.6.1 has no BuilderFlag.STRIP_PLAN, which --weightless refit "
+                                           r"needs \(TensorRT 10.0\+ has it\); drop --weightless or update tensorrt$"):
+        build_module.check_weightless("tensorrt", old, "refit")
+
+
+@pytest.fixture
+def two_weight_sets(dynamic_export, tmp_path, monkeypatch):
+    """Weightless builds as on a machine with a CUDA driver, over two exports of one graph.
+
+    Real: TensorRT-RTX's ONNX parser, network and builder config (the flags asserted are read back from it), the
+    export and everything build writes. Stand-ins (tests/trt_standin.py): the serialised plan, since TensorRT-RTX
+    serialises no refittable plan without a CUDA driver; the driver check; and the exporter, which hands out the
+    session's flux-tiny export and a second weight set of its graph (its weights doubled), as a LoRA export would
+    be. Returns (base export, other export, queue of exports build takes next, builds recorded)."""
+    base = dynamic_export("flux-tiny")
+    other = trt_standin.export_with_other_weights(base, tmp_path / "onnx" / "other")
+    queue = []
+    return base, other, queue, trt_standin.as_if_a_cuda_driver(monkeypatch, queue)
+
+
+def test_weightless_refit_plan_is_keyed_by_the_graph(two_weight_sets, tmp_path, cli_here):
+    base, other, queue, builds = two_weight_sets
+    out, messages = tmp_path / "out", []
+    queue += [base, other, other]
+    first = build("flux-tiny", te.ToMAConfig(), out, BuildOptions(backend="tensorrt-rtx", weightless="refit"),
+                  progress=messages.append)
+    assert len(builds) == 1 and builds[0]["profiles"] == 1 and builds[0]["layers"] > 100
+    assert builds[0]["flags"] == dict(REFIT=True, REFIT_IDENTICAL=False, REFIT_INDIVIDUAL=False, STRIP_PLAN=True)
+    assert first["weightless"] == "refit" and first["builder_flags"] == ["REFIT", "STRIP_PLAN"]
+    assert first["plan_reused"] is False and first["weights"] == base["onnx"] and first["onnx"] == base["onnx"]
+    plan = Path(first["plan"])
+    assert plan.parent.name.startswith("flux-tiny-tensorrt-rtx-refit-")
+    assert plan.read_bytes() == trt_standin.STANDIN_PLAN
+    assert plan.parent != Path(first["engine"]).parent and os.path.samefile(plan, first["engine"])   # a hard link
+    assert any(m.startswith("[build] building a tensorrt-rtx 1.7") and "weightless plan (REFIT + STRIP_PLAN)" in m
+               for m in messages)
+
+    # the other weight set of the graph, through the CLI: its own engine folder, the same plan, nothing built
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--weightless", "--output-dir", out,
+                   "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = json.loads(res.stdout)
+    assert len(builds) == 1 and "nothing to build" in res.stderr
+    assert second["plan"] == first["plan"] and second["plan_reused"] is True and second["weights"] == other["onnx"]
+    assert second["graph_key"] == first["graph_key"] and second["weights_key"] != first["weights_key"]
+    assert second["engine"] != first["engine"] and os.path.samefile(second["engine"], first["plan"])
+    assert second["build_seconds"] == first["build_seconds"] and second["engine_bytes"] == first["engine_bytes"]
+    loaded = check_engine(Path(second["engine"]).with_name("engine.json"))    # Artifact.load: the plan is beside it
+    assert loaded["weights"] == other["onnx"] and loaded["weightless"] == "refit"
+
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--weightless", "--output-dir", out)
+    assert res.returncode == 0 and len(builds) == 1 and "[build] reusing" in res.stderr
+    assert f"  plan: {first['plan']} (weightless: REFIT + STRIP_PLAN, reused: nothing built)" in res.stdout
+    assert f"  weights: {other['onnx']} (refitted into the plan at every load)" in res.stdout
+
+
+def test_weightless_identical_plan_is_keyed_by_the_weights(two_weight_sets, tmp_path):
+    """REFIT_IDENTICAL takes only the weights it was built with: each weight set builds its own plan."""
+    base, other, queue, builds = two_weight_sets
+    queue += [base, other, base]
+    options = BuildOptions(backend="tensorrt-rtx", weightless="identical")
+    first, second, third = (build("flux-tiny", te.ToMAConfig(), tmp_path / "out", options, **quiet) for _ in range(3))
+    assert [b["flags"] for b in builds] == [dict(REFIT=False, REFIT_IDENTICAL=True, REFIT_INDIVIDUAL=False,
+                                                 STRIP_PLAN=True)] * 2           # the third reused the first
+    assert first["plan"] == first["engine"] and second["plan"] == second["engine"] != first["engine"]
+    assert first["builder_flags"] == ["REFIT_IDENTICAL", "STRIP_PLAN"] and first["weights"] == base["onnx"]
+    assert second["weights"] == other["onnx"] and third["engine"] == first["engine"]

@@ -14,6 +14,13 @@ Which layer is whose:
   FLOAT as one float32; createPlugin(op_type, plugin_namespace, fields, BUILD, request)) and from
   NvInferRuntimePlugin.h (plugin tensors cannot be BOOL).
 - Ours, under test: toma_export/plugins/trt_plugin.py and the Triton kernel it compiles or launches.
+
+Imported by the engine tests, the module also holds the stand-ins for the GPU-only steps of a weightless
+engine (`build --weightless`, "Refit" below): the builder's serialisation, which TensorRT-RTX cannot do for a
+refittable plan without a CUDA driver, and deserialisation and refit, which need a GPU. Each stand-in class has
+the real binding's method names and parameter names (tests/test_trt_runner.py compares them with
+tensorrt_rtx's), and works on real objects wherever those exist without a GPU: TensorRT-RTX's ONNX parser,
+network and builder config, its Logger and Weights, and the ONNX export itself.
 """
 from __future__ import annotations
 
@@ -299,6 +306,199 @@ def run_jit(trt, plugin, dims, types_in, out_types, out_shape) -> dict:
         want = facility_location(tiles.reshape(b * t, n, c), d).reshape(out_shape) if flag else previous
         result["recompute" if flag else "reuse"] = bool(torch.equal(out.to(torch.int64), want.to(torch.int64)))
     return result
+
+
+# -- Refit: stand-ins for the GPU-only steps of a weightless engine (build --weightless, runtime/tensorrt.py) --
+STANDIN_PLAN = b"stand-in for a weight-stripped plan: TensorRT-RTX cannot serialise a refittable one without libcuda"
+WATCHED_FLAGS = ("REFIT", "REFIT_IDENTICAL", "REFIT_INDIVIDUAL", "STRIP_PLAN")
+
+
+def recording_builder(real_builder, builds: list):
+    """A trt.Builder whose build_serialized_network records the real IBuilderConfig's flags (set by our build code
+    on TensorRT-RTX's real config, for the network its real ONNX parser made) and returns STANDIN_PLAN; every
+    other call goes to the real builder."""
+    import tensorrt_rtx as trt
+
+    class Builder:
+        def __init__(self, logger):
+            self._real = real_builder(logger)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+        def build_serialized_network(self, network, config):
+            builds.append(dict(flags={f: config.get_flag(getattr(trt.BuilderFlag, f)) for f in WATCHED_FLAGS},
+                               layers=network.num_layers, profiles=config.num_optimization_profiles))
+            return STANDIN_PLAN
+
+    return Builder
+
+
+def as_if_a_cuda_driver(monkeypatch, exports: list) -> list:
+    """Make toma_export's build run weightless builds as on a machine with a CUDA driver: the driver check passes,
+    TensorRT-RTX's builder serialises STANDIN_PLAN (see recording_builder), and each build takes its export from
+    the front of `exports` instead of exporting. Returns the list that records each real build call."""
+    import importlib
+
+    import tensorrt_rtx as trt
+
+    build = importlib.import_module("toma_export.trt.build")
+    builds: list = []
+    monkeypatch.setattr(trt, "Builder", recording_builder(trt.Builder, builds))
+    monkeypatch.setattr(build, "cuda_driver", lambda: True)
+    monkeypatch.setattr(build, "export_in_child", lambda *args, **kwargs: exports.pop(0))
+    return builds
+
+
+def export_with_other_weights(base: dict, folder: Path, scale: float = 2.0) -> dict:
+    """A second export of `base`'s graph with other weights, as a LoRA or a fine-tune gives: model.onnx copied byte
+    for byte, each weight in model.onnx.data multiplied by `scale` at its recorded offset, and toma.json with the
+    same graph key but another weights key (and so another export key)."""
+    import shutil
+
+    import onnx
+
+    from toma_export.artifacts import Artifact
+
+    src = Path(base["onnx"])
+    folder.mkdir(parents=True)
+    shutil.copyfile(src, folder / "model.onnx")
+    data = bytearray((src.parent / "model.onnx.data").read_bytes())
+    for tensor in onnx.load(str(src), load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        values = np.frombuffer(bytes(data[offset:offset + length]), dtype=dtype) * np.asarray(scale, dtype)
+        data[offset:offset + length] = values.astype(dtype).tobytes()
+    (folder / "model.onnx.data").write_bytes(bytes(data))
+    graph = base.get("graph_key") or base["key"]
+    weights = dict(base.get("weights") or {}, key=f"x{scale:g}")
+    meta = dict(base, key=f"{graph}-x{scale:g}", graph_key=graph, onnx=str(folder / "model.onnx"), weights=weights)
+    Artifact("onnx", folder / "model.onnx", meta).save()
+    return meta
+
+
+def weight_names(onnx_path) -> list[str]:
+    """The initializers of an export (every one a weight named by its state_dict key): what the engine refits."""
+    import onnx
+
+    return [t.name for t in onnx.load(str(onnx_path), load_external_data=False).graph.initializer]
+
+
+class StandinEngine:
+    """ICudaEngine, as far as a refit goes: whether it is refittable, and the weights it holds once refitted."""
+
+    def __init__(self, needs, refittable=True):
+        self._needs, self._refittable = list(needs), refittable
+        self.refits = []             # one {name: numpy array} per refit_cuda_engine
+
+    @property
+    def refittable(self):
+        return self._refittable
+
+    def create_execution_context(self, strategy=None):
+        return object()
+
+
+class StandinRuntime:
+    """trt.Runtime: deserialize_cuda_engine gives a new StandinEngine for STANDIN_PLAN (None for anything else,
+    as TensorRT gives for bytes it cannot read)."""
+
+    needs: list = []                 # set by the test: the weights the plan's engine holds
+    refittable = True
+    engines: list = []
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, serialized_engine):
+        if bytes(serialized_engine) != STANDIN_PLAN:
+            return None
+        engine = StandinEngine(type(self).needs, type(self).refittable)
+        type(self).engines.append(engine)
+        return engine
+
+
+class StandinRefitter:
+    """trt.Refitter: takes named weights, knows which of the engine's are still missing, refits."""
+
+    fail_refit = False
+
+    def __init__(self, engine, logger):
+        self.engine, self.logger, self.given = engine, logger, {}
+
+    def set_named_weights(self, name, weights):
+        import tensorrt_rtx as trt
+
+        assert isinstance(weights, trt.Weights), "the refitter takes TensorRT Weights"
+        if name not in self.engine._needs:
+            return False
+        self.given[name] = weights.numpy().copy()
+        return True
+
+    def get_all_weights(self):
+        return list(self.engine._needs)
+
+    def get_missing_weights(self):
+        return [n for n in self.engine._needs if n not in self.given]
+
+    def refit_cuda_engine(self):
+        if self.get_missing_weights() or type(self).fail_refit:
+            return False
+        self.engine.refits.append(dict(self.given))
+        return True
+
+
+class StandinParserError(str):
+    """trt.ParserError, as far as str() of it goes."""
+
+
+class StandinOnnxParserRefitter:
+    """trt.OnnxParserRefitter: reads the ONNX file (its external data too, with onnx) and sets every initializer
+    the engine holds as real TensorRT Weights. Like TensorRT's, refit_from_file is True only if every weight of
+    the engine was set."""
+
+    def __init__(self, refitter, logger):
+        self.refitter, self.logger, self.errors = refitter, logger, []
+
+    def refit_from_file(self, model):
+        import tensorrt_rtx as trt
+
+        from toma_export.onnx.weights import arrays
+
+        try:
+            weights = arrays(model)            # at their recorded offsets, hard-linked files too, as TensorRT reads
+        except Exception as err:     # noqa: BLE001  (TensorRT reports a parse failure as an error, not a raise)
+            self.errors.append(StandinParserError(f"cannot load {model}: {err}"))
+            return False
+        for name, array in weights.items():
+            self.refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(array)))
+        return not self.refitter.get_missing_weights()
+
+    @property
+    def num_errors(self):
+        return len(self.errors)
+
+    def get_error(self, index):
+        return self.errors[index]
+
+    def clear_errors(self):
+        self.errors.clear()
+
+
+STANDINS = {"Runtime": StandinRuntime, "ICudaEngine": StandinEngine, "Refitter": StandinRefitter,
+            "OnnxParserRefitter": StandinOnnxParserRefitter}
+
+
+def refit_module():
+    """`tensorrt_rtx` with its real bindings, but the GPU-only classes replaced by the stand-ins above."""
+    import tensorrt_rtx as real
+
+    module = types.ModuleType("tensorrt_rtx")
+    module.__dict__.update({k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    module.__version__ = real.__version__
+    module.__dict__.update(STANDINS)
+    return module
 
 
 def main():

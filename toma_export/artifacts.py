@@ -128,6 +128,17 @@ def claimed(final: Path, progress=None):
         os.close(fd)
 
 
+def link_or_copy(source: Path, dest: Path) -> bool:
+    """A hard link to `source` at `dest` (no second copy on disk), else a copy where the filesystem has no hard
+    links or `dest` lies on another one. True when linked."""
+    try:
+        os.link(source, dest)
+        return True
+    except OSError:
+        shutil.copyfile(source, dest)
+        return False
+
+
 def remove_abandoned(folder: Path, prefix: str) -> None:
     """Remove `<prefix><pid>-*` staging folders whose process is gone."""
     for path in Path(folder).glob(prefix + "*"):

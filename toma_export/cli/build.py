@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, stdout_on_stderr,
-                     toma_config)
+from .common import (MODEL_HELP, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size,
+                     stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -27,16 +27,24 @@ def add_parser(sub):
     p.add_argument("--text-len", type=int, metavar="N",
                    help="text tokens: a static engine's length, a profile's opt (default: the model's; FLUX.1-dev 512, "
                         "schnell 256)")
+    p.add_argument("--weightless", nargs="?", const="refit", choices=["refit", "identical"],
+                   help="a weight-stripped, refittable plan that every runner refits from the export's weights at "
+                        "load. refit (the default; REFIT + STRIP_PLAN): keyed by the graph alone, so every weight "
+                        "set of it (a LoRA, a fine-tune) reuses the plan and builds nothing; identical "
+                        "(REFIT_IDENTICAL + STRIP_PLAN): the export's own weights only, and free of REFIT's "
+                        "dropped-GEMM-bias caveat (README). Needs a machine with an NVIDIA driver")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
     p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export and build again even if cached")
+    add_lora(p)
     add_json(p)
     add_toma_options(p, defaults="recipe")
     return p
 
 
 def run(args) -> int:
+    from ..lora import as_options
     from ..trt import BuildOptions, build, recipe
 
     defaults = recipe(args.model)
@@ -44,7 +52,8 @@ def run(args) -> int:
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
                            opt_size=args.opt_size, max_size=args.max_size, static=args.static,
                            timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
-                           ptx_version=args.ptx_version, text_len=args.text_len)
+                           ptx_version=args.ptx_version, text_len=args.text_len, weightless=args.weightless,
+                           loras=as_options(args.lora))
     with stdout_on_stderr():
         meta = build(args.model, config, args.output_dir, options, force=args.force)
     peak = peak_memory()                # children: the export, when it was not cached
@@ -56,6 +65,12 @@ def run(args) -> int:
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
     print(f"  selection: {meta['selection']} ({meta.get('selection_reason', '')})")
     print(f"  onnx: {meta['onnx']}")
+    if meta.get("weightless"):
+        reused = ", reused: nothing built" if meta.get("plan_reused") else ""
+        print(f"  plan: {meta['plan']} (weightless: {' + '.join(meta['builder_flags'])}{reused})")
+        print(f"  weights: {meta['weights']} (refitted into the plan at every load)")
+    else:
+        print(f"  plan: {meta['plan']} (holds the weights of {meta['weights']})")
     for name, shapes in (meta["profiles"] or {}).items():
         print(f"    {name:<44} min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
     print(f"  {peak_memory_line(peak)}")

@@ -84,6 +84,21 @@ def toma_config(args, base: dict | None = None):
     return ToMAConfig(**{**(base or {}), **toma_options(args)})    # ToMAConfig normalises lists itself
 
 
+def add_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", type=lora_file, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers, peft or kohya .safetensors) fused into the weights at SCALE (1); "
+                        "repeatable. The traced graph is reused: only the weights are written again")
+
+
+def lora_file(text: str):
+    from ..lora import LoRAError, parse
+
+    try:
+        return parse(text)
+    except LoRAError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_json(p: argparse.ArgumentParser, instead: str = "the summary") -> None:
     p.add_argument("--json", action="store_true", help=f"print one JSON object instead of {instead}")
 

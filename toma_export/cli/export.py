@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_json, add_toma_options, peak_memory, peak_memory_line, size, toma_config
+from .common import MODEL_HELP, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size, toma_config
 
 
 def add_parser(sub):
@@ -29,6 +29,12 @@ def add_parser(sub):
                    "generate look (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else "
                    "~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export again even if an identical export exists")
+    p.add_argument("--link-weights", action="store_true",
+                   help="point the graph into the folder's own safetensors files (hard-linked into the export) where "
+                        "the weights need no conversion, instead of copying them: no extra disk, and a fine-tune or "
+                        "LoRA export in seconds. Same filesystem only (else copied); onnx.load refuses hard links "
+                        "(ONNX Runtime and TensorRT read them)")
+    add_lora(p)
     add_json(p)
     add_toma_options(p)
     return p
@@ -37,6 +43,7 @@ def add_parser(sub):
 def run(args) -> int:
     from .. import models
     from ..onnx import ExportOptions, export
+    from ..lora import as_options
     from ..resources import default_output
     from ..toma.tiles import check_tiling
 
@@ -46,7 +53,7 @@ def run(args) -> int:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
-                            text_len=args.text_len)
+                            text_len=args.text_len, loras=as_options(args.lora), link_weights=args.link_weights)
     meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
     peak = peak_memory()
     if args.json:
@@ -64,6 +71,9 @@ def run(args) -> int:
               f"{','.join(toma['sublayers'])}")
     else:
         print("  no ToMA (baseline)")
+    w = meta["weights"]
+    print(f"  weights: {w['tensors']} tensors, {w['bytes'] / 2**20:.1f} MiB in {w['file']}, from {w['source']}"
+          f"{' (graph of ' + meta['graph_from'] + ')' if meta.get('graph_from') else ''}")
     for io in ("inputs", "outputs"):
         print(f"  {io}:")
         for v in meta[io]:

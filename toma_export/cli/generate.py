@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, SCHEDULE, add_json, add_toma_options, peak_memory, peak_memory_line, progress, size,
-                     stdout_on_stderr, toma_config, toma_options)
+from .common import (MODEL_HELP, SCHEDULE, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line,
+                     progress, size, stdout_on_stderr, toma_config, toma_options)
 
 
 def add_parser(sub):
@@ -30,6 +30,7 @@ def add_parser(sub):
     p.add_argument("--output-dir", help="export / engine cache (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export or build again even if cached")
+    add_lora(p)
     add_json(p, "the table")
     add_toma_options(p)
     return p
@@ -37,6 +38,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..errors import UsageError
+    from ..lora import as_options
     from ..serve.generate import GenerateRequest, generate
 
     given = toma_options(args)
@@ -49,7 +51,7 @@ def run(args) -> int:
         guidance=args.guidance, config=None if args.no_toma else toma_config(args),
         schedule={k: v for k, v in given.items() if k in SCHEDULE} or None, onnx=args.onnx, engine=args.engine,
         baseline=args.baseline, backend=args.backend, share_weights=not args.no_share_weights,
-        output_dir=args.output_dir, force=args.force)
+        output_dir=args.output_dir, force=args.force, loras=as_options(args.lora))
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
     result = {**result, **peak_memory()}

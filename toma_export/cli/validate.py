@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (MODEL_HELP, add_json, add_toma_options, names, peak_memory, peak_memory_line, sizes,
+from .common import (MODEL_HELP, add_json, add_lora, add_toma_options, names, peak_memory, peak_memory_line, sizes,
                      stdout_on_stderr, toma_config)
 
 
@@ -34,18 +34,20 @@ def add_parser(sub):
     p.add_argument("--report", metavar="DIR", help="write report.json, report.txt and errors.png there")
     p.add_argument("--bisect", action="store_true",
                    help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
+    add_lora(p)
     add_json(p, "the table")
     add_toma_options(p)
     return p
 
 
 def run(args) -> int:
+    from ..lora import as_options
     from ..parity import ValidateOptions, table, validate, write_report
 
     options = ValidateOptions(backends=args.backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
                               output_dir=args.output_dir, save_reference=args.save_reference,
-                              load_reference=args.load_reference, bisect=args.bisect)
+                              load_reference=args.load_reference, bisect=args.bisect, loras=as_options(args.lora))
     with stdout_on_stderr():
         report = validate(args.model, None if args.no_toma else toma_config(args), options)
     if args.report:

@@ -104,10 +104,16 @@ class ModelSpec:
     def skeleton(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The network's modules on the meta device, in eval mode: its structure and every parameter's name,
         shape and dtype, and no weights (what an export traces)."""
-        config = self.config if self.source is None else self.model_cls.load_config(str(self._folder()))
         with torch.device("meta"):
-            model = self.model_cls.from_config(config)
+            model = self.model_cls.from_config(self.architecture())
         return torch.nn.Module.to(model, dtype).eval()
+
+    def architecture(self) -> dict:
+        """The config the network is built from (tiny: its own; folders: config.json), without diffusers'
+        bookkeeping (_name_or_path, _diffusers_version): what an exported graph depends on, and a fine-tune
+        of the same architecture shares."""
+        config = self.config if self.source is None else self.model_cls.load_config(str(self._folder()))
+        return {k: v for k, v in config.items() if not k.startswith("_")}
 
     def weight_source(self, seed: int = 0):
         """Where an export reads the weights from, tensor by tensor: the folder's weight files, else (tiny

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import sys
 import warnings
 import time
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import lora, models
 from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, claimed, source_digest,
                          staged_dir, toma_section, versions, writable_dir)
 from ..errors import ArtifactError, UsageError
+from ..lora import LoRA
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph
@@ -44,6 +46,9 @@ class ExportOptions:
     min_size: tuple | None = None  # dynamic range override, (height, width) pixels
     max_size: tuple | None = None
     text_len: int | None = None    # text tokens (static: the length; dynamic: the opt); None = the model's
+    loras: tuple = ()              # ((path, scale), ...) fused into the weights; the graph stays the same
+    link_weights: bool = False     # point into the folder's safetensors files (hard links) where no conversion is
+                                   # needed, instead of copying; onnx.load refuses hard-linked external data
 
 
 def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -52,7 +57,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
     config=None exports the network without ToMA (the baseline for parity and speed comparisons)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    spec, options, final, key, key_fields, (height, width), ranges = _plan(model_name, config, output_dir, options)
+    spec, options, final, keys, (height, width), ranges = _plan(model_name, config, output_dir, options)
     meta = None if force else _reuse(final, progress)
     if meta is not None:
         return meta
@@ -61,9 +66,12 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         if meta is not None:
             return meta
         t0 = time.perf_counter()
+        source = _weight_source(spec, options, progress)       # opened and checked (LoRAs too) before any trace
+        same_graph = None if force else _same_graph(final.parent, keys["graph"])
+        if same_graph is not None:
+            return _with_weights(same_graph, spec, source, final, keys, t0, options.link_weights, progress)
         progress(f"[export 1/4] building {spec.name} ({options.dtype}) on the meta device, no weights in memory"
                  f"{', applying ToMA' if config else ', no ToMA'}")
-        source = spec.weight_source()                  # opened (and checked against the config) before the trace
         model = spec.skeleton(DTYPES[options.dtype])
         report = apply_toma(model, config) if config else None
         graph = ToMAGraph(model, spec, report).eval()
@@ -84,16 +92,16 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                         output_names=graph.output_names)
 
         with staged_dir(final) as tmp:
-            progress(f"[export 3/4] streaming the weights ({source.describe}) into model.onnx.data, attaching the "
-                     "ToMASelect body")
+            progress(f"[export 3/4] placing the weights ({source.describe}), attaching the ToMASelect body")
             onnx_path = tmp / "model.onnx"
-            weights = write_model(program, onnx_path, options.opset, source, prefix="model.", progress=progress)
+            placed = write_model(program, onnx_path, options.opset, source, prefix="model.", progress=progress,
+                                 link=options.link_weights)
             progress("[export 4/4] running the ONNX checker (full_check)")
-            import onnx
+            from . import weights
 
-            onnx.checker.check_model(str(onnx_path), full_check=True)
-            meta = _metadata(spec, config, options, report, graph, onnx_path, weights, (height, width), ranges, key,
-                             key_fields["versions"], time.perf_counter() - t0)
+            weights.check(onnx_path)
+            meta = _metadata(spec, config, options, report, graph, onnx_path, dict(placed, **keys["weights_meta"]),
+                             (height, width), ranges, keys, time.perf_counter() - t0)
             meta["onnx"] = str(final / "model.onnx")
             Artifact("onnx", onnx_path, meta).save()
         progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
@@ -109,8 +117,10 @@ def cached(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
 
 def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions):
-    """Checked options (the dtype defaulted to the weights') and the artifact's key: (spec at the text length,
-    options, final folder, key, key fields, size, ranges)."""
+    """Checked options (the dtype defaulted to the weights') and the artifact's keys: (spec at the text length,
+    options, final folder, keys, size, ranges). The key has two halves: the graph's (architecture, ToMA, dtype,
+    shapes, opset, versions) and the weights' (the folder's fingerprint, the LoRAs' digests and scales), so
+    exports that differ only in weights share one traced graph."""
     spec = models.get(model_name)
     options = replace(options, dtype=options.dtype or spec.default_dtype)
     if options.dtype not in DTYPES:
@@ -125,17 +135,65 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
     ranges = _ranges(spec, options, (height, width))
     out_root = writable_dir(output_dir)
 
-    # the key holds resolved values, so equal requests phrased differently share one export
-    key_fields = dict(format=EXPORT_FORMAT, model=spec.name, source=spec.source, weights=spec.weights_fingerprint(),
-                      spec_config=spec.config,
-                      toma=asdict(config) if config else None, dtype=options.dtype, opset=options.opset,
-                      dynamic=options.dynamic, batch=None if options.dynamic else options.batch,
-                      size=(height, width), text_len=spec.text_len, ranges=ranges if options.dynamic else None,
-                      versions=dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"),
-                                    sources=source_digest()))
-    key = cache_key(key_fields)
-    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{key}"
-    return spec, options, final, key, key_fields, (height, width), ranges
+    # the keys hold resolved values, so equal requests phrased differently share one export
+    vers = dict(versions("toma-export", "torch", "diffusers", "onnx", "onnxscript"), sources=source_digest())
+    graph_key = cache_key(dict(format=EXPORT_FORMAT, family=spec.family, variant=spec.variant,
+                               architecture=spec.architecture(), toma=asdict(config) if config else None,
+                               dtype=options.dtype, opset=options.opset, dynamic=options.dynamic,
+                               batch=None if options.dynamic else options.batch, size=(height, width),
+                               text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers))
+    loras = [dict(file=path, sha256=LoRA(path).digest(), scale=scale) for path, scale in lora.as_options(options.loras)]
+    base = spec.source or "random init (seed 0)"
+    weights_key = cache_key(dict(base=base, fingerprint=spec.weights_fingerprint(), dtype=options.dtype,
+                                 loras=[(x["sha256"], x["scale"]) for x in loras], linked=options.link_weights))
+    keys = dict(graph=graph_key, weights=weights_key, whole=f"{graph_key}-{weights_key}", versions=vers,
+                weights_meta=dict(key=weights_key, base=base, loras=loras))
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{keys['whole']}"
+    return spec, options, final, keys, (height, width), ranges
+
+
+def _weight_source(spec, options: ExportOptions, progress=None):
+    """The network's weights, tensor by tensor, with the LoRAs fused in (refused here, before any work, when they
+    do not fit)."""
+    source = spec.weight_source()
+    if not options.loras:
+        return source
+    changes = lora.terms(options.loras, spec.family, source.shapes(), spec.name, progress)
+    return source.with_loras(changes, "+ " + ", ".join(LoRA(*x).describe() for x in lora.as_options(options.loras)))
+
+
+def _same_graph(root: Path, graph_key: str) -> Path | None:
+    """A finished export in `root` with this graph (another weight set: a fine-tune, other LoRAs), or None."""
+    for folder in sorted(root.glob(f"*-{graph_key}-*")):
+        if folder.name.startswith("."):
+            continue
+        try:
+            meta = Artifact.load(folder, "onnx").meta
+        except ArtifactError:
+            continue
+        if meta.get("graph_key") == graph_key:
+            return folder
+    return None
+
+
+def _with_weights(graph_dir: Path, spec, source, final: Path, keys: dict, t0: float, link: bool, progress) -> dict:
+    """A new export from another export's graph, byte for byte, and a weights file of its own: seconds, where a
+    trace takes minutes. Each weight lands at the offset and length the graph records."""
+    from . import weights
+
+    meta = Artifact.load(graph_dir, "onnx").meta
+    progress(f"[export 1/2] same graph as {graph_dir.name} (architecture, ToMA, shapes, versions): no trace, "
+             "only the weights are written")
+    with staged_dir(final) as tmp:
+        shutil.copyfile(graph_dir / "model.onnx", tmp / "model.onnx")
+        progress(f"[export 2/2] placing the weights ({source.describe})")
+        summary = weights.rewrite(tmp / "model.onnx", source, link, progress)
+        meta = dict(meta, key=keys["whole"], graph_key=keys["graph"], model=spec.name, source=spec.source,
+                    onnx=str(final / "model.onnx"), weights=dict(summary, **keys["weights_meta"]),
+                    graph_from=graph_dir.name, export_seconds=round(time.perf_counter() - t0, 1))
+        Artifact("onnx", tmp / "model.onnx", meta).save()
+    progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.1f} s (weights only)")
+    return meta
 
 
 def _reuse(final: Path, progress) -> dict | None:
@@ -264,11 +322,11 @@ def _keeps_weights(node) -> bool | None:
     return False if any(v is not None and v.is_initializer() for v in node.inputs) else None
 
 
-def write_model(program, path: Path, opset: int, source, prefix: str = "", progress=None) -> dict:
+def write_model(program, path: Path, opset: int, source, prefix: str = "", progress=None, link: bool = False) -> dict:
     """Optimize the traced graph without touching a weight (shapes folded, SplitToSequence made Split, ...),
-    then save it with every weight in external data beside it (path + ".data"), streamed from `source` and
-    named by its `state_dict` key (initializer `prefix` + key in the trace), and the selection body attached.
-    Returns the weights' summary for the metadata."""
+    then save it with every weight in external data beside it (weights.place: model.onnx.data, or with `link`
+    the folder's own safetensors files, hard-linked), from `source` and named by its `state_dict` key
+    (initializer `prefix` + key in the trace), and the selection body attached. Returns the weights' summary."""
     import onnx
     import onnx_ir as ir
     import onnxscript.optimizer
@@ -285,7 +343,7 @@ def write_model(program, path: Path, opset: int, source, prefix: str = "", progr
             onnxscript.optimizer.optimize_ir(program.model, should_fold=_keeps_weights)
     finally:
         dedup.setLevel(level)
-    summary = weights.write(program.model, path.with_name(path.name + ".data"), source, prefix, progress)
+    summary = weights.write(program.model, path, source, prefix, link, progress)
     model = ir.serde.serialize_model(program.model)
     streamed = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     _constants_as_nodes(model, streamed)
@@ -322,7 +380,7 @@ def _io(values) -> list:
     return out
 
 
-def _metadata(spec, config, options, report, graph, path, weights, size, ranges, key, vers, seconds) -> dict:
+def _metadata(spec, config, options, report, graph, path, weights, size, ranges, keys, seconds) -> dict:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -336,7 +394,8 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
         profiles = {name: dict(min=list(shapes[0][name]), opt=list(shapes[1][name]), max=list(shapes[2][name]))
                     for name in shapes[0]}
     return dict(
-        format=EXPORT_FORMAT, key=key, model=spec.name, family=spec.family, source=spec.source,
+        format=EXPORT_FORMAT, key=keys["whole"], graph_key=keys["graph"], model=spec.name, family=spec.family,
+        source=spec.source,
         onnx=str(path), external_data=True, weights=weights, dtype=options.dtype, opset=options.opset,
         ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
@@ -348,5 +407,5 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
                   groups={g: dict(blocks=report.groups[g], downsample=report.downsample[g],
                                   input=f"toma_dst.{g}", output=f"toma_dst_out.{g}") for g in report.groups},
                   selection_nodes=sum(n.domain == "toma" for n in model.graph.node)) if config else None,
-        versions=vers, export_seconds=round(seconds, 1),
+        versions=keys["versions"], export_seconds=round(seconds, 1),
     )

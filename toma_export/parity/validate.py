@@ -51,6 +51,7 @@ class ValidateOptions:
     save_reference: str | None = None  # write the reference records (.npz) for another machine
     load_reference: str | None = None  # take the reference from such a file instead of running PyTorch
     bisect: bool = False               # on a failing ONNX Runtime step, name the first block out of tolerance
+    loras: tuple = ()                  # ((path, scale), ...): the reference loads them with diffusers itself
 
 
 def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = ValidateOptions(),
@@ -73,6 +74,10 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
         config, options = _from_stored(stored["meta"], options)
     elif options.onnx:
         config, options, spec = _from_export(options.onnx, spec, options)
+    if options.loras and not stored:        # refused here (family, keys, shapes), before any model is loaded
+        from ..lora import terms
+
+        terms(options.loras, spec.family, {k: v.shape for k, v in spec.skeleton().state_dict().items()}, spec.name)
     dtype_note = None
     if options.dtype is None:
         dtype_note = _default_dtype(spec, options)
@@ -81,7 +86,7 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     options = replace(options, batch=options.batch or 2)
     sizes = list(options.sizes or [spec.size(None, None)])
     report = dict(model=spec.name, dtype=options.dtype, providers={}, skipped={}, comparisons=[], selection=[],
-                  fidelity=[], toma=toma_section(config),
+                  fidelity=[], toma=toma_section(config), loras=[dict(file=p, scale=s) for p, s in options.loras],
                   reference="loaded from " + options.load_reference if stored else "torch fp32")
     if dtype_note:
         report["dtype_reason"] = dtype_note[1]
@@ -156,13 +161,33 @@ def _from_export(onnx_path: str, spec, options: ValidateOptions):
     if options.dtype not in (None, artifact.meta["dtype"]):
         raise UsageError(f"{onnx_path} is a {artifact.meta['dtype']} export; drop --dtype {options.dtype} or pass an "
                          f"export in {options.dtype}")
-    return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"]), spec
+    return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"],
+                                    loras=_loras_of(artifact, options.loras)), spec
+
+
+def _loras_of(artifact: Artifact, given: tuple) -> tuple:
+    """The LoRAs the reference loads for an export: those it was made with (the same --lora options, or none
+    to take the file's own)."""
+    from ..lora import LoRA
+
+    recorded = (artifact.meta.get("weights") or {}).get("loras") or []
+    if given:
+        if [(LoRA(p).digest(), s) for p, s in given] != [(x["sha256"], x["scale"]) for x in recorded]:
+            made = ", ".join(f"{Path(x['file']).name}:{x['scale']:g}" for x in recorded) or "no LoRA"
+            raise UsageError(f"{artifact.path} was exported with {made}; pass the same --lora options, or none to "
+                             "validate it against its own")
+        return given
+    gone = [x["file"] for x in recorded if not Path(x["file"]).is_file()]
+    if gone:
+        raise ArtifactError(f"{artifact.path} was exported with the LoRA {gone[0]}, which is gone, and the reference "
+                            "loads it; put it back or pass --lora with a copy of it")
+    return tuple((x["file"], x["scale"]) for x in recorded)
 
 
 def _reference_phase(spec, config, options, sizes, report, progress) -> list:
     """Every size's record, and the ToMA fidelity under --steps, from the fp32 reference, which is then
     released: a full-size reference and a candidate need not fit in memory together."""
-    reference = TorchRunner(_graph(spec, config, torch.float32), name="torch-fp32")
+    reference = TorchRunner(_graph(spec, config, torch.float32, options.loras), name="torch-fp32")
     records = []
     with reference:
         for size in sizes:
@@ -184,7 +209,7 @@ def _bisect(spec, config, options, sizes, records, steps, onnx_path, progress) -
     if not failing or onnx_path is None:
         return []
     progress("[validate] bisect: loading the reference again")
-    reference = _graph(spec, config, torch.float32)
+    reference = _graph(spec, config, torch.float32, options.loras)
     try:
         return [entry for i in failing
                 for entry in bisect_step(reference, onnx_path, records[i], options, sizes[i], steps[i])]
@@ -200,7 +225,7 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
     plans = {}
     if "torch" in options.backends and options.dtype != "fp32":
         name = f"torch-{options.dtype}"
-        plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype]), name=name)
+        plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype], options.loras), name=name)
     if "onnxruntime" in options.backends:
         if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before exporting
             raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
@@ -209,7 +234,7 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
         def onnxruntime():
             path = options.onnx or export_in_child(
                 model, config, Path(options.output_dir or default_output()) / "onnx",
-                ExportOptions(dynamic=True, dtype=options.dtype), progress=progress)["onnx"]
+                ExportOptions(dynamic=True, dtype=options.dtype, loras=options.loras), progress=progress)["onnx"]
             runner, provider = onnxruntime_runner(path)
             report["providers"]["onnxruntime"] = provider
             report["onnx"] = path
@@ -228,9 +253,15 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
     return plans
 
 
-def _graph(spec, config, dtype):
-    """The PyTorch graph, on the GPU when there is one (an fp32 FLUX.1-dev needs about 48 GB)."""
-    model = spec.load(dtype).to("cuda" if torch.cuda.is_available() else "cpu")
+def _graph(spec, config, dtype, loras=()):
+    """The PyTorch graph, on the GPU when there is one (an fp32 FLUX.1-dev needs about 48 GB), with the LoRAs
+    loaded and fused by diffusers itself, so that the reference is not the export's own fusion code."""
+    model = spec.load(dtype)
+    if loras:
+        from ..lora import load_with_diffusers
+
+        load_with_diffusers(model, spec.family, loras)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     report = apply_toma(model, config) if config else None
     return ToMAGraph(model, spec, report).eval()
 
@@ -249,5 +280,6 @@ def _tensorrt_unavailable() -> str | None:
 def _build_engine(model, config, options, progress) -> str:
     from ..trt import BuildOptions, build
 
-    meta = build(model, config, options.output_dir, BuildOptions(dtype=options.dtype), progress=progress)
+    meta = build(model, config, options.output_dir, BuildOptions(dtype=options.dtype, loras=options.loras),
+                 progress=progress)
     return str(Path(meta["engine"]).with_name("engine.json"))

@@ -4,17 +4,23 @@ EngineRunner is deliberately small, for parity and the GPU checks: shapes are se
 outputs are allocated to the shapes TensorRT infers, and execution is enqueued on PyTorch's current stream.
 BufferedEngineRunner serves a denoising loop from persistent buffers and CUDA graphs. Nothing here runs
 without CUDA.
+
+A weightless engine (`build --weightless`) is refitted right after it is deserialised, with every weight of the
+ONNX export its engine.json names, through TensorRT's ONNX parser refitter. It is done in full at every load,
+never with only the weights that changed since a previous one, so what runs is always exactly that export.
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from ..errors import ExecutionError, MissingComponent, UsageError
+from ..artifacts import Artifact
+from ..errors import ArtifactError, ExecutionError, MissingComponent, UsageError
 from ..trt import backend as backends
-from ..trt.build import check_engine
+from ..trt.build import check_engine, graph_key
 
 log = logging.getLogger("toma_export")
 
@@ -25,11 +31,15 @@ class EngineRunner:
         _, self.trt = backends.load(self.meta["backend"])
         if self.meta["selection"].startswith("plugin"):
             import toma_export.plugins.trt_plugin  # noqa: F401  (the engine's plugin must be registered)
+        folder = Artifact.load(engine_json, "engine").path.parent    # the plan beside it: a moved folder works
+        weights = weights_source(self.meta, folder) if self.meta.get("weightless") else None    # before the GPU
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         runtime = self.trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine(Path(self.meta["engine"]).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine((folder / "engine.plan").read_bytes())
         if self.engine is None:
             raise ExecutionError(f"could not deserialize {self.meta['engine']} on this GPU")
+        if weights is not None:
+            refit(self.trt, self.engine, self.meta, weights, self.logger)
         self.context = self.engine.create_execution_context()
         self.outputs = [o["name"] for o in self.meta["outputs"]]
 
@@ -52,6 +62,64 @@ class EngineRunner:
             raise ExecutionError("TensorRT execution failed")
         stream.synchronize()
         return out
+
+
+def weights_source(meta: dict, folder: Path | None = None) -> Path:
+    """The ONNX export a weightless engine is refitted from, checked before anything touches the GPU: it is there
+    with its weights file, and has the plan's graph (`refit`) or exactly the weights it was built with
+    (`identical`: REFIT_IDENTICAL takes no others). A relative `weights` is taken from the engine's `folder`, so a
+    copy that carries its export along (a serving repository) can name it."""
+    path = Path(meta["weights"])
+    if folder is not None and not path.is_absolute():
+        path = folder / path
+    again = (f"export it again (`toma-export build --model {meta['model']} --weightless {meta['weightless']}` "
+             "exports it and reuses the plan)")
+
+    def refuse(why: str):
+        return ArtifactError(f"{meta['engine']} is a weightless plan refitted at load from {path}, but {why}; {again}")
+
+    if not path.is_file():
+        raise refuse("that export is gone")
+    try:
+        export = Artifact.load(path, "onnx").meta
+    except ArtifactError as err:
+        raise refuse(f"that export cannot be read ({err})") from None
+    recorded = export.get("weights") or {}
+    for name in recorded.get("files") or [recorded.get("file") or path.name + ".data"]:
+        if export.get("external_data") and not path.with_name(name).is_file():
+            raise refuse(f"its weights file {name} is gone")
+    if meta["weightless"] == "identical" and export["key"] != meta["onnx_key"]:
+        raise refuse(f"it holds other weights (export {export['key']}) than the plan was built with "
+                     f"({meta['onnx_key']}), and --weightless identical takes no others")
+    if graph_key(export) != meta["graph_key"]:
+        raise refuse(f"it was exported for another graph ({graph_key(export)}, the plan's is {meta['graph_key']})")
+    return path
+
+
+def refit(trt, engine, meta: dict, weights: Path, logger) -> None:
+    """Every weight of `weights` (an ONNX file whose initializers are named by state_dict key) into the deserialised
+    engine, then the refit itself. A new Refitter each time: nothing from an earlier refit carries over."""
+    t0 = time.perf_counter()
+    if not engine.refittable:
+        raise ArtifactError(f"{meta['engine']} is recorded as weightless but its plan is not refittable; rebuild it: "
+                            f"`toma-export build --model {meta['model']} --weightless {meta['weightless']} --force`")
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    parsed = parser.refit_from_file(str(weights))
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise ExecutionError(f"{weights} lacks {len(missing)} weights that {meta['engine']} needs "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); export it again")
+    if not parsed:
+        errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
+        raise ExecutionError(f"could not refit {meta['engine']} from {weights}: {errors or 'see the log above'}; "
+                             f"rebuild it with `toma-export build --model {meta['model']} --weightless "
+                             f"{meta['weightless']} --force`")
+    if not refitter.refit_cuda_engine():
+        raise ExecutionError(f"TensorRT could not refit {meta['engine']} with the weights of {weights} (see the log "
+                             "above)")
+    log.info("refitted %d weights of %s from %s in %.1f s", len(refitter.get_all_weights()), meta["engine"], weights,
+             time.perf_counter() - t0)
 
 
 class ShapeOutOfProfile(UsageError):

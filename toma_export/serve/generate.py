@@ -37,6 +37,7 @@ class GenerateRequest:
     share_weights: bool = True
     output_dir: str | None = None
     force: bool = False
+    loras: tuple = ()                      # ((path, scale), ...) fused into the exported weights
 
 
 def generate(args: GenerateRequest, progress) -> dict:
@@ -63,6 +64,9 @@ def generate(args: GenerateRequest, progress) -> dict:
     cfg_batch = spec.cfg_batch(guidance)
     t_start = time.perf_counter()
     schedule = None
+    if (args.onnx or args.engine) and args.loras:
+        raise UsageError("--onnx/--engine files carry their own weights; drop --lora, or export/build with --lora "
+                         "and pass that file")
     if args.onnx or args.engine:
         toma_path, base_path = args.onnx or args.engine, args.baseline
         if args.schedule:                  # the file's settings, another schedule
@@ -72,7 +76,7 @@ def generate(args: GenerateRequest, progress) -> dict:
             schedule = recorded and replace(recorded, **args.schedule)
     else:
         toma_path, base_path = serving_artifacts(args.model, args.config, (height, width), cfg_batch, backend,
-                                                 args.output_dir, args.force, progress)
+                                                 args.output_dir, args.force, progress, loras=args.loras)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
                       parts_seed=args.seed, model=args.model)
@@ -211,7 +215,7 @@ def _result(args, spec, backend, network, toma_path, base_path, size, guidance, 
     return dict(
         image=str(out), model=spec.name, backend=backend, provider=network.provider, onnx_or_engine=toma_path,
         baseline=base_path, height=size[0], width=size[1], steps=args.steps, seed=args.seed, guidance=guidance,
-        prompt=args.prompt,
+        prompt=args.prompt, loras=[dict(file=p, scale=s) for p, s in args.loras],
         toma=toma_section(config),
         calls=dict(network.calls), weights_shared=network.sharing.summary() if network.sharing else None,
         latency_ms=dict(setup=ms(setup), text_encode=ms(stages.encode), denoise_total=ms(sum(steps)),

@@ -94,7 +94,8 @@ def needs_baseline(config: ToMAConfig | None) -> bool:
 
 
 def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, int], batch: int, backend: str,
-                      output_dir=None, force: bool = False, progress=None) -> tuple[str | None, str | None]:
+                      output_dir=None, force: bool = False, progress=None,
+                      loras: tuple = ()) -> tuple[str | None, str | None]:
     """(ToMA artifact, baseline artifact) for `backend`, exported or built, or reused from the cache.
 
     ONNX Runtime gets static exports at `size` and `batch`; TensorRT gets engines whose profile is pinned to
@@ -109,14 +110,15 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
         if backend == "onnxruntime":
             from ..onnx import ExportOptions, export_in_child      # the pipeline loads next: keep its peak low
 
-            options = ExportOptions(height=size[0], width=size[1], batch=batch)
+            options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
             meta = export_in_child(model, cfg, out / "onnx", options, force=force, progress=progress)
             paths[cfg is not None] = meta["onnx"]
         elif backend == "tensorrt":
             from ..trt import BuildOptions, build
 
             meta = build(model, cfg, out, BuildOptions(backend="tensorrt", min_size=size, opt_size=size,
-                                                       max_size=size), force=force, progress=progress)
+                                                       max_size=size, loras=loras), force=force,
+                         progress=progress)
             paths[cfg is not None] = str(Path(meta["engine"]).with_name("engine.json"))
         else:
             raise UsageError(f"backend must be onnxruntime or tensorrt, got {backend!r}")

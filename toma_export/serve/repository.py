@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..artifacts import Artifact, staged_dir, writable_dir
+from ..artifacts import Artifact, link_or_copy, staged_dir, writable_dir
 from ..errors import UsageError
 
 # numpy dtype names (as engine.json records them) -> Triton's ModelConfig DataType
@@ -110,6 +110,10 @@ def export_repo(engine, out, name: str | None = None, max_batch_size: int = 0, i
     half-written model that tritonserver would try to load."""
     warn = warn or (lambda msg: print(f"toma-export: warning: {msg}", file=sys.stderr))
     meta, plan = load_engine(engine)
+    if meta.get("weightless"):
+        raise RepositoryError(f"{plan} is a weightless plan ({meta['weightless']}), which Triton's TensorRT backend "
+                              "would run without its weights (it never refits); build the engine without --weightless "
+                              "for a repository")
     rtx = meta["backend"] == "tensorrt-rtx"
     unservable = (f"{plan} is a TensorRT-RTX engine, which Triton's TensorRT backend cannot load (it runs full "
                   "TensorRT plans)")
@@ -193,19 +197,14 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
 
 def _copy_artifact(artifact, dest: Path) -> None:
     """The export's or engine's folder files that loading needs (hard links where the filesystem allows)."""
-    import os
-
     dest.mkdir(parents=True)
     folder = artifact.path.parent
     names = (["engine.json", "engine.plan"] if artifact.kind == "engine" else
-             ["toma.json", "model.onnx"] + [p.name for p in folder.iterdir() if p.name.startswith("model.onnx.")
-                                           or p.suffix == ".data"])
+             ["toma.json", "model.onnx"] + list((artifact.meta.get("weights") or {}).get("files", [])) +
+             [p.name for p in folder.iterdir() if p.name.startswith("model.onnx.") or p.suffix == ".data"])
     for n in dict.fromkeys(names):
         if (folder / n).is_file():
-            try:
-                os.link(folder / n, dest / n)
-            except OSError:
-                shutil.copyfile(folder / n, dest / n)
+            link_or_copy(folder / n, dest / n)
 
 
 def max_requests(meta: dict) -> int:

@@ -8,21 +8,31 @@ plugins, and a CUDA GPU) and the body elsewhere, TensorRT-RTX included (it loads
 one line. The engine folder's key covers the ONNX key, the backend and its version, the plugin version, the
 PTX ISA version and the target, and engine.json records them so that an engine is never used by a TensorRT
 or plugin it was not built with.
+
+`--weightless` builds a refittable plan without its weights, which the runners refit from the export's ONNX
+at load (runtime/tensorrt.py). `refit` (BuilderFlag.REFIT + STRIP_PLAN) takes any weight set of the graph, so
+its plan is keyed by the graph alone and lives in a folder of its own; each weight set's engine folder holds
+engine.json, naming the ONNX to refit from, and a hard link to that plan. A second weight set of the same graph
+(a LoRA, a fine-tune) therefore builds nothing. `identical` (REFIT_IDENTICAL + STRIP_PLAN) takes only the
+weights it was built from, so it is keyed like a normal engine; plain REFIT may drop a GEMM bias (TensorRT
+11.3's docs), which REFIT_IDENTICAL does not.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models, resources
-from ..artifacts import ENGINE_META, Artifact, cache_key, claimed, staged_dir, writable_dir
-from ..errors import ArtifactError, ExecutionError, UsageError
+from ..artifacts import ENGINE_META, Artifact, cache_key, claimed, link_or_copy, staged_dir, writable_dir
+from ..errors import ArtifactError, ExecutionError, MissingComponent, UsageError
 from ..onnx import ExportOptions, export_in_child
 from ..toma import ToMAConfig
 from . import backend as backends
@@ -30,6 +40,8 @@ from . import backend as backends
 SELECTIONS = ("auto", "plugin", "body")
 AOT_PLUGINS = (10, 9)          # TensorRT's first version with AOT Python plugins (aot_impl, PREFER_AOT_...)
 PLUGIN, BODY, NONE = "plugin (AOT Triton kernel)", "inlined ONNX body", "none (ToMA off)"
+# --weightless MODE -> the builder flags it sets: STRIP_PLAN leaves the refittable weights out of the plan
+WEIGHTLESS = {"refit": ("REFIT", "STRIP_PLAN"), "identical": ("REFIT_IDENTICAL", "STRIP_PLAN")}
 
 
 class BuildError(ExecutionError):
@@ -54,6 +66,8 @@ class BuildOptions:
     verbose: bool = False          # TensorRT warnings (duplicate inlined node names, int64 bindings...) too
     selection: str = "auto"        # auto | plugin | body: what runs toma::ToMASelect in the engine
     ptx_version: int | None = None # PTX ISA of the plugin's kernel, e.g. 84; None = the driver's, else 8.4
+    weightless: str | None = None  # None | refit | identical: a weight-stripped plan, refitted at load
+    loras: tuple = ()              # ((absolute path, scale), ...) fused into the export's weights
 
 
 def recipe(model: str) -> dict:
@@ -118,7 +132,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
           force: bool = False, progress=None) -> dict:
     """Build (or reuse) the engine; returns the metadata written beside it as engine.json.
 
-    `toma=None` builds the baseline without ToMA."""
+    `toma=None` builds the baseline without ToMA. Every engine.json names `plan` (the plan file) and `weights`
+    (the ONNX whose weights the plan holds or, weightless, is refitted from at load)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     name, trt = backends.load(options.backend)
     target = _target(name, trt, options.target)
@@ -137,15 +152,19 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
         why += f"; PTX ISA {ptx_version / 10:.1f} ({ptx_why})"
     elif options.ptx_version is not None and options.selection == "body":
         raise UsageError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
+    if options.weightless is not None:
+        check_weightless(name, trt, options.weightless)         # before the export: a refusal costs nothing
 
     # in a child process: the traced model would otherwise stay in this one's heap while TensorRT builds
-    onnx_meta = export_in_child(model, toma, out_root / "onnx", ExportOptions(
+    export_options = ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"],
-        text_len=options.text_len),
-        force=force, progress=progress)
+        text_len=options.text_len, loras=options.loras)
+    onnx_meta = export_in_child(model, toma, out_root / "onnx", export_options, force=force, progress=progress)
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
+    if options.weightless:
+        fields["weightless"] = options.weightless
     final = out_root / f"{Path(onnx_meta['model']).name}-{name}-{cache_key(fields)}"
     if (final / ENGINE_META).is_file() and not force:
         return _reuse(final, trt, progress)
@@ -153,21 +172,134 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
         if (final / ENGINE_META).is_file() and not force:     # built by the process we waited for
             return _reuse(final, trt, progress)
         selection = PLUGIN if use_plugin else BODY if onnx_meta["toma"] else NONE
-        progress(f"[build] building a {name} {backends.version(trt)} engine{f' for {target}' if target else ''}; "
-                 f"selection: {selection} ({why})")
-        t0 = time.perf_counter()
-        engine = _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
+        meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
+                    onnx_key=onnx_meta["key"], graph_key=graph_key(onnx_meta), weights_key=weights_key(onnx_meta),
+                    selection=selection, selection_reason=why, dtype=dtype,
+                    dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
+                    profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
+                    toma=onnx_meta["toma"], plan=str(final / "engine.plan"), weights=onnx_meta["onnx"])
+        if options.weightless:
+            meta.update(builder_flags=list(WEIGHTLESS[options.weightless]), plan_reused=False)
+        kind = f"weightless plan ({' + '.join(meta['builder_flags'])})" if options.weightless else "engine"
+
+        def make() -> bytes:
+            progress(f"[build] building a {name} {backends.version(trt)} {kind}{f' for {target}' if target else ''}; "
+                     f"selection: {selection} ({why})")
+            return _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
+
+        if options.weightless != "refit":
+            return _write(final, meta, make, progress)
+        shared = _shared_plan(out_root, fields, meta, make, force, trt, progress)
         with staged_dir(final) as tmp:
-            (tmp / "engine.plan").write_bytes(engine)
-            meta = dict(fields, model=onnx_meta["model"], engine=str(final / "engine.plan"), onnx=onnx_meta["onnx"],
-                        onnx_key=onnx_meta["key"], selection=selection, selection_reason=why, dtype=dtype,
-                        dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
-                        profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
-                        toma=onnx_meta["toma"], build_seconds=round(time.perf_counter() - t0, 1),
-                        engine_bytes=len(engine))
+            link_or_copy(Path(shared["engine"]), tmp / "engine.plan")
+            meta.update(plan=shared["engine"], build_seconds=shared["build_seconds"],
+                        engine_bytes=shared["engine_bytes"], plan_reused=shared["plan_reused"])
             Artifact("engine", tmp / ENGINE_META, meta).save()
-        progress(f"[build] wrote {meta['engine']} ({len(engine) / 2**20:.1f} MiB) in {meta['build_seconds']:.0f} s")
+        progress(f"[build] wrote {final / ENGINE_META}: {meta['plan']}, refitted from {meta['weights']} at load")
         return meta
+
+
+def _write(final: Path, meta: dict, make, progress) -> dict:
+    """Build the plan and write it with its engine.json into `final` (staged, renamed when complete)."""
+    t0 = time.perf_counter()
+    engine = make()
+    meta = dict(meta, engine=str(final / "engine.plan"), plan=str(final / "engine.plan"),
+                build_seconds=round(time.perf_counter() - t0, 1), engine_bytes=len(engine))
+    with staged_dir(final) as tmp:
+        (tmp / "engine.plan").write_bytes(engine)
+        Artifact("engine", tmp / ENGINE_META, meta).save()
+    progress(f"[build] wrote {meta['engine']} ({len(engine) / 2**20:.1f} MiB) in {meta['build_seconds']:.0f} s")
+    return meta
+
+
+def graph_key(onnx_meta: dict) -> str:
+    """The export's graph key (architecture, ToMA, dtype, shapes, opset, versions: not the weights); exports made
+    before graphs and weights were keyed apart have only the whole key."""
+    return onnx_meta.get("graph_key") or onnx_meta["key"]
+
+
+def weights_key(onnx_meta: dict) -> str | None:
+    return (onnx_meta.get("weights") or {}).get("key")
+
+
+def check_weightless(name: str, trt, mode: str) -> None:
+    """Refuse --weightless where it cannot be built, in one line, before anything is exported.
+
+    TensorRT-RTX builds ordinary plans without a GPU, but its refit compiler calls the CUDA driver (1.7.1 fails
+    with `MyelinCheckException: graph_jit.cpp: CHECK(status == CUDA_SUCCESS)`, even for a one-layer network).
+    Where no driver library loads, a one-layer network is built with the mode's flags: if that fails, so would
+    the real build, after the export."""
+    if mode not in WEIGHTLESS:
+        raise UsageError(f"--weightless must be one of {', '.join(WEIGHTLESS)}, got {mode!r}")
+    missing = [f for f in WEIGHTLESS[mode] if not hasattr(trt.BuilderFlag, f)]
+    if missing:
+        raise MissingComponent(f"{name} {backends.version(trt)} has no BuilderFlag.{missing[0]}, which --weightless "
+                               f"{mode} needs (TensorRT 10.0+ has it); drop --weightless or update {name}")
+    if cuda_driver() or _refit_probe(trt, mode):
+        return
+    raise MissingComponent(f"{name} {backends.version(trt)} cannot build a refittable plan on this machine: its refit "
+                           "compiler calls the CUDA driver (libcuda), which is not installed here; build --weightless "
+                           "on a machine with an NVIDIA driver, or drop --weightless")
+
+
+def cuda_driver() -> bool:
+    """Whether the CUDA driver library loads (it does on any machine with an NVIDIA driver, GPU or not)."""
+    for lib in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _refit_probe(trt, mode: str) -> bool:
+    """Build a one-layer network (one constant weight, a MatMul) with the mode's flags: True if a plan came back.
+    Its C++ messages go to /dev/null: the failure they describe is reported as one line by the caller."""
+    import numpy as np
+
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = network.add_input("x", trt.float32, (1, 8))
+    weights = np.ones((8, 8), np.float32)          # kept alive until the build: TensorRT holds a pointer
+    constant = network.add_constant((8, 8), trt.Weights(weights))
+    product = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, constant.get_output(0),
+                                          trt.MatrixOperation.NONE)
+    network.mark_output(product.get_output(0))
+    config = builder.create_builder_config()
+    for flag in WEIGHTLESS[mode]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    with _quiet_stderr():
+        plan = builder.build_serialized_network(network, config)
+    return plan is not None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _shared_plan(out_root: Path, fields: dict, meta: dict, make, force: bool, trt, progress) -> dict:
+    """The `refit` plan of this graph: built once, by whichever weight set comes first, into a folder keyed by the
+    graph instead of the export (its engine.json names that weight set's ONNX), and reused by every other one."""
+    folder = out_root / (f"{Path(meta['model']).name}-{fields['backend']}-refit-"
+                         f"{cache_key(dict(fields, onnx=None, graph=meta['graph_key']))}")
+    with claimed(folder, progress):
+        if (folder / ENGINE_META).is_file() and not force:
+            shared = check_engine(folder / ENGINE_META, trt_module=trt)
+            progress(f"[build] reusing the weightless plan {folder} of graph {meta['graph_key']} (built in "
+                     f"{shared['build_seconds']:.0f} s): nothing to build")
+            return dict(shared, plan_reused=True)
+        return _write(folder, meta, make, progress)
 
 
 def _reuse(final: Path, trt, progress) -> dict:
@@ -225,6 +357,8 @@ def _build_engine(trt, name, onnx_meta, target, options: BuildOptions, use_plugi
         for input_name, shapes in onnx_meta["profiles"].items():
             profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
+    for flag in WEIGHTLESS.get(options.weightless, ()):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     cache = None
     if timing_cache:
         path = Path(timing_cache)
@@ -261,6 +395,8 @@ def check_engine(engine_json, trt_module=None) -> dict:
     """The engine's metadata; refuses an engine whose TensorRT or plugin version differs from the installed
     ones."""
     meta = Artifact.load(engine_json, "engine").meta
+    meta.setdefault("plan", meta["engine"])          # engines built before plan/weights were recorded held both
+    meta.setdefault("weights", meta.get("onnx"))
     name, trt = (meta["backend"], trt_module) if trt_module else backends.load(meta["backend"])
     installed = backends.version(trt)
     if meta["backend_version"] != installed:
