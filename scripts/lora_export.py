@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from toma_export.bench.run import BenchOptions, machine
-from toma_export.models import real_configs
+
+from real_models import write_in_child          # scripts/: the folder is written in a child process
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     folder = work / f"flux-dev-{double}+{single}"
     if not (folder / "model_index.json").is_file():
         print(f"[lora] writing {folder} (random bf16 weights, real FLUX.1-dev config)", file=sys.stderr)
-        real_configs.write_streamed("flux-dev", folder, blocks=(double, single))
+        write_in_child("flux-dev", folder, (double, single), None, streamed=True)   # its memory is not ours
     width = 3072
     peft_file = _diffusers_lora(work / "peft.safetensors", double, single, width, args.rank)
     kohya_file = _kohya_lora(work / "kohya.safetensors", double, width, args.rank)
