@@ -1,0 +1,1 @@
+"""Quality: the shapes world the tiny models learn and are judged on."""
