@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import toma_export as te
 from toma_export.quality import shapes
 
 
@@ -64,3 +65,18 @@ def test_a_batch_is_a_training_tensor_with_labels():
         assert shapes.parse(caption) == (list(shapes.COLOURS)[colour], shapes.SHAPES[shape],
                                          list(shapes.BACKGROUNDS)[background])
     assert captions == [shapes.sample(1, i, 32).caption for i in range(10, 16)]
+
+
+@pytest.mark.parametrize("model", ["flux-tiny", "sdxl-tiny"])
+def test_no_caption_of_the_grammar_is_cut_by_the_tiny_tokenizers(model):
+    """Each tokenizer of the tiny pipeline, at the length the pipeline pads and cuts to (flux-tiny's T5: its 16
+    text tokens), keeps every caption whole: the grammar's words are tokens of their own."""
+    spec = te.models.get(model)
+    parts = spec.tiny_parts()
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = parts[name]
+        length = spec.text_len if (model, name) == ("flux-tiny", "tokenizer_2") else tokenizer.model_max_length
+        for text in shapes.grammar():
+            ids = tokenizer(text, max_length=length, truncation=True).input_ids
+            assert tokenizer.decode(ids, skip_special_tokens=True) == text, (name, text)
+            assert len(ids) <= 9                                 # <bos>, 7 words, <eos>
