@@ -199,7 +199,9 @@ def test_weightless_is_refused_before_exporting_where_no_cuda_driver_loads(tmp_p
     driver (1.7.1, measured on this machine: flux-tiny with REFIT + STRIP_PLAN fails after 10 s with
     `MyelinCheckException: graph_jit.cpp:278: CHECK(status == CUDA_SUCCESS)`). The build probes that with a
     one-layer network before exporting, and refuses in one line."""
-    if build_module.cuda_driver():
+    from toma_export.plugins import ptx
+
+    if ptx.driver_cuda() is not None:
         pytest.skip("a CUDA driver loads here, so weightless builds can work (tests/test_gpu.py builds one)")
     assert not build_module._refit_probe(trt_rtx, "refit") and not build_module._refit_probe(trt_rtx, "identical")
     for mode in ([], ["identical"]):

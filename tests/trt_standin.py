@@ -343,9 +343,10 @@ def as_if_a_cuda_driver(monkeypatch, exports: list) -> list:
     import tensorrt_rtx as trt
 
     build = importlib.import_module("toma_export.trt.build")
+    ptx = importlib.import_module("toma_export.plugins.ptx")
     builds: list = []
     monkeypatch.setattr(trt, "Builder", recording_builder(trt.Builder, builds))
-    monkeypatch.setattr(build, "cuda_driver", lambda: True)
+    monkeypatch.setattr(ptx, "driver_cuda", lambda: (12, 8))
     monkeypatch.setattr(build, "export_in_child", lambda *args, **kwargs: exports.pop(0))
     return builds
 

@@ -33,7 +33,7 @@ def add_parser(sub):
                    help="point the graph into the folder's own safetensors files (hard-linked into the export) where "
                         "the weights need no conversion, instead of copying them: no extra disk, and a fine-tune or "
                         "LoRA export in seconds. Same filesystem only (else copied); onnx.load refuses hard links "
-                        "(ONNX Runtime and TensorRT read them)")
+                        "(ONNX Runtime and TensorRT-RTX's parser read them)")
     add_lora(p)
     add_json(p)
     add_toma_options(p)

@@ -69,7 +69,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         source = _weight_source(spec, options, progress)       # opened and checked (LoRAs too) before any trace
         same_graph = None if force else _same_graph(final.parent, keys["graph"])
         if same_graph is not None:
-            return _with_weights(same_graph, spec, source, final, keys, t0, options.link_weights, progress)
+            return _with_weights(*same_graph, spec, source, final, keys, t0, options.link_weights, progress)
         progress(f"[export 1/4] building {spec.name} ({options.dtype}) on the meta device, no weights in memory"
                  f"{', applying ToMA' if config else ', no ToMA'}")
         model = spec.skeleton(DTYPES[options.dtype])
@@ -162,8 +162,9 @@ def _weight_source(spec, options: ExportOptions, progress=None):
     return source.with_loras(changes, "+ " + ", ".join(LoRA(*x).describe() for x in lora.as_options(options.loras)))
 
 
-def _same_graph(root: Path, graph_key: str) -> Path | None:
-    """A finished export in `root` with this graph (another weight set: a fine-tune, other LoRAs), or None."""
+def _same_graph(root: Path, graph_key: str) -> tuple[Path, dict] | None:
+    """(folder, metadata) of a finished export in `root` with this graph (another weight set: a fine-tune, other
+    LoRAs), or None."""
     for folder in sorted(root.glob(f"*-{graph_key}-*")):
         if folder.name.startswith("."):
             continue
@@ -172,16 +173,16 @@ def _same_graph(root: Path, graph_key: str) -> Path | None:
         except ArtifactError:
             continue
         if meta.get("graph_key") == graph_key:
-            return folder
+            return folder, meta
     return None
 
 
-def _with_weights(graph_dir: Path, spec, source, final: Path, keys: dict, t0: float, link: bool, progress) -> dict:
-    """A new export from another export's graph, byte for byte, and a weights file of its own: seconds, where a
-    trace takes minutes. Each weight lands at the offset and length the graph records."""
+def _with_weights(graph_dir: Path, meta: dict, spec, source, final: Path, keys: dict, t0: float, link: bool,
+                  progress) -> dict:
+    """A new export from another export's graph (`meta` its metadata): its nodes unchanged, its weights placed
+    anew (weights.rewrite points each initializer at them), so no trace; what is left is writing the weights."""
     from . import weights
 
-    meta = Artifact.load(graph_dir, "onnx").meta
     progress(f"[export 1/2] same graph as {graph_dir.name} (architecture, ToMA, shapes, versions): no trace, "
              "only the weights are written")
     with staged_dir(final) as tmp:

@@ -230,8 +230,7 @@ def rewrite(onnx_path: Path, source: WeightSource, link: bool = False, progress=
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    tensors = [(t.name, _ONNX_TO_TORCH[t.data_type], int({e.key: e.value for e in t.external_data}["length"]))
-               for t in model.graph.initializer]
+    tensors = [(t.name, _ONNX_TO_TORCH[t.data_type], int(_external(t)["length"])) for t in model.graph.initializer]
     where, summary = place(tensors, source, onnx_path, link, progress)
     for tensor in model.graph.initializer:
         location, offset, length = where[tensor.name]
@@ -260,7 +259,7 @@ def check(onnx_path: Path) -> None:
     folder = onnx_path.parent
     sizes: dict = {}
     for tensor in model.graph.initializer:
-        info = {e.key: e.value for e in tensor.external_data}
+        info = _external(tensor)
         location = info.get("location")
         if tensor.data_location != onnx.TensorProto.EXTERNAL or not location or "/" in location or ".." in location:
             raise ArtifactError(f"{onnx_path}: weight {tensor.name} is not in a file beside it; export it again")
@@ -282,7 +281,7 @@ def arrays(onnx_path) -> dict:
     onnx_path = Path(onnx_path)
     out = {}
     for tensor in onnx.load(str(onnx_path), load_external_data=False).graph.initializer:
-        info = {e.key: e.value for e in tensor.external_data}
+        info = _external(tensor)
         with open(onnx_path.with_name(info["location"]), "rb") as fh:
             fh.seek(int(info.get("offset", 0)))
             raw = fh.read(int(info["length"]))
@@ -291,16 +290,18 @@ def arrays(onnx_path) -> dict:
     return out
 
 
+def _external(tensor) -> dict:
+    """An initializer's external-data entries (location, offset, length) as a dict."""
+    return {e.key: e.value for e in tensor.external_data}
+
+
+# onnx.TensorProto data types (onnx_ir's DataType has the same values)
 _ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: torch.int64, 6: torch.int32,
-                  9: torch.bool, 11: torch.float64}      # onnx.TensorProto data types
+                  9: torch.bool, 11: torch.float64}
 
 
 def _torch_dtype(dtype) -> torch.dtype:
-    import onnx_ir as ir
-
-    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
-            ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32,
-            ir.DataType.BOOL: torch.bool, ir.DataType.DOUBLE: torch.float64}[dtype]
+    return _ONNX_TO_TORCH[int(dtype)]
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:

@@ -20,7 +20,6 @@ weights it was built from, so it is keyed like a normal engine; plain REFIT may 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -235,22 +234,13 @@ def check_weightless(name: str, trt, mode: str) -> None:
     if missing:
         raise MissingComponent(f"{name} {backends.version(trt)} has no BuilderFlag.{missing[0]}, which --weightless "
                                f"{mode} needs (TensorRT 10.0+ has it); drop --weightless or update {name}")
-    if cuda_driver() or _refit_probe(trt, mode):
+    from ..plugins import ptx
+
+    if ptx.driver_cuda() is not None or _refit_probe(trt, mode):
         return
     raise MissingComponent(f"{name} {backends.version(trt)} cannot build a refittable plan on this machine: its refit "
                            "compiler calls the CUDA driver (libcuda), which is not installed here; build --weightless "
                            "on a machine with an NVIDIA driver, or drop --weightless")
-
-
-def cuda_driver() -> bool:
-    """Whether the CUDA driver library loads (it does on any machine with an NVIDIA driver, GPU or not)."""
-    for lib in ("libcuda.so.1", "nvcuda.dll"):
-        try:
-            ctypes.CDLL(lib)
-            return True
-        except OSError:
-            continue
-    return False
 
 
 def _refit_probe(trt, mode: str) -> bool:
