@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-large bench triton-load venv clean
+.PHONY: demo test test-large bench triton-load train-tiny venv clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/toma-export demo
 	$(VENV)/bin/toma-export build --model flux-tiny
-	$(VENV)/bin/toma-export generate --model flux-tiny --prompt "a red fox" --steps 4 --size 256x256 --out out/fox.png
+	$(VENV)/bin/toma-export generate --model flux-tiny --no-toma --prompt "a red circle on a white background" --out out/demo.png
+	$(VENV)/bin/toma-export generate --model flux-tiny --prompt "a red circle on a white background" --out out/demo-toma.png
 
 # One pytest worker per core (pytest-xdist). A test module runs whole on one worker, so its module fixtures
 # (a tritonserver, a bench run) start once; exports and engines are made once per run and shared by both
@@ -34,19 +35,24 @@ test: $(STAMP)
 
 # Real architectures with random weights (FLUX.1-dev cut to 1+2 ... 8+16 blocks, the full SDXL base UNet):
 # export, TensorRT-RTX build and fp16 parity, each timed with its peak memory; rewrites docs/real_models/ and
-# the README's real-models table. About an hour on 2 cores and 24 GB, so CI does not run it.
+# the real-models table in docs/real-size-models.md. About an hour on 2 cores and 24 GB, so CI does not run it.
 test-large: $(STAMP)
-	$(PY) scripts/real_models.py --out docs/real_models --readme README.md
+	$(PY) scripts/real_models.py --out docs/real_models --readme docs/real-size-models.md
 
 # ToMA vs baseline vs tomesd per block and backend, ToMA's overhead part by part and amortised per step;
-# rewrites docs/bench/ (this machine kind's run kept in docs/bench/machines/) and the README's results table.
+# rewrites docs/bench/ (this machine kind's run kept in docs/bench/machines/) and the results table in docs/bench.md.
 # About 15 minutes on 2 cores: the FLUX block runs at its real width 3072.
 bench: $(STAMP)
-	$(PY) scripts/bench.py --out docs/bench --readme README.md
+	$(PY) scripts/bench.py --out docs/bench --readme docs/bench.md
 
 # Requests/s and p50/p95 latency of the Triton pipeline model at 1, 4 and 16 clients (about a minute)
 triton-load: $(STAMP)
 	$(PY) scripts/triton_load.py --out docs/triton_load.json
+
+# The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, flux-tiny and sdxl-tiny,
+# trained from seed 0 on this machine's CPUs (about 40 minutes on 2 cores); ends with the judge's figures.
+train-tiny: $(STAMP)
+	$(PY) -m toma_export.quality.train
 
 clean:
 	rm -rf $(VENV) build *.egg-info

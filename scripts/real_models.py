@@ -9,7 +9,8 @@ each in its own process, timed, with the process's peak RSS (os.wait4) and the f
             one step with forced destinations and a --steps loop (the bf16-weights path: FLUX's weights
             are stored in bf16, the candidate runs fp16, the reference fp32).
 The full FLUX.1-dev (19+38 blocks) is extrapolated from the FLUX series by least squares on the parameter
-count. Prints the results JSON; writes results.json and results.md to --out and the table into --readme.
+count. Prints the results JSON; writes results.json and results.md to --out and the table into --readme
+(docs/real-size-models.md).
 Exit 1 if any command failed or any parity check did not pass (make test-large gates on it).
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.environ.get("TOMA_REAL_WORK", "/tmp/toma-real-models"),
                    help="scratch folder for model folders and artifacts, emptied per model (/tmp/toma-real-models)")
     p.add_argument("--out", help="folder for results.json and results.md")
-    p.add_argument("--readme", help="README to fill between the real-models markers")
+    p.add_argument("--readme",
+                   help="markdown page to fill between the real-models markers (docs/real-size-models.md)")
     p.add_argument("--update", action="store_true",
                    help="keep the runs already in --out/results.json (same machine) that this run does not repeat")
     args = p.parse_args(argv)

@@ -8,7 +8,7 @@ then for each concurrency level runs that many client threads (each with its own
 same load again and kills one model worker (SIGKILL, as the out-of-memory killer would) once a quarter of the
 requests are done: it reports the requests that failed, the seconds from the kill until the model was ready
 again, and checks every other image against the same pipeline run in this process. Prints one JSON object
-(also written to --out) and markdown tables for the README, with the CPU model from /proc/cpuinfo.
+(also written to --out) and markdown tables for docs/triton.md, with the CPU model from /proc/cpuinfo.
 
     python scripts/triton_load.py --model flux-tiny --instances 2 --out docs/triton_load.json
 """

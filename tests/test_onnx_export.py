@@ -226,7 +226,7 @@ def test_weights_are_traced_on_meta_and_streamed_under_their_keys(tmp_path, monk
     total = sum(w.numel() * w.element_size() for w in weights.values())
     assert meta["external_data"] and summary == dict(file=data.name, files=[data.name], tensors=len(weights),
                                                      bytes=total, written=total, linked=[],
-                                                     source="random init (seed 0)")
+                                                     source=te.models.get("flux-tiny").base_label())
     assert total <= data.stat().st_size < total + weights_module.ALIGN * len(weights)     # aligned, no more
     for key, tensor in inits.items():
         stored = numpy_helper.to_array(tensor, base_dir=str(data.parent))

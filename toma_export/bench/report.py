@@ -1,4 +1,4 @@
-"""What `toma-export bench` writes: a markdown table (also pasted into the README between markers), a plot
+"""What `toma-export bench` writes: a markdown table (also pasted into docs/bench.md between markers), a plot
 of latency against ratio per block and backend, and the JSON itself."""
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def machines_table(folder: Path) -> str:
 
 def write(doc: dict, folder: Path) -> list[Path]:
     """results.json, results.md and latency.png in `folder`, and the run kept as machines/<kind>.json
-    (the last run per machine kind; the README shows them side by side)."""
+    (the last run per machine kind; docs/bench.md shows them side by side)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (folder / "results.md").write_text(table(doc))
@@ -154,7 +154,8 @@ def write(doc: dict, folder: Path) -> list[Path]:
 
 
 def check_readme(readme: Path, begin: str = BEGIN, end: str = END) -> str:
-    """The README's text, or a one-line error when it has no section to fill (checked before a long run)."""
+    """The page's text (README.md or a docs/ page), or a one-line error when it has no section to fill (checked
+    before a long run)."""
     text = Path(readme).read_text()
     if begin not in text or end not in text:
         raise UsageError(f"{readme} has no {begin} ... {end} section to fill; add the two markers where the "
@@ -163,7 +164,7 @@ def check_readme(readme: Path, begin: str = BEGIN, end: str = END) -> str:
 
 
 def fill_readme(readme: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the text between two markers of the README with `body`."""
+    """Replace the text between two markers of the page with `body`."""
     head, rest = check_readme(readme, begin, end).split(begin, 1)
     Path(readme).write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")
 

@@ -376,16 +376,19 @@ def check_targets(results: list) -> list:
     return out
 
 
-def machine(options: BenchOptions) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo), which every timing names: machines of one kind differ."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    out = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), os=platform.platform(),
+    return platform.processor() or platform.machine()
+
+
+def machine(options: BenchOptions) -> dict:
+    out = dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), os=platform.platform(),
                python=platform.python_version())
     try:
         out["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)

@@ -10,9 +10,9 @@ import logging
 import sys
 
 from ..errors import ToMAExportError
-from . import bench, build, demo, export, export_repo, generate, request, serve, validate
+from . import bench, build, demo, export, export_repo, generate, request, serve, sweep, validate
 
-COMMANDS = (demo, export, build, validate, generate, bench, export_repo, serve, request)
+COMMANDS = (demo, export, build, validate, generate, sweep, bench, export_repo, serve, request)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,8 @@ def add_parser(sub):
     p.add_argument("--gpu-dtype", choices=["fp16", "bf16"], default="fp16",
                    help="with --device cuda: the blocks' half precision (fp16)")
     p.add_argument("--out", help="folder for results.json, results.md and latency.png")
-    p.add_argument("--readme", help="also put the table and plot into this README between the bench markers")
+    p.add_argument("--readme", help="also put the table and plot into this markdown page between the bench markers "
+                                   "(docs/bench.md; make bench passes it)")
     add_json(p, "the table")
     return p
 
@@ -53,7 +54,7 @@ def run(args) -> int:
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     if args.readme and not args.out:
-        raise UsageError("--readme needs --out (the plot the README shows is written there)")
+        raise UsageError("--readme needs --out (the plot the page shows is written there)")
     if args.readme:
         report.check_readme(Path(args.readme))
     split = lambda text: tuple(v.strip() for v in text.split(",") if v.strip())  # noqa: E731

@@ -32,7 +32,7 @@ def add_parser(sub):
                         "load. refit (the default; REFIT + STRIP_PLAN): keyed by the graph alone, so every weight "
                         "set of it (a LoRA, a fine-tune) reuses the plan and builds nothing; identical "
                         "(REFIT_IDENTICAL + STRIP_PLAN): the export's own weights only, and free of REFIT's "
-                        "dropped-GEMM-bias caveat (README). Needs a machine with an NVIDIA driver")
+                        "dropped-GEMM-bias caveat (docs/build.md). Needs a machine with an NVIDIA driver")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, read and updated")
     p.add_argument("--output-dir", help="artifacts go to keyed subfolders (default: $TOMA_EXPORT_OUTPUT, engines/out in a "
                    "checkout, else ~/.cache/toma-export/artifacts)")

@@ -1,8 +1,8 @@
 """FLUX.1 (FluxTransformer2DModel): everything the toolkit knows about this family, in one module.
 
-The spec (FLUX.1-dev and a tiny random model with the same block structure): loading, sizes, the exported
-graph's layout and sample inputs, the flow-matching loop, the pipeline and how its call of the transformer
-becomes the graph's inputs. Then the ToMA patch hooks, and the single-stream block the benchmark times.
+The spec (FLUX.1-dev and a tiny model with the same block structure, trained on the shapes world): loading,
+sizes, the exported graph's layout and sample inputs, the flow-matching loop, the pipeline and how its call of
+the transformer becomes the graph's inputs. Then the ToMA patch hooks, and the single-stream block the benchmark times.
 
 ToMA on FLUX: double-stream blocks merge the image tokens inside attention only: the text stream and the image MLP stay
 at full resolution, text queries see merged image keys/values. Single-stream blocks run attention, the
@@ -113,7 +113,7 @@ class FluxSpec(ModelSpec):
         c = self.config
         return dict(text_encoder=tiny.clip(c["pooled_projection_dim"], seed + 1), tokenizer=tiny.tokenizer(),
                     text_encoder_2=tiny.t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tiny.tokenizer(self.text_len),
-                    vae=tiny.vae(c["in_channels"] // 4, seed + 3, scaling_factor=0.3611, shift_factor=0.1159))
+                    vae=tiny.vae(c["in_channels"] // 4, seed + 3, "flux"))
 
     # Serving: FluxPipeline packs the latent as (B, H*W, C) tokens with img_ids; the graph takes (B, H, W, C)
     # and rebuilds img_ids itself, so the grid is read off img_ids and checked.
@@ -171,8 +171,8 @@ def raster_grid(img_ids, n: int) -> tuple[int, int]:
 
 def specs() -> dict:
     return {
-        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (256, 256), text_len=16,
-                              size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
+        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (128, 128), text_len=16,
+                              size_range=((128, 128), (128, 128), (512, 512)), text_range=(1, 16, 32)),
         "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
                          size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
     }

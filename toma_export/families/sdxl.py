@@ -1,6 +1,6 @@
 """SDXL (UNet2DConditionModel): everything the toolkit knows about this family, in one module.
 
-The spec (SDXL base and a tiny random UNet with text_time conditioning and two transformer levels, like
+The spec (SDXL base and a tiny trained UNet with text_time conditioning and two transformer levels, like
 SDXL's 64x64 and 32x32 levels at 1024 px): loading, sizes, the exported graph's layout and sample inputs,
 the Euler loop, the pipeline and how its call of the UNet becomes the graph's inputs. Then the ToMA patch
 hooks, and the 64x64-level block the benchmark times.
@@ -66,7 +66,7 @@ class SdxlSpec(ModelSpec):
         first = c["cross_attention_dim"] // 2
         return dict(text_encoder=tiny.clip(first, seed + 1), tokenizer=tiny.tokenizer(),
                     text_encoder_2=tiny.clip(c["cross_attention_dim"] - first, seed + 2, projection=pooled),
-                    tokenizer_2=tiny.tokenizer(), vae=tiny.vae(c["in_channels"], seed + 3, scaling_factor=0.13025))
+                    tokenizer_2=tiny.tokenizer(), vae=tiny.vae(c["in_channels"], seed + 3, "sdxl"))
 
     @property
     def time_ids(self) -> int:
@@ -155,7 +155,7 @@ class SdxlSpec(ModelSpec):
 
 def specs() -> dict:
     return {
-        "sdxl-tiny": SdxlSpec("sdxl-tiny", None, TINY, (256, 256), text_len=77, size_range=((128, 128), (256, 256),
+        "sdxl-tiny": SdxlSpec("sdxl-tiny", None, TINY, (128, 128), text_len=77, size_range=((128, 128), (128, 128),
                               (512, 512)), text_range=(77, 77, 154), batch_range=(1, 2, 4)),
         "sdxl": SdxlSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", BASE, (1024, 1024), text_len=77,
                          size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(77, 77, 231),

@@ -61,7 +61,7 @@ class ModelSpec:
         return {}
 
     def tiny_parts(self, seed: int = 0) -> dict:
-        """The pipeline's random parts besides the network and scheduler (tiny models only)."""
+        """The pipeline's parts besides the network and scheduler (tiny models only: text encoders, tokenizers, VAE)."""
         raise NotImplementedError
 
     def served_call(self, config: dict, *args, **kwargs):
@@ -79,13 +79,16 @@ class ModelSpec:
         """The dtype a run defaults to: the one the folder's weights are stored in (fp32 for random models)."""
         return self.weights_dtype or "fp32"
 
-    def load(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-        """The diffusers module in eval mode, loaded straight into `dtype`: random init for tiny models, else
-        from the folder / hub id."""
+    def load(self, dtype: torch.dtype = torch.float32, seed: int = 0, trained: bool = True) -> torch.nn.Module:
+        """The diffusers module in eval mode, loaded straight into `dtype`: for tiny models their trained weights
+        (trained=False or none committed: the seeded random init), else from the folder / hub id."""
         if self.source is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = self.model_cls(**self.config)
+            state = self._trained() if trained else None
+            if state is not None:
+                model.load_state_dict(state)
             # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these configs lack
             return torch.nn.Module.to(model, dtype).eval()
         folder = self._folder()
@@ -121,7 +124,7 @@ class ModelSpec:
         from ..onnx.weights import WeightSource
 
         if self.source is None:
-            return WeightSource.of_module(self.load(torch.float32, seed), f"random init (seed {seed})")
+            return WeightSource.of_module(self.load(torch.float32, seed), self.base_label(seed))
         folder = self._folder()
         source = WeightSource.of_files(weight_files(folder)[self.weights_variant], str(folder))
         check_keys(source.keys(), self.skeleton().state_dict(), self.name, folder)
@@ -136,6 +139,23 @@ class ModelSpec:
                 f"where the hub is reachable (`huggingface-cli download {self.source}`) or pass a local diffusers "
                 f"folder holding {self.subfolder}/ as --model PATH")
         return network_folder(path, self.subfolder)
+
+    def _trained(self) -> dict | None:
+        from . import tiny
+
+        return tiny.trained_weights(self.name)
+
+    def base_label(self, seed: int = 0) -> str:
+        """Where a model's weights come from, as toma.json records it: the folder or hub id, the committed
+        trained weights of a tiny model, or its seeded random init."""
+        if self.source is not None:
+            return self.source
+        from . import tiny
+
+        path = tiny.trained_file(self.name)
+        if path is None:
+            return f"random init (seed {seed})"
+        return f"trained weights ({path.name}, sha256 {tiny.file_digest(path)})"
 
     def weights_fingerprint(self) -> str | None:
         """A hash of the folder's config.json and of each weight file's name, size and modification time:

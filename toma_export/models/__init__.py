@@ -1,7 +1,8 @@
 """Model registry: `get(name)` -> the family spec with `.load()` and `.sample_inputs()`.
 
-A name is a registered model (flux, sdxl: real weights; flux-tiny, sdxl-tiny: random init from config), a
-local diffusers folder (a pipeline folder with model_index.json, or the transformer / unet folder itself),
+A name is a registered model (flux, sdxl: real weights; flux-tiny, sdxl-tiny: their config with the trained
+weights shipped in models/weights/), a local diffusers folder (a pipeline folder with model_index.json, or
+the transformer / unet folder itself),
 or a hub id already in the local Hugging Face cache. For folders the family and variant (FLUX dev vs
 schnell, SDXL base vs refiner) are read off the config, and the defaults (dtype, text length) off the
 folder, so a downloaded model needs no options.

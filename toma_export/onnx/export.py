@@ -143,7 +143,7 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                                batch=None if options.dynamic else options.batch, size=(height, width),
                                text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers))
     loras = [dict(file=path, sha256=LoRA(path).digest(), scale=scale) for path, scale in lora.as_options(options.loras)]
-    base = spec.source or "random init (seed 0)"
+    base = spec.base_label()
     weights_key = cache_key(dict(base=base, fingerprint=spec.weights_fingerprint(), dtype=options.dtype,
                                  loras=[(x["sha256"], x["scale"]) for x in loras], linked=options.link_weights))
     keys = dict(graph=graph_key, weights=weights_key, whole=f"{graph_key}-{weights_key}", versions=vers,

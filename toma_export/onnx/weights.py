@@ -29,7 +29,7 @@ _SAFETENSORS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 
 class WeightSource:
     """Tensors by `state_dict` key, handed out as bytes in a requested dtype: from a diffusers folder's weight
-    files (sharded or not), else from a module already in memory (the tiny models' seeded random weights, a
+    files (sharded or not), else from a module already in memory (the tiny models' trained weights, a
     bench block)."""
 
     def __init__(self, shapes: dict, chunks, describe: str, spans=None):

@@ -106,7 +106,7 @@ class Session:
 
     Every run starts the network's ToMA schedule afresh, so destinations never pass from one request to the
     next; the prompts of one run form one batch and each gets its own destinations from the graph.
-    `parts_seed` seeds a tiny model's random text encoders and VAE (real models load theirs)."""
+    `parts_seed` seeds a tiny model's frozen random text encoders (real models load theirs)."""
 
     def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None, parts_seed: int = 0,
                  model: str | None = None):

@@ -1,9 +1,9 @@
 """Pipelines to serve: a diffusers pipeline for a model name, the artifacts it needs, and the drop-in.
 
 Real models load with `FluxPipeline` / `StableDiffusionXLPipeline.from_pretrained` (hub cache or a local
-folder); the tiny models get a seeded random pipeline (their spec's tiny_parts). With `network=False` the PyTorch
-transformer/UNet is not loaded at all: the served graph replaces it, so its weights are held once, by the
-runtime.
+folder); the tiny models get theirs from the spec's tiny_parts (the trained VAE, seeded frozen text
+encoders). With `network=False` the PyTorch transformer/UNet is not loaded at all: the served graph replaces
+it, so its weights are held once, by the runtime.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
     """The diffusers pipeline for `model` (a registered name or a local pipeline folder).
 
     network: True loads the PyTorch network, False leaves it out (set a served one afterwards), a module
-    is used as is. Tiny models: every random part is seeded from `seed` (the network from the spec's seed,
-    the same weights as its exports)."""
+    is used as is. Tiny models: the trained network and VAE (the weights their exports hold); the frozen random
+    text encoders are seeded from `seed`."""
     import diffusers
 
     spec = models.get(model)

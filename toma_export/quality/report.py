@@ -1,0 +1,120 @@
+"""What a sweep shows a person: pareto.png (speed-up against fidelity per ratio), grid.png (prompts x ratios at
+the same seed) and report.html (both pictures and the table)."""
+from __future__ import annotations
+
+import html as html_lib
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLUMNS = (("ratio", "ratio", "{:.2f}"), ("step_ms", "network ms/step (median)", "{:.2f}"),
+           ("speedup", "speed-up per step", "{:.2f}x"), ("image_s", "s/image (end to end)", "{:.3f}"),
+           ("image_speedup", "speed-up per image", "{:.2f}x"), ("accuracy", "prompt accuracy", "{:.1%}"),
+           ("attributes.colour", "colour right", "{:.1%}"), ("attributes.shape", "shape right", "{:.1%}"),
+           ("attributes.background", "background right", "{:.1%}"),
+           ("fidelity", "judge fidelity", "{:.4f}"), ("frechet", "judge Fréchet", "{:.3f}"),
+           ("clip_t", "CLIP-T", "{:.2f}"), ("dino", "DINO fidelity", "{:.4f}"))
+
+
+def value(row: dict, key: str):
+    """A row's figure; "attributes.shape" reads into the per-attribute accuracies."""
+    head, _, tail = key.partition(".")
+    found = row.get(head)
+    return found.get(tail) if tail and isinstance(found, dict) else found
+
+
+def columns(rows: list) -> list:
+    """The COLUMNS a sweep's rows have."""
+    return [c for c in COLUMNS if c[0].split(".")[0] in rows[0]]
+
+
+def quality_axis(result: dict) -> tuple[str, str] | None:
+    """(row key, label) of the quality figure plotted against speed: fidelity to ratio 0."""
+    for key in ("fidelity", "dino"):
+        if key in result["rows"][0]:
+            return key, {"fidelity": "judge fidelity (stand-in for DINO)", "dino": "DINO fidelity"}[key]
+    return None
+
+
+def pareto(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    axis = quality_axis(result)
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    xs = [r["speedup"] for r in rows]
+    ys = [r[axis[0]] for r in rows] if axis else [r["image_speedup"] for r in rows]
+    ax.plot(xs, ys, "-o", color="#3060c0")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(f"ratio {r['ratio']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("speed-up per denoising step (network, vs ratio 0)")
+    ax.set_ylabel(axis[1] if axis else "speed-up per image (end to end)")
+    ax.set_title(f"{result['model']} on {result['backend']}, {result['height']}x{result['width']}, "
+                 f"{result['steps']} steps", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig.savefig, path)
+    plt.close(fig)
+
+
+def grid(result: dict, path: Path, max_prompts: int = 8) -> None:
+    """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each); columns: ratios."""
+    rows = result["rows"]
+    firsts = [i for i, (_, seed) in enumerate(result["jobs"]) if seed == 0]
+    if len(firsts) > max_prompts:
+        firsts = [firsts[round(k * (len(firsts) - 1) / max(1, max_prompts - 1))] for k in range(max_prompts)]
+    cell = 128
+    label_w, head = 260, 24
+    sheet = Image.new("RGB", (label_w + len(rows) * (cell + 4), head + len(firsts) * (cell + 4)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for c, row in enumerate(rows):
+        text = f"ratio {row['ratio']:g}" + (f"  {row['speedup']:.2f}x" if row["ratio"] else "")
+        pen.text((label_w + c * (cell + 4) + 4, 6), text, fill="black")
+    for r, i in enumerate(firsts):
+        pen.text((4, head + r * (cell + 4) + cell // 2 - 6), _short(result["jobs"][i][0]), fill="black")
+        for c, row in enumerate(rows):
+            image = result["images"][row["ratio"]][i].resize((cell, cell), Image.Resampling.LANCZOS)
+            sheet.paste(image, (label_w + c * (cell + 4), head + r * (cell + 4)))
+    _save(lambda p, **k: sheet.save(p, format="PNG"), path)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def html(result: dict, files: dict, path: Path) -> None:
+    rows = result["rows"]
+    cols = columns(rows)
+    head = "".join(f"<th>{html_lib.escape(label)}</th>" for _, label, _ in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r, k, fmt)}</td>" for k, _, fmt in cols) + "</tr>" for r in rows)
+    names = "".join(f"<li><b>{html_lib.escape(k)}</b>: {html_lib.escape(v)}</li>"
+                    for k, v in result["metric_names"].items())
+    title = (f"ToMA sweep: {result['model']} on {result['backend']}, {result['height']}x{result['width']} px, "
+             f"{result['steps']} steps, {len(result['prompts'])} prompts x {result['seeds']} seed(s)")
+    text = f"""<!doctype html><meta charset="utf-8"><title>{html_lib.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f2f2f2}}</style>
+<h1>{html_lib.escape(title)}</h1>
+<table><tr>{head}</tr>{body}</table>
+<ul>{names}</ul>
+<p>Ratio 0 is the unmerged network and the reference of every quality figure.</p>
+<h2>Speed against quality</h2><img src="{Path(files['pareto']).name}" alt="pareto">
+"""
+    if "grid" in files:
+        text += f"""<h2>Prompts x ratios (same seed)</h2><img src="{Path(files['grid']).name}" alt="grid">\n"""
+    _save(lambda p, **k: Path(p).write_text(text), path)
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    found = value(row, key)
+    return "-" if found is None else fmt.format(found)
+
+
+def _save(writer, path: Path) -> None:
+    """Write beside the final name, then rename: nothing half-written under it."""
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    writer(tmp)
+    tmp.replace(path)

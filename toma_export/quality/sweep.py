@@ -1,0 +1,286 @@
+"""`toma-export sweep`: quality and speed at each merge ratio, in one run, on one backend.
+
+Why: choosing a ratio is a trade-off between time saved and what the image loses. Every ratio draws the same
+prompts from the same seeds; ratio 0 is the unmerged network and the reference of every quality figure, so
+its fidelity is 1 by construction. Times are the whole network's median per denoising step (what ToMA
+changes) and the end-to-end pipeline call per image (what a user waits for).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from . import shapes
+
+REAL_PROMPTS = ("a photo of a red fox in the snow", "a lighthouse on a cliff at sunset",
+                "a bowl of ramen on a wooden table", "an astronaut riding a horse, oil painting")
+METRIC_NAMES = {
+    "accuracy": "prompt accuracy (shapes judge: all three attributes match the caption; the stand-in for CLIP-T)",
+    "fidelity": "judge fidelity (cosine of the shapes judge's features against ratio 0 at the same seed; "
+                "the stand-in for DINO)",
+    "frechet": "judge Fréchet distance to ratio 0 (on the shapes judge's features; the stand-in for FID)",
+    "attributes": "the shapes judge's accuracy per attribute (colour, shape, background)",
+    "clip_t": "CLIP-T (CLIP score of image and prompt, 0-100)",
+    "dino": "DINO fidelity (cosine of DINOv2 CLS features against ratio 0 at the same seed)",
+}
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    model: str
+    ratios: tuple = (0.0, 0.25, 0.5, 0.75)
+    backend: str = "torch"
+    prompts: tuple = ()                    # () = the model's default prompts
+    seeds: int = 1
+    steps: int = 28
+    size: tuple | None = None
+    guidance: float | None = None
+    metrics: str | None = None             # judge | clip | none; None: judge for tiny models, clip otherwise
+    clip: str | None = None
+    dino: str | None = None
+    toma: dict = field(default_factory=dict)   # ToMA options besides the ratio (levels, blocks, tile, ...)
+    output_dir: str | None = None
+    grid_prompts: int = 8                  # rows of grid.png
+
+
+def default_prompts(spec) -> tuple:
+    return tuple(shapes.grammar()) if spec.source is None else REAL_PROMPTS
+
+
+def check(req: SweepRequest, spec) -> str:
+    """Refuse a request in one line before any work; returns the metrics to compute."""
+    if not req.ratios or any(not 0 <= r < 1 for r in req.ratios):
+        raise UsageError(f"--ratios must be shares in [0, 1), got {','.join(map(str, req.ratios))}")
+    if min(req.seeds, req.steps, req.grid_prompts) < 1:
+        raise UsageError(f"--seeds, --steps and --grid-prompts must be >= 1, got {req.seeds}, {req.steps} and "
+                         f"{req.grid_prompts}")
+    if req.backend not in ("torch", "onnxruntime", "tensorrt"):
+        raise UsageError(f"--backend must be torch, onnxruntime or tensorrt, got {req.backend!r}")
+    from ..toma import ToMAConfig
+
+    ToMAConfig(ratio=0.5, **req.toma)                 # the pass-through options, checked before any image
+    metrics = req.metrics or ("judge" if spec.source is None else "clip")
+    if metrics not in ("judge", "clip", "none"):
+        raise UsageError(f"--metrics must be judge, clip or none, got {metrics!r}")
+    if metrics == "judge":
+        if spec.source is not None:
+            raise UsageError(f"the shapes judge only reads the tiny models' shapes world, not {spec.name}; pass "
+                             "--metrics clip with --clip/--dino folders, or --metrics none for speed only")
+        for p in req.prompts:
+            try:
+                shapes.parse(p)
+            except ValueError as err:
+                raise UsageError(f"{err}; the judge scores captions of the grammar only (or pass --metrics none)") \
+                    from None
+    if not has_pipeline(spec) and (metrics != "none" or req.backend != "torch"):
+        raise UsageError(f"{spec.name} holds only the {spec.family} network: sweep can time it (--metrics none, "
+                         "--backend torch) but drawing images needs the whole pipeline folder")
+    if metrics == "clip" and not (req.clip and req.dino):
+        raise UsageError(f"{spec.name}: CLIP-T and DINO need --clip and --dino (a local folder or a hub id in the "
+                         "cache, e.g. openai/clip-vit-large-patch14 and facebook/dinov2-base); or --metrics none for "
+                         "speed only")
+    return metrics
+
+
+def has_pipeline(spec) -> bool:
+    """Whether the model comes with text encoders and a VAE (tiny models, pipeline folders), not just the network."""
+    if spec.source is None:
+        return True
+    folder = Path(spec.source)
+    return (folder / "model_index.json").is_file() and all((folder / p).is_dir() for p in ("text_encoder", "vae"))
+
+
+class _Patched:
+    """A PyTorch network patched at each ratio (0: unpatched), every forward call timed."""
+
+    def __init__(self, net, toma: dict):
+        self.net, self.toma, self.calls = net, toma, []
+        forward = net.forward
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return forward(*a, **k)
+            finally:
+                self.calls.append(time.perf_counter() - t0)
+
+        net.forward = timed
+
+    def set_ratio(self, ratio: float):
+        from ..toma import ToMAConfig, apply_toma, remove_toma
+
+        remove_toma(self.net)
+        if ratio > 0:
+            apply_toma(self.net, ToMAConfig(ratio=ratio, **self.toma))
+
+    def start(self):
+        from ..toma import reset_toma
+
+        if getattr(self.net, "_toma", None) is not None:
+            reset_toma(self.net)
+        self.calls = []
+
+
+class _TorchRunner(_Patched):
+    """The PyTorch pipeline with its network patched."""
+
+    def __init__(self, model: str, toma: dict):
+        from ..serve.pipeline import load_pipeline
+
+        self.pipe = load_pipeline(model)
+        self.pipe.set_progress_bar_config(disable=True)          # the sweep's own bar counts images
+        super().__init__(self.pipe.transformer if hasattr(self.pipe, "transformer") else self.pipe.unet, toma)
+
+    def run(self, prompt, seed, height, width, steps, guidance, kwargs):
+        self.start()
+        image = self.pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        return image, self.calls
+
+
+class _NetworkRunner(_Patched):
+    """Speed only, for a folder holding just the network (the real-size configurations with random weights):
+    the family's denoising loop on sample inputs in fp32, at the CFG batch, without text encoders or VAE."""
+
+    def __init__(self, spec, toma: dict, batch: int):
+        self.spec, self.batch = spec, batch
+        super().__init__(spec.load(torch.float32), toma)
+
+    def run(self, prompt, seed, height, width, steps, guidance, kwargs):
+        self.start()
+        inputs = self.spec.sample_inputs(self.batch, height, width, seed, smooth=True)
+        scheduler = self.spec.scheduler()
+        scheduler.set_timesteps(steps)
+        latent = inputs[self.spec.latent_input] * getattr(scheduler, "init_noise_sigma", 1.0)
+        for t in scheduler.timesteps:
+            out = self.net(**self.spec.step_inputs(inputs, scheduler, latent, t), return_dict=False)[0]
+            latent = scheduler.step(out, t, latent).prev_sample
+        return None, self.calls
+
+
+class _ServedRunner:
+    """A Session (the generate command's and Triton's loop) on exported graphs or engines, one per ratio."""
+
+    def __init__(self, model, backend, toma, size, batch, output_dir, progress):
+        self.args = model, backend, toma, size, batch, output_dir, progress
+        self.session = None
+
+    def set_ratio(self, ratio: float):
+        from ..serve.generate import Session
+        from ..serve.pipeline import serving_artifacts
+        from ..toma import ToMAConfig
+
+        model, backend, toma, size, batch, output_dir, progress = self.args
+        config = ToMAConfig(ratio=ratio, **toma) if ratio > 0 else None
+        toma_path, base_path = serving_artifacts(model, config, size, batch, backend, output_dir, progress=progress)
+        self.session = Session(toma_path, base_path, model=model)
+        self.session.pipe.set_progress_bar_config(disable=True)
+
+    def run(self, prompt, seed, height, width, steps, guidance, kwargs):
+        image = self.session.run([prompt], [seed], height, width, steps, guidance)[0]
+        return image, [t for _, t in self.session.network.timings]
+
+
+def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
+    """Run every ratio over prompts x seeds; returns {"rows": [...], "images": {ratio: [PIL]}, ...}."""
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    from .. import models
+
+    transformers_logging.set_verbosity_error()
+    torch.set_grad_enabled(False)
+    spec = models.get(req.model)
+    metrics = check(req, spec)
+    height, width = spec.size(*(req.size or (None, None)))
+    guidance = spec.default_guidance if req.guidance is None else req.guidance
+    prompts = req.prompts or default_prompts(spec)
+    ratios = sorted(set(float(r) for r in req.ratios) | {0.0})          # ratio 0: every figure's reference
+    scorer = _scorer(metrics, req)
+    jobs = [(p, s) for p in prompts for s in range(req.seeds)]
+    if req.backend == "torch" and not has_pipeline(spec):
+        runner = _NetworkRunner(spec, req.toma, spec.cfg_batch(guidance))
+    elif req.backend == "torch":
+        runner = _TorchRunner(req.model, req.toma)
+    else:
+        runner = _ServedRunner(req.model, req.backend, req.toma, (height, width), spec.cfg_batch(guidance),
+                               req.output_dir, progress)
+    kwargs = spec.pipeline_kwargs()
+    images, rows = {}, []
+    with tqdm(total=len(ratios) * len(jobs), desc=f"sweep {spec.name}", disable=quiet, dynamic_ncols=True) as bar:
+        for ratio in ratios:
+            bar.set_postfix(ratio=ratio)
+            runner.set_ratio(ratio)
+            runner.run(jobs[0][0], jobs[0][1], height, width, 1, guidance, kwargs)     # warm-up: one step
+            step_times, image_times, drawn = [], [], []
+            for prompt, seed in jobs:
+                t0 = time.perf_counter()
+                image, calls = runner.run(prompt, seed, height, width, req.steps, guidance, kwargs)
+                image_times.append(time.perf_counter() - t0)
+                step_times.extend(calls)
+                drawn.append(image)
+                bar.update()
+            images[ratio] = drawn
+            rows.append(dict(ratio=ratio, step_ms=1000 * statistics.median(step_times),
+                             image_s=statistics.median(image_times), images=len(drawn)))
+    base = dict(rows[0])
+    for i, row in enumerate(rows):
+        rows[i] = dict(ratio=row["ratio"], step_ms=row["step_ms"], speedup=base["step_ms"] / row["step_ms"],
+                       image_s=row["image_s"], image_speedup=base["image_s"] / row["image_s"], images=row["images"])
+        rows[i].update(scorer(images[row["ratio"]], images[0.0], [p for p, _ in jobs]) if scorer else {})
+    return dict(model=spec.name, backend=req.backend, height=height, width=width, steps=req.steps,
+                guidance=guidance, seeds=req.seeds, prompts=list(prompts), metrics=metrics,
+                metric_names={k: v for k, v in METRIC_NAMES.items() if k in rows[0]},
+                toma={k: list(v) if isinstance(v, tuple) else v for k, v in req.toma.items()},
+                rows=rows, images=images, jobs=jobs)
+
+
+def _scorer(metrics: str, req: SweepRequest):
+    """images, reference images, captions -> the row's quality columns; None for speed only."""
+    if metrics == "none":
+        return None
+    if metrics == "judge":
+        from . import judge
+
+        model = judge.load()
+
+        def score(images, reference, captions):
+            feats, ref = judge.features(model, images), judge.features(model, reference)
+            return dict(accuracy=judge.prompt_accuracy(model, images, captions), fidelity=judge.fidelity(feats, ref),
+                        frechet=judge.frechet(feats, ref), attributes=judge.attribute_accuracy(model, images, captions))
+        return score
+    from . import encoders, judge
+
+    clip, dino = encoders.ClipScore(req.clip), encoders.DinoFeatures(req.dino)
+
+    def score(images, reference, captions):
+        return dict(clip_t=float(statistics.mean(clip.score(images, captions))),
+                    dino=judge.fidelity(dino.features(images), dino.features(reference)))
+    return score
+
+
+def write(result: dict, out: Path, grid_prompts: int = 8) -> dict:
+    """sweep.json, pareto.png, grid.png and report.html under `out`; returns {name: path}."""
+    import json
+
+    from . import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    drew = result["images"][0.0][0] is not None          # a network-only folder is timed without images
+    files = dict(json=out / "sweep.json", pareto=out / "pareto.png", **({"grid": out / "grid.png"} if drew else {}),
+                 html=out / "report.html")
+    public = {k: v for k, v in result.items() if k not in ("images", "jobs")}
+    report.pareto(result, files["pareto"])
+    if drew:
+        report.grid(result, files["grid"], grid_prompts)
+    report.html(result, files, files["html"])
+    files = {k: str(v) for k, v in files.items()}
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps({**public, "files": files}, indent=1))
+    tmp.replace(out / "sweep.json")
+    return files

@@ -1,0 +1,337 @@
+"""Training the tiny models on the shapes world (`make train-tiny`): a VAE, flux-tiny, sdxl-tiny and the judge.
+
+Why: the tiny models must draw something a judge can check, so that ToMA's cost in quality can be measured.
+Each network keeps its architecture and learns with its family's objective, in the latent space of a small VAE
+trained first: flow matching (FlowMatchEulerDiscreteScheduler's sigmas, velocity noise - x0) for FLUX,
+epsilon prediction on the SDXL scheduler's betas for SDXL, with captions dropped to zeros one time in ten so
+SDXL's classifier-free guidance has an unconditional model. Text goes through the pipelines' own frozen random
+text encoders (`encode_prompt`), computed once per caption. Everything follows from the seed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+
+OFFSET_NOISE = 0.3       # SDXL: per-channel noise offset, several times the 16x16 latent's own mean noise
+SIZE = 128               # the tiny models' default size: 64 FLUX tokens (a measured run found 256 too many)
+
+
+def progress_bar(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=True)
+
+
+def images(seed: int, count: int, size: int = SIZE, quiet: bool = False):
+    """(count, 3, size, size) in [-1, 1], captions, labels: drawn in chunks under a progress bar."""
+    chunks, captions, labels = [], [], []
+    with progress_bar(count, f"drawing {count} shapes", quiet) as bar:
+        for start in range(0, count, 500):
+            x, c, y = shapes.batch(seed, start, min(500, count - start), size)
+            chunks.append(x), captions.extend(c), labels.append(y)
+            bar.update(len(c))
+    return torch.cat(chunks), captions, torch.cat(labels)
+
+
+class EMA:
+    """Exponential moving average of a network's weights, with the usual warm-up of its decay."""
+
+    def __init__(self, model, decay: float = 0.999):
+        self.model, self.decay, self.count = copy.deepcopy(model).eval(), decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.count += 1
+        d = min(self.decay, (1 + self.count) / (10 + self.count))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def _optimiser(model, lr: float, steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))))
+    return opt, sched
+
+
+def train_vae(vae, seed: int, steps: int, batch: int = 16, quiet: bool = False) -> dict:
+    """An autoencoder with a tiny KL term: it needs to reconstruct flat shapes, and the denoisers want a smooth
+    latent space. Returns the latents' {"mean", "std"} (one scalar each), from which each family's pipeline
+    factors follow (families/tiny.py vae)."""
+    x, _, _ = images(seed, steps * batch // 4, quiet=quiet)      # each image seen about four times
+    vae.train()
+    opt, sched = _optimiser(vae, 2e-3, steps)
+    g = torch.Generator().manual_seed(seed)
+    with progress_bar(steps, "VAE", quiet) as bar:
+        for i in range(steps):
+            target = x[torch.randint(0, len(x), (batch,), generator=g)]
+            posterior = vae.encode(target).latent_dist
+            recon = vae.decode(posterior.sample(g)).sample
+            # the shape is a small share of the pixels: weight it up, or colour is learnt long after the background
+            weight = 1 + 9 * ((target - target[..., :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+            error = recon - target
+            loss = (weight * (error.abs() + error.square())).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(), sched.step()
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+    vae.eval()
+    z = encode(vae, x[:1024], quiet=True)
+    return dict(mean=float(z.mean()), std=float(z.std()), channel_mean=z.mean((0, 2, 3)).tolist(),
+                channel_std=z.std((0, 2, 3)).tolist())
+
+
+@torch.no_grad()
+def encode(vae, x: torch.Tensor, quiet: bool = False) -> torch.Tensor:
+    """Images -> raw latents (the posterior means)."""
+    out = []
+    with progress_bar(len(x), "encoding latents", quiet) as bar:
+        for i in range(0, len(x), 128):
+            out.append(vae.encode(x[i:i + 128]).latent_dist.mean)
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+def normalise(raw: torch.Tensor, vae) -> torch.Tensor:
+    """Raw latents as the pipeline's network sees them, the inverse of its decoding: FLUX (x - shift) * scale,
+    SDXL (x - mean_c) * scale / std_c per channel."""
+    c = vae.config
+    if getattr(c, "latents_mean", None) is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (c.latents_mean, c.latents_std))
+        return (raw - mean) * c.scaling_factor / std
+    return (raw - (c.shift_factor or 0.0)) * c.scaling_factor
+
+
+def _texts(pipe, family: str) -> dict:
+    """{caption or "": conditioning tensors} through the pipeline's own encode_prompt; "" is the unconditional
+    (SDXL's pipeline uses zeros for an empty negative prompt)."""
+    out = {}
+    with torch.no_grad():
+        for text in shapes.grammar():
+            if family == "flux":
+                length = pipe.tokenizer_2.model_max_length
+                embeds, pooled, _ = pipe.encode_prompt(text, None, max_sequence_length=length)
+            else:
+                embeds, _, pooled, _ = pipe.encode_prompt(text, do_classifier_free_guidance=False)
+            out[text] = (embeds[0], pooled[0])
+    e, p = out[shapes.grammar()[0]]
+    out[""] = (torch.zeros_like(e), torch.zeros_like(p))
+    return out
+
+
+def train_network(pipe, family: str, latents: torch.Tensor, captions: list, seed: int, steps: int, batch: int = 32,
+                  lr: float = 5e-4, quiet: bool = False):
+    """Train the pipeline's network on (latent, caption) pairs with its family's objective; returns its EMA."""
+    net = pipe.transformer if family == "flux" else pipe.unet
+    texts = _texts(pipe, family)
+    embeds = torch.stack([texts[c][0] for c in captions] + [texts[""][0]])
+    pooled = torch.stack([texts[c][1] for c in captions] + [texts[""][1]])
+    empty = len(captions)
+    b, c, h, w = latents.shape
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+        txt_ids = torch.zeros(embeds.shape[1], 3)
+    else:
+        alphas = torch.cumprod(1 - pipe.scheduler.betas, 0)
+        size = h * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    net.train()
+    ema = EMA(net)
+    opt, sched = _optimiser(net, lr, steps)
+    g = torch.Generator().manual_seed(seed)
+    with progress_bar(steps, family + "-tiny", quiet) as bar:
+        for i in range(steps):
+            pick = torch.randint(0, b, (batch,), generator=g)
+            x0 = latents[pick]
+            cond = torch.where(torch.rand(batch, generator=g) < 0.1, empty, pick) if family == "sdxl" else pick
+            noise = torch.randn(x0.shape, generator=g)
+            if family == "flux":
+                sigma = torch.sigmoid(torch.randn(batch, generator=g))
+                s = sigma.view(-1, 1, 1, 1)
+                xt = FluxPipeline._pack_latents((1 - s) * x0 + s * noise, batch, c, h, w)
+                pred = net(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
+                           timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+                loss = F.mse_loss(pred, FluxPipeline._pack_latents(noise - x0, batch, c, h, w))
+            else:
+                # offset noise: the schedule leaves 9 % of the image in its first step's input, so without it
+                # the model reads the background off the input's mean (zero at inference) instead of the text
+                noise = noise + OFFSET_NOISE * torch.randn(batch, c, 1, 1, generator=g)
+                t = torch.randint(0, len(alphas), (batch,), generator=g)
+                a = alphas[t].view(-1, 1, 1, 1)
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                pred = net(xt, t, encoder_hidden_states=embeds[cond], return_dict=False,
+                           added_cond_kwargs=dict(text_embeds=pooled[cond], time_ids=time_ids.expand(batch, -1)))[0]
+                loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step(), sched.step()
+            ema.update(net)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+    net.eval()
+    return ema.model
+
+
+def pipeline(model: str, vae, stats: dict, net=None):
+    """The tiny model's diffusers pipeline around a copy of `vae` with the family's factors for latents of these
+    `stats`, and `net` (default: its random init); the frozen text encoders are rebuilt from their seeds."""
+    import diffusers
+
+    from .. import models
+    from ..families import tiny
+
+    spec = models.get(model)
+    family_vae = copy.deepcopy(vae)
+    family_vae.register_to_config(**tiny.factors(stats, spec.family))
+    net = net if net is not None else spec.load(trained=False)
+    parts = {**spec.tiny_parts(0), "vae": family_vae, spec.subfolder: net}
+    return getattr(diffusers, spec.pipeline_class)(scheduler=spec.scheduler(), **parts)
+
+
+@torch.no_grad()
+def draws(pipe, model: str, seeds: int = 1, toma: bool = False, steps: int = 28, quiet: bool = False):
+    """One image per caption of the grammar and seed at the model's default size and `steps`, with or without
+    ToMA at its default settings: what the judge scores after training."""
+    from .. import models
+    from ..toma import apply_toma, remove_toma
+
+    spec = models.get(model)
+    net = pipe.transformer if spec.family == "flux" else pipe.unet
+    pipe.set_progress_bar_config(disable=True)            # one bar for all draws
+    if toma:
+        apply_toma(net)
+    captions = [c for c in shapes.grammar() for _ in range(seeds)]
+    out = []
+    try:
+        with progress_bar(len(captions), f"{model} draws{' (ToMA)' if toma else ''}", quiet) as bar:
+            for i, text in enumerate(captions):
+                height, width = spec.default_size
+                out.append(pipe(text, num_inference_steps=steps, height=height, width=width,
+                                guidance_scale=spec.default_guidance, generator=torch.Generator().manual_seed(i % seeds),
+                                **spec.pipeline_kwargs()).images[0])
+                bar.update()
+    finally:
+        remove_toma(net)
+    return out, captions
+
+
+def save(tensors: dict, path, metadata: dict | None = None, half: bool = True) -> None:
+    """safetensors written beside the final name and renamed: nothing half-written under it."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+              str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    from ..bench.run import cpu_name
+    from ..families import tiny
+    from . import judge as judge_module
+
+    p = argparse.ArgumentParser(prog="python -m toma_export.quality.train",
+                                description="Train the tiny models' VAE, flux-tiny, sdxl-tiny and the shapes judge "
+                                            "(make train-tiny), from a seed, on this machine's CPUs.")
+    p.add_argument("--out", type=Path, default=tiny.WEIGHTS, help="folder for the weights (the package's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=24000, help="training images of the networks (24000)")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--flux-steps", type=int, default=4000)
+    p.add_argument("--sdxl-steps", type=int, default=2000)
+    p.add_argument("--flux-lr", type=float, default=1e-3)
+    p.add_argument("--sdxl-lr", type=float, default=5e-4)
+    p.add_argument("--judge-steps", type=int, default=2000)
+    p.add_argument("--eval-seeds", type=int, default=2, help="seeds per caption for the final judge figures (2)")
+    p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the final draws (generate's 28)")
+    p.add_argument("--only", choices=["flux-tiny", "sdxl-tiny"],
+                   help="train this network again against the judge and VAE already in --out")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start, record = time.monotonic(), dict(seed=args.seed, machine=cpu_name(), threads=torch.get_num_threads(),
+                                           torch=torch.__version__)
+    quiet = args.quiet
+
+    torch.manual_seed(args.seed)
+    vae = tiny.vae(4, args.seed + 3, "flux", trained=False)
+    if args.only:
+        from safetensors import safe_open
+
+        judge = judge_module.Judge()
+        judge.load_state_dict(_load(args.out / "judge.safetensors"))
+        vae.load_state_dict(_load(args.out / "vae-tiny.safetensors"))
+        with safe_open(str(args.out / "vae-tiny.safetensors"), "pt") as f:
+            stats = json.loads(f.metadata()["latents"])
+        record = {**json.loads((args.out / "training.json").read_text()), **record}
+    else:
+        judge = judge_module.train(args.seed + 1, steps=args.judge_steps, quiet=quiet)
+        record["judge"] = dict(steps=args.judge_steps, held_out=judge_module.held_out_accuracy(judge))
+        save(judge.state_dict(), args.out / "judge.safetensors", half=False)
+        print(f"judge: held-out accuracy {record['judge']['held_out']['all']:.2%} ({elapsed(start)})", flush=True)
+        stats = train_vae(vae, args.seed + 2, args.vae_steps, quiet=quiet)
+        save(vae.state_dict(), args.out / "vae-tiny.safetensors", metadata=dict(latents=json.dumps(stats)),
+             half=False)
+        record["vae"] = dict(steps=args.vae_steps, latents=stats)
+        print(f"vae: latents mean {stats['mean']:.3f} std {stats['std']:.3f} ({elapsed(start)})", flush=True)
+    judge.eval()
+
+    x, captions, _ = images(args.seed + 4, args.images, quiet=quiet)
+    raw = encode(vae, x, quiet=quiet)
+    del x
+    for model, family, steps, lr in (("flux-tiny", "flux", args.flux_steps, args.flux_lr),
+                                     ("sdxl-tiny", "sdxl", args.sdxl_steps, args.sdxl_lr)):
+        if args.only and model != args.only:
+            continue
+        pipe = pipeline(model, vae, stats)
+        t0 = time.monotonic()
+        net = train_network(pipe, family, normalise(raw, pipe.vae), captions, args.seed + 5, steps, lr=lr,
+                            quiet=quiet)
+        save(net.state_dict(), args.out / f"{model}.safetensors")
+        net.load_state_dict({k: v.float() for k, v in _load(args.out / f"{model}.safetensors").items()})
+        pipe = pipeline(model, vae, stats, net)         # judged as stored: fp16-rounded
+        figures = {}
+        for toma in (False, True):
+            drawn, texts = draws(pipe, model, args.eval_seeds, toma, args.eval_steps, quiet)
+            figures["toma" if toma else "baseline"] = judge_module.prompt_accuracy(judge, drawn, texts)
+        record[model] = dict(steps=steps, lr=lr, minutes=(time.monotonic() - t0) / 60, prompt_accuracy=figures,
+                             images=args.images)
+        print(f"{model}: prompt accuracy {figures['baseline']:.1%} without ToMA, {figures['toma']:.1%} with "
+              f"ToMA at its defaults ({len(texts)} draws each, judged; {elapsed(start)})", flush=True)
+    record["minutes" if not args.only else f"minutes ({args.only} alone)"] = (time.monotonic() - start) / 60
+    (args.out / "training.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+    return 0
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def elapsed(start: float) -> str:
+    return f"{time.monotonic() - start:.0f} s"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
