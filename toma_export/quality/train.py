@@ -61,6 +61,19 @@ def _optimiser(model, lr: float, steps: int):
     return opt, sched
 
 
+def update(opt, sched, loss, bar, step: int, clip: float | None = None) -> None:
+    """One optimiser step (gradients clipped to `clip` if given), the loss shown every 20 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
+    opt.step(), sched.step()
+    if step % 20 == 0:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.update()
+
+
+@torch.enable_grad()
 def train_vae(vae, seed: int, steps: int, batch: int = 16, quiet: bool = False) -> dict:
     """An autoencoder with a tiny KL term: it needs to reconstruct flat shapes, and the denoisers want a smooth
     latent space. Returns the latents' {"mean", "std"} (one scalar each), from which each family's pipeline
@@ -78,12 +91,7 @@ def train_vae(vae, seed: int, steps: int, batch: int = 16, quiet: bool = False) 
             weight = 1 + 9 * ((target - target[..., :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
             error = recon - target
             loss = (weight * (error.abs() + error.square())).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step(), sched.step()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update()
+            update(opt, sched, loss, bar, i)
     vae.eval()
     z = encode(vae, x[:1024], quiet=True)
     return dict(mean=float(z.mean()), std=float(z.std()), channel_mean=z.mean((0, 2, 3)).tolist(),
@@ -128,6 +136,7 @@ def _texts(pipe, family: str) -> dict:
     return out
 
 
+@torch.enable_grad()
 def train_network(pipe, family: str, latents: torch.Tensor, captions: list, seed: int, steps: int, batch: int = 32,
                   lr: float = 5e-4, quiet: bool = False):
     """Train the pipeline's network on (latent, caption) pairs with its family's objective; returns its EMA."""
@@ -173,14 +182,8 @@ def train_network(pipe, family: str, latents: torch.Tensor, captions: list, seed
                 pred = net(xt, t, encoder_hidden_states=embeds[cond], return_dict=False,
                            added_cond_kwargs=dict(text_embeds=pooled[cond], time_ids=time_ids.expand(batch, -1)))[0]
                 loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step(), sched.step()
+            update(opt, sched, loss, bar, i, clip=1.0)
             ema.update(net)
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update()
     net.eval()
     return ema.model
 
