@@ -114,18 +114,22 @@ def load() -> Judge:
     return judge.eval()
 
 
-def prompt_accuracy(judge: Judge, images, captions: list[str]) -> float:
-    """Share of images whose predicted (colour, shape, background) all match their caption."""
+def scores(judge: Judge, images, captions: list[str]) -> dict:
+    """{"accuracy": share of images whose predicted (colour, shape, background) all match their caption,
+    "attributes": {colour, shape, background: share right}}, from one pass of the judge."""
     predicted = judge.predict(pixels(images))
-    return float(np.mean([p == shapes.parse(c) for p, c in zip(predicted, captions)]))
+    right = np.array([[p == w for p, w in zip(found, shapes.parse(c))] for found, c in zip(predicted, captions)])
+    return dict(accuracy=float(right.all(1).mean()),
+                attributes={k: float(right[:, i].mean()) for i, k in enumerate(HEADS)})
+
+
+def prompt_accuracy(judge: Judge, images, captions: list[str]) -> float:
+    return scores(judge, images, captions)["accuracy"]
 
 
 def attribute_accuracy(judge: Judge, images, captions: list[str]) -> dict:
-    """{colour, shape, background: share of images whose attribute matches its caption}: which part of a
-    caption a change loses."""
-    predicted = judge.predict(pixels(images))
-    wanted = [shapes.parse(c) for c in captions]
-    return {k: float(np.mean([p[i] == w[i] for p, w in zip(predicted, wanted)])) for i, k in enumerate(HEADS)}
+    """Which part of a caption a change loses."""
+    return scores(judge, images, captions)["attributes"]
 
 
 def features(judge: Judge, images) -> torch.Tensor:

@@ -56,7 +56,7 @@ def pareto(result: dict, path: Path) -> None:
                  f"{result['steps']} steps", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig.savefig, path)
+    write_atomic(fig.savefig, path)
     plt.close(fig)
 
 
@@ -78,7 +78,7 @@ def grid(result: dict, path: Path, max_prompts: int = 8) -> None:
         for c, row in enumerate(rows):
             image = result["images"][row["ratio"]][i].resize((cell, cell), Image.Resampling.LANCZOS)
             sheet.paste(image, (label_w + c * (cell + 4), head + r * (cell + 4)))
-    _save(lambda p, **k: sheet.save(p, format="PNG"), path)
+    write_atomic(lambda p: sheet.save(p, format="PNG"), path)
 
 
 def _short(text: str, width: int = 40) -> str:
@@ -105,7 +105,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f2f2f2}}</style
 """
     if "grid" in files:
         text += f"""<h2>Prompts x ratios (same seed)</h2><img src="{Path(files['grid']).name}" alt="grid">\n"""
-    _save(lambda p, **k: Path(p).write_text(text), path)
+    write_atomic(lambda p: p.write_text(text), path)
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
@@ -113,8 +113,8 @@ def cell(row: dict, key: str, fmt: str) -> str:
     return "-" if found is None else fmt.format(found)
 
 
-def _save(writer, path: Path) -> None:
-    """Write beside the final name, then rename: nothing half-written under it."""
+def write_atomic(writer, path: Path) -> None:
+    """writer(temporary path) beside the final name, then rename: nothing half-written under it."""
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     writer(tmp)
     tmp.replace(path)

@@ -247,20 +247,24 @@ def _scorer(metrics: str, req: SweepRequest):
     if metrics == "judge":
         from . import judge
 
-        model = judge.load()
+        model, reference_features = judge.load(), []       # ratio 0's features, computed for the first row
 
         def score(images, reference, captions):
-            feats, ref = judge.features(model, images), judge.features(model, reference)
-            return dict(accuracy=judge.prompt_accuracy(model, images, captions), fidelity=judge.fidelity(feats, ref),
-                        frechet=judge.frechet(feats, ref), attributes=judge.attribute_accuracy(model, images, captions))
+            if not reference_features:
+                reference_features.append(judge.features(model, reference))
+            feats, ref = judge.features(model, images), reference_features[0]
+            return dict(**judge.scores(model, images, captions), fidelity=judge.fidelity(feats, ref),
+                        frechet=judge.frechet(feats, ref))
         return score
     from . import encoders, judge
 
-    clip, dino = encoders.ClipScore(req.clip), encoders.DinoFeatures(req.dino)
+    clip, dino, reference_features = encoders.ClipScore(req.clip), encoders.DinoFeatures(req.dino), []
 
     def score(images, reference, captions):
+        if not reference_features:
+            reference_features.append(dino.features(reference))
         return dict(clip_t=float(statistics.mean(clip.score(images, captions))),
-                    dino=judge.fidelity(dino.features(images), dino.features(reference)))
+                    dino=judge.fidelity(dino.features(images), reference_features[0]))
     return score
 
 
@@ -280,7 +284,5 @@ def write(result: dict, out: Path, grid_prompts: int = 8) -> dict:
         report.grid(result, files["grid"], grid_prompts)
     report.html(result, files, files["html"])
     files = {k: str(v) for k, v in files.items()}
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps({**public, "files": files}, indent=1))
-    tmp.replace(out / "sweep.json")
+    report.write_atomic(lambda p: p.write_text(json.dumps({**public, "files": files}, indent=1)), out / "sweep.json")
     return files

@@ -235,10 +235,10 @@ def save(tensors: dict, path, metadata: dict | None = None, half: bool = True) -
     """safetensors written beside the final name and renamed: nothing half-written under it."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
-              str(tmp), metadata=metadata)
-    tmp.replace(path)
+    from .report import write_atomic
+
+    stored = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    write_atomic(lambda p: save_file(stored, str(p), metadata=metadata), path)
 
 
 def main(argv=None) -> int:
