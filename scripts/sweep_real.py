@@ -4,7 +4,7 @@ at 1024x1024. Each runs `toma-export sweep --metrics none` (PyTorch, fp32, the f
 process, so every figure is a ratio measured in one run on one machine. Prints one JSON object and writes it
 to --out.
 
-    python scripts/sweep_real.py --out docs/quality/real.json          # about 20 minutes on 2 cores
+    python scripts/sweep_real.py --out docs/quality/real/real-size.json    # about 8 minutes on 2 cores
 """
 from __future__ import annotations
 
