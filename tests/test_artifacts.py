@@ -74,7 +74,7 @@ def test_every_field_round_trips_through_export_validate_and_serve(every_field_e
     result = json.loads(res.stdout)
     assert config_from_section(result["toma"]) == EVERY_FIELD
     # steps 0, 3, 6 merge; destinations are selected on merged steps 0 and 2 (steps 0 and 6)
-    assert result["calls"] == dict(toma=3, recompute=2, baseline=4)
+    assert result["calls"] == dict(toma=3, recompute=2, baseline=4, cached=0)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

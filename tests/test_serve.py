@@ -79,10 +79,10 @@ def test_served_pipeline_matches_pytorch_toma(exports, model, schedule):
     per_gen = {k: v // 2 for k, v in network.calls.items()}
     if config.merge_steps:
         # steps 0 and 2 merge; step 2 reuses step 0's destinations across the unmerged step 1 (dst_every=2)
-        assert per_gen == {"toma": 2, "baseline": 2, "recompute": 1}
+        assert per_gen == {"toma": 2, "baseline": 2, "recompute": 1, "cached": 0}
         assert network.sharing.shared > 0 and network.sharing.unshared_bytes == 0
     else:
-        assert per_gen == {"toma": STEPS, "baseline": 0, "recompute": STEPS}
+        assert per_gen == {"toma": STEPS, "baseline": 0, "recompute": STEPS, "cached": 0}
 
 
 def test_toma_changes_the_result(exports):
@@ -127,7 +127,7 @@ def test_generate_writes_a_png(exports, artifacts, tmp_path, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["onnx_or_engine"] == exports("flux-tiny")[0]
-    assert result["calls"] == {"toma": 2, "baseline": 0, "recompute": 2}
+    assert result["calls"] == {"toma": 2, "baseline": 0, "recompute": 2, "cached": 0}
     assert set(result["latency_ms"]) >= {"text_encode", "denoise_total", "denoise_per_step", "vae_decode", "total"}
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (SIZE, SIZE)

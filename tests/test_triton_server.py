@@ -32,6 +32,7 @@ SIZE, STEPS = (128, 128), 2          # the smallest size the tiny models' dynami
 BATCH_TOLERANCE = 2                  # uint8 levels; single requests are compared bit for bit
 LONG_STEPS = 1000                    # flux-tiny's step limit in this repository
 CLI = [sys.executable, "-m", "toma_export.cli"]
+CACHE = "fbcache:0.2"      # caches about half of 12 steps
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,21 @@ def parts():
 
 
 @pytest.fixture(scope="module")
-def repo(dynamic_export, tmp_path_factory):
-    """Both pipelines in one repository: flux-tiny with one instance, sdxl-tiny with two."""
+def repo(dynamic_export, artifacts, tmp_path_factory):
+    """Both pipelines in one repository: flux-tiny with one instance, sdxl-tiny with two; and flux-tiny split for
+    First-Block Cache (static, 128x128), served with it."""
+    from toma_export import ToMAConfig
+    from toma_export.onnx import ExportOptions
+    from toma_export.onnx.export import export_split
+
     out = tmp_path_factory.mktemp("triton") / "repo"
     names = {}
+    tail = export_split("flux-tiny", ToMAConfig(), artifacts / "onnx", ExportOptions(), progress=lambda m: None)
+    cmd = CLI + ["export-repo", "--onnx", tail["onnx"], "--out", str(out), "--name", "flux-tiny-fbcache", "--cache",
+                 CACHE, "--json"]
+    names["flux-tiny-fbcache"] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                                           check=True).stdout)["pipeline_model"]
+    names["flux-tiny-fbcache-tail"] = tail["onnx"]
     for model, instances in zip(MODELS, (1, 2)):
         meta = dynamic_export(model)
         cmd = CLI + ["export-repo", "--onnx", meta["onnx"], "--out", str(out), "--instances", str(instances), "--json"]
@@ -122,6 +134,26 @@ def test_request_matches_generate(server, repo, dynamic_export, model, protocol,
     a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (served, local))
     assert a.shape == (*SIZE, 3) and a.std() > 1         # a real image, not a blank
     assert np.array_equal(a, b)
+
+
+def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, tmp_path):
+    """The pipeline model of a head/tail split with its cache parameter: bit for bit what `generate --onnx TAIL
+    --cache` draws in one thread."""
+    name = repo[1]["flux-tiny-fbcache"]
+    config = Client(server.http_url, "http", name).client.get_model_config(name)
+    assert config["parameters"]["cache"]["string_value"] == CACHE
+    served, local = tmp_path / "served.png", tmp_path / "local.png"
+    common = ["--prompt", "a red circle on a white background", "--size", "128x128", "--steps", "12", "--seed", "0"]
+    done = subprocess.run(CLI + ["request", "--url", server.http_url, "--model", name, "--out", str(served), *common],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    gen = CLI + ["generate", "--model", "flux-tiny", "--onnx", repo[1]["flux-tiny-fbcache-tail"], "--cache", CACHE,
+                 "--out", str(local), "--json", *common]
+    result = json.loads(subprocess.run(gen, capture_output=True, text=True, check=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    assert 0 < result["cached_steps"] < 12
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (served, local))
+    assert a.std() > 1 and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("model", MODELS)

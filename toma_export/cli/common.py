@@ -84,6 +84,30 @@ def toma_config(args, base: dict | None = None):
     return ToMAConfig(**{**(base or {}), **toma_options(args)})    # ToMAConfig normalises lists itself
 
 
+def cache(text: str):
+    """'none' -> None, 'fbcache:0.1' -> CacheConfig(0.1)."""
+    from ..cache import parse
+    from ..errors import UsageError
+
+    try:
+        return parse(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def caches(text: str) -> tuple:
+    """'none,fbcache:0.1' -> (None, CacheConfig(0.1))."""
+    return tuple(cache(part) for part in names(text))
+
+
+def add_cache(p: argparse.ArgumentParser, many: bool = False) -> None:
+    what = "comma list of step caches, each " if many else ""
+    p.add_argument("--cache", type=caches if many else cache, default=(None,) if many else None,
+                   help=f"{what}none or fbcache:THRESHOLD: First-Block Cache (FLUX) runs the first block every step "
+                        "and reuses the rest of the network while its output changes by less than THRESHOLD, in "
+                        "(0, 1), relative (diffusers' rule; 0.05-0.2 are usual) (none)")
+
+
 def add_lora(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", type=lora_file, default=[], metavar="FILE[:SCALE]",
                    help="a LoRA (diffusers, peft or kohya .safetensors) fused into the weights at SCALE (1); "

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size, toma_config
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size,
+                     toma_config)
 
 
 def add_parser(sub):
@@ -35,6 +36,7 @@ def add_parser(sub):
                         "LoRA export in seconds. Same filesystem only (else copied); onnx.load refuses hard links "
                         "(ONNX Runtime and TensorRT-RTX's parser read them)")
     add_lora(p)
+    add_cache(p)
     add_json(p)
     add_toma_options(p)
     return p
@@ -42,19 +44,23 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import models
+    from ..cache import check_family
     from ..onnx import ExportOptions, export
+    from ..onnx.export import export_split
     from ..lora import as_options
     from ..resources import default_output
     from ..toma.tiles import check_tiling
 
     config = None if args.no_toma else toma_config(args)
     spec = models.get(args.model)
+    check_family(args.cache, spec)
     if config is not None:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
                             text_len=args.text_len, loras=as_options(args.lora), link_weights=args.link_weights)
-    meta = export(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
+    make = export if args.cache is None else export_split
+    meta = make(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
     peak = peak_memory()
     if args.json:
         print(json.dumps({**meta, **peak}))
@@ -64,6 +70,10 @@ def run(args) -> int:
             if meta["dynamic"] else
             f"static: batch {meta['batch']}, {meta['height']}x{meta['width']} px, {meta['text_len']} text tokens")
     print(f"{meta['onnx']}\n  {meta['model']} {meta['dtype']} opset {meta['opset']}, {kind}")
+    if meta.get("head"):
+        head = Path(meta["onnx"]).parent.parent / meta["head"]
+        print(f"  First-Block Cache tail; its head: {head} (the threshold is chosen where the pair runs: "
+              "generate/sweep --cache)")
     toma = meta["toma"]
     if toma:
         print(f"  ToMA ratio {toma['ratio']}, tile {toma['tile'][0]}x{toma['tile'][1]}, {toma['destinations_per_tile']} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_json
+from .common import add_cache, add_json
 
 
 def add_parser(sub):
@@ -31,6 +31,7 @@ def add_parser(sub):
     p.add_argument("--force", action="store_true", help="replace existing model folders")
     p.add_argument("--allow-tensorrt-rtx", action="store_true",
                    help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
+    add_cache(p)
     add_json(p)
     return p
 
@@ -62,6 +63,9 @@ def run(args) -> int:
                                       "--name")
         final = export_repo(args.engine, args.out, name, args.max_batch_size, args.instances, args.force,
                             args.allow_tensorrt_rtx)
+        if args.cache is not None:
+            raise RepositoryError("First-Block Cache engines are not built yet; export the repository from the ONNX "
+                                  "tail (--onnx) or pass --cache none")
         export_pipeline(artifact, args.out, pipeline, args.instances, args.kind or "gpu", force=True,
                         baseline=args.baseline, limits=limits)
         result.update(plan_model=final.name, pipeline_model=pipeline, network="tensorrt")
@@ -69,7 +73,7 @@ def run(args) -> int:
         artifact = Artifact.load(args.onnx, "onnx")
         name = args.name or Path(artifact.model).name
         final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
-                                baseline=args.baseline, limits=limits)
+                                baseline=args.baseline, limits=limits, cache=args.cache)
         result.update(pipeline_model=final.name, network="onnxruntime")
     if args.json:
         print(json.dumps(result))

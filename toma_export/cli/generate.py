@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, SCHEDULE, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line,
-                     progress, size, stdout_on_stderr, toma_config, toma_options)
+from .common import (MODEL_HELP, SCHEDULE, add_cache, add_json, add_lora, add_toma_options, peak_memory,
+                     peak_memory_line, progress, size, stdout_on_stderr, toma_config, toma_options)
 
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate an image with a pipeline running the exported ToMA graph or engine")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--onnx", help="an exported model.onnx to run in ONNX Runtime (default: export or reuse one)")
+    src.add_argument("--onnx", help="an exported model.onnx to run in ONNX Runtime (default: export or reuse one; "
+                                     "with --cache, the tail of the split)")
     src.add_argument("--engine", help="a built engine's engine.json to run in TensorRT (default: build or reuse one)")
     p.add_argument("--baseline", help="the same model exported/built without ToMA, for steps the schedule leaves "
                                       "unmerged (default with --onnx/--engine: none)")
@@ -31,6 +32,7 @@ def add_parser(sub):
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export or build again even if cached")
     add_lora(p)
+    add_cache(p)
     add_json(p, "the table")
     add_toma_options(p)
     return p
@@ -51,7 +53,7 @@ def run(args) -> int:
         guidance=args.guidance, config=None if args.no_toma else toma_config(args),
         schedule={k: v for k, v in given.items() if k in SCHEDULE} or None, onnx=args.onnx, engine=args.engine,
         baseline=args.baseline, backend=args.backend, share_weights=not args.no_share_weights,
-        output_dir=args.output_dir, force=args.force, loras=as_options(args.lora))
+        output_dir=args.output_dir, force=args.force, loras=as_options(args.lora), cache=args.cache)
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
     result = {**result, **peak_memory()}
@@ -69,6 +71,8 @@ def _table(r: dict) -> str:
         lines.append(f"  ToMA ratio {toma['ratio']}, tile {toma['tile'][0]}x{toma['tile'][1]}, merge_steps "
                      f"{toma['merge_steps'] or 'all'}, dst_every {toma['dst_every']}: {r['calls']['toma']} merged "
                      f"call(s) ({r['calls']['recompute']} selecting), {r['calls']['baseline']} unmerged")
+    if r["cache"] != "none":
+        lines.append(f"  {r['cache']}: {r['computed_steps']} step(s) computed, {r['cached_steps']} from the cache")
     if r["weights_shared"]:
         lines.append(f"  weights: {r['weights_shared']}")
     lines.append(f"  {'stage':<26}{'ms':>10}")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_json, add_toma_options, progress, size, stdout_on_stderr, toma_options
+from .common import MODEL_HELP, add_cache, add_json, add_toma_options, progress, size, stdout_on_stderr, toma_options
 
 
 def ratios(text: str) -> tuple:
@@ -17,7 +17,8 @@ def ratios(text: str) -> tuple:
 
 
 def add_parser(sub):
-    p = sub.add_parser("sweep", help="speed and quality at each merge ratio, with pictures")
+    p = sub.add_parser("sweep", help="speed and quality at each merge ratio (and step cache), with "
+                                        "pictures")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--ratios", type=ratios, default=(0.0, 0.25, 0.5, 0.75),
                    help="merge ratios, comma list (0,0.25,0.5,0.75); 0 is always run: the reference")
@@ -40,6 +41,7 @@ def add_parser(sub):
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown as rows of grid.png (8)")
     p.add_argument("--output-dir", help="export / engine cache for onnxruntime and tensorrt (the default cache)")
     p.add_argument("--out", required=True, help="folder for sweep.json, pareto.png, grid.png and report.html")
+    add_cache(p, many=True)
     add_json(p, "the table")
     add_toma_options(p)
     return p
@@ -62,7 +64,7 @@ def run(args) -> int:
     request = SweepRequest(model=args.model, ratios=args.ratios, backend=args.backend, prompts=prompts,
                            seeds=args.seeds, steps=args.steps, size=args.size, guidance=args.guidance,
                            metrics=args.metrics, clip=args.clip, dino=args.dino, toma=options,
-                           output_dir=args.output_dir, grid_prompts=args.grid_prompts)
+                           output_dir=args.output_dir, grid_prompts=args.grid_prompts, caches=args.cache)
     with stdout_on_stderr():
         result = sweep(request, progress, quiet=args.json)
         files = write(result, Path(args.out), args.grid_prompts)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (MODEL_HELP, add_json, add_lora, add_toma_options, names, peak_memory, peak_memory_line, sizes,
-                     stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, names, peak_memory,
+                     peak_memory_line, sizes, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -35,12 +35,15 @@ def add_parser(sub):
     p.add_argument("--bisect", action="store_true",
                    help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
     add_lora(p)
+    add_cache(p)
     add_json(p, "the table")
     add_toma_options(p)
     return p
 
 
 def run(args) -> int:
+    if args.cache is not None:
+        return _run_cache(args)
     from ..lora import as_options
     from ..parity import ValidateOptions, table, validate, write_report
 
@@ -53,6 +56,31 @@ def run(args) -> int:
     if args.report:
         files = write_report(report, args.report)
         print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)
+    peak = peak_memory()
+    print(f"[validate] {peak_memory_line(peak)}", file=sys.stderr)
+    print(json.dumps({**report, **peak}) if args.json else table(report))
+    return 0 if report["passed"] else 1
+
+
+def _run_cache(args) -> int:
+    """--cache: the served First-Block Cache loop (ONNX Runtime head and tail) step by step against the PyTorch
+    network with diffusers' hook."""
+    from ..errors import UsageError
+    from ..parity.cache import table, validate_cache
+
+    given = [flag for flag, value in (("--onnx", args.onnx), ("--engine", args.engine), ("--dtype", args.dtype),
+                                      ("--batch", args.batch), ("--save-reference", args.save_reference),
+                                      ("--load-reference", args.load_reference), ("--report", args.report),
+                                      ("--bisect", args.bisect), ("--lora", args.lora)) if value]
+    if args.backends != ("torch", "onnxruntime"):
+        given.append("--backends")
+    if given or (args.sizes and len(args.sizes) > 1):
+        raise UsageError(f"validate --cache runs the fp32 head/tail split it exports on ONNX Runtime at one size; drop "
+                         f"{', '.join(given) or 'all but one of --sizes'}")
+    with stdout_on_stderr():
+        report = validate_cache(args.model, None if args.no_toma else toma_config(args), args.cache,
+                                steps=args.steps or 28, size=args.sizes[0] if args.sizes else None,
+                                output_dir=args.output_dir, rtol=args.rtol, atol=args.atol)
     peak = peak_memory()
     print(f"[validate] {peak_memory_line(peak)}", file=sys.stderr)
     print(json.dumps({**report, **peak}) if args.json else table(report))

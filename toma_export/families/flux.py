@@ -92,6 +92,47 @@ class FluxSpec(ModelSpec):
                      txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
+    # First-Block Cache: the network as two graphs that share only hidden states. The head embeds and runs the
+    # first double block (never merged: ToMA leaves FLUX's first blocks alone) and also applies the output layers
+    # to its output plus the last computed tail residual: a cached step's prediction, so a skipped step needs no
+    # other graph. The tail runs the other blocks (with ToMA) and the output layers, and returns its residual.
+    parts = ("head", "tail")
+    head_block = "transformer_blocks.0"
+
+    def part_axes(self, part: str) -> dict:
+        grid = {0: ("batch", 1), 1: ("height", 1), 2: ("width", 1)}
+        if part == "head":
+            return {**self.input_axes(), TAIL_RESIDUAL: grid}
+        return {HIDDEN: grid, TEXT: {0: ("batch", 1), 1: ("text", 1)}, TEMB: {0: ("batch", 1)},
+                "txt_ids": {0: ("text", 1)}}
+
+    def part_outputs(self, part: str) -> list[str]:
+        return [CACHED_PRED, HIDDEN, TEXT, TEMB, HEAD_RESIDUAL] if part == "head" else [self.output_name,
+                                                                                       TAIL_RESIDUAL]
+
+    def part_inputs(self, part: str, net: dict) -> dict:
+        """Sample inputs of a part from the whole graph's (`graph_inputs`)."""
+        b, h, w, _ = net["hidden_states"].shape
+        width = self.inner_width()
+        hidden = torch.zeros(b, h, w, width, dtype=net["hidden_states"].dtype)
+        if part == "head":
+            return dict(net, **{TAIL_RESIDUAL: hidden})
+        text = net["encoder_hidden_states"]
+        return {HIDDEN: hidden, TEXT: torch.zeros(b, text.shape[1], width, dtype=text.dtype),
+                TEMB: torch.zeros(b, width, dtype=text.dtype), "txt_ids": net["txt_ids"]}
+
+    def cache_io(self) -> tuple[str, str, str]:
+        """(the head's cached-step prediction, the head residual, the tail residual): what a cached loop reads."""
+        return CACHED_PRED, HEAD_RESIDUAL, TAIL_RESIDUAL
+
+    def inner_width(self) -> int:
+        a = self.architecture()
+        return a["num_attention_heads"] * a["attention_head_dim"]
+
+    def part_call(self, part: str, model, *inputs) -> tuple:
+        names = list(self.part_axes(part))
+        return (_head if part == "head" else _tail)(model, **dict(zip(names, inputs)))
+
     # Denoising loop (parity checks, serving): flow-matching Euler, timestep given to the model as t/1000.
     latent_input = "hidden_states"
 
@@ -139,6 +180,43 @@ class FluxSpec(ModelSpec):
             return model_output(out, return_dict, "diffusers.models.modeling_outputs", "Transformer2DModelOutput")
 
         return net, timestep, (rows * self.pixels_per_token, cols * self.pixels_per_token), finish
+
+
+# the graphs' names for what passes between head and tail (see FluxSpec.parts)
+HIDDEN, TEXT, TEMB = "fbcache_hidden", "fbcache_text", "fbcache_temb"
+HEAD_RESIDUAL, TAIL_RESIDUAL, CACHED_PRED = "fbcache_head_residual", "fbcache_tail_residual", "noise_pred_cached"
+
+
+def _rotary(model, txt_ids, rows: int, cols: int):
+    return model.pos_embed(torch.cat((txt_ids, image_ids(rows, cols, txt_ids)), dim=0))
+
+
+def _head(model, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, guidance=None,
+          **residual):
+    """FluxTransformer2DModel.forward up to and including the first double block, as diffusers runs it."""
+    b, h, w, c = hidden_states.shape
+    x = model.x_embedder(hidden_states.reshape(b, h * w, c))
+    t = timestep.to(x.dtype) * 1000
+    temb = (model.time_text_embed(t, pooled_projections) if guidance is None else
+            model.time_text_embed(t, guidance.to(x.dtype) * 1000, pooled_projections))
+    text = model.context_embedder(encoder_hidden_states)
+    text, out = model.transformer_blocks[0](hidden_states=x, encoder_hidden_states=text, temb=temb,
+                                            image_rotary_emb=_rotary(model, txt_ids, h, w))
+    cached = out + residual[TAIL_RESIDUAL].reshape(b, h * w, -1)
+    cached = model.proj_out(model.norm_out(cached, temb))
+    grid = lambda v: v.reshape(b, h, w, -1)  # noqa: E731
+    return cached, grid(out), text, temb, grid(out - x)
+
+
+def _tail(model, fbcache_hidden, fbcache_text, fbcache_temb, txt_ids):
+    """The rest of FluxTransformer2DModel.forward after the first double block."""
+    b, h, w, d = fbcache_hidden.shape
+    start = fbcache_hidden.reshape(b, h * w, d)
+    rotary = _rotary(model, txt_ids, h, w)
+    x, text = start, fbcache_text
+    for block in [*model.transformer_blocks[1:], *model.single_transformer_blocks]:
+        text, x = block(hidden_states=x, encoder_hidden_states=text, temb=fbcache_temb, image_rotary_emb=rotary)
+    return model.proj_out(model.norm_out(x, fbcache_temb)), (x - start).reshape(b, h, w, d)
 
 
 def variant(config: dict, pipeline: dict) -> tuple[str, dict]:

@@ -51,6 +51,10 @@ class ModelSpec:
     # default guidance scale.
     pipeline_class = ""
     default_guidance = 1.0
+    # First-Block Cache: the graphs the network splits into (FLUX: head, tail; none where it cannot split) and the
+    # block the head ends with
+    parts = ()
+    head_block = ""
 
     def cfg_batch(self, guidance: float) -> int:
         """How many samples one image puts through the network (2 where guidance runs CFG)."""

@@ -49,6 +49,7 @@ class ExportOptions:
     loras: tuple = ()              # ((path, scale), ...) fused into the weights; the graph stays the same
     link_weights: bool = False     # point into the folder's safetensors files (hard links) where no conversion is
                                    # needed, instead of copying; onnx.load refuses hard-linked external data
+    part: str | None = None        # one graph of the network split for First-Block Cache (FLUX: head, tail)
 
 
 def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -69,19 +70,24 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
         source = _weight_source(spec, options, progress)       # opened and checked (LoRAs too) before any trace
         same_graph = None if force else _same_graph(final.parent, keys["graph"])
         if same_graph is not None:
-            return _with_weights(*same_graph, spec, source, final, keys, t0, options.link_weights, progress)
+            return _with_weights(*same_graph, spec, source, final, keys, t0, options.link_weights, progress,
+                                 _pairing(model_name, output_dir, options))
         progress(f"[export 1/4] building {spec.name} ({options.dtype}) on the meta device, no weights in memory"
                  f"{', applying ToMA' if config else ', no ToMA'}")
         model = spec.skeleton(DTYPES[options.dtype])
         report = apply_toma(model, config) if config else None
-        graph = ToMAGraph(model, spec, report).eval()
+        if options.part and report and spec.head_block in report.blocks:
+            raise UsageError(f"ToMA merges {spec.head_block}, which First-Block Cache runs on every step as its head "
+                             "(the graph outside ToMA); leave the first blocks unmerged (the default --blocks) or "
+                             "pass --cache none")
+        graph = ToMAGraph(model, spec, report, options.part).eval()
         units = _units(spec, graph)
         for size in ranges["sizes"] if options.dynamic else [(height, width)]:
             _check_size(spec, units, *size)
 
         sample_batch = 2 if options.dynamic else options.batch   # batch 1 would be specialised by torch.export
-        net = spec.graph_inputs(batch=sample_batch, height=height, width=width, dtype=DTYPES[options.dtype],
-                                smooth=True)
+        net = graph.net_inputs(spec.graph_inputs(batch=sample_batch, height=height, width=width,
+                                                 dtype=DTYPES[options.dtype], smooth=True))
         args = tuple(net.values()) + tuple(graph.sample_toma_inputs(net).values())
         args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
         dynamic_shapes = _dynamic_shapes(spec, graph, units, ranges) if options.dynamic else None
@@ -102,10 +108,24 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
             weights.check(onnx_path)
             meta = _metadata(spec, config, options, report, graph, onnx_path, dict(placed, **keys["weights_meta"]),
                              (height, width), ranges, keys, time.perf_counter() - t0)
+            meta.update(_pairing(model_name, output_dir, options))
             meta["onnx"] = str(final / "model.onnx")
             Artifact("onnx", onnx_path, meta).save()
         progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.0f} s")
         return meta
+
+
+def export_split(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
+                 force: bool = False, progress=None, child: bool = False) -> dict:
+    """The network as First-Block Cache runs it: the head (never merged, so one head serves every ToMA setting)
+    and the tail with ToMA. Returns the tail's metadata, which names the head's folder beside it ("head"); the
+    cache threshold is chosen where the pair runs, not here. `child`: each export in a child process
+    (export_in_child), for callers that go on to load a pipeline."""
+    from .child import export_in_child
+
+    make = export_in_child if child else export
+    make(model_name, None, output_dir, replace(options, part="head"), force=force, progress=progress)
+    return make(model_name, config, output_dir, replace(options, part="tail"), force=force, progress=progress)
 
 
 def cached(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -130,6 +150,12 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                          f"builds reject), got {options.opset}")
     if options.batch < 1:
         raise UsageError(f"batch must be >= 1, got {options.batch}")
+    if options.part is not None:
+        from ..cache import check_split
+
+        check_split(spec, options.part)
+        if options.dynamic:
+            raise UsageError("First-Block Cache exports are static for now: drop --dynamic (or pass --cache none)")
     spec = spec.with_text_len(options.text_len)
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
@@ -141,14 +167,16 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                                architecture=spec.architecture(), toma=asdict(config) if config else None,
                                dtype=options.dtype, opset=options.opset, dynamic=options.dynamic,
                                batch=None if options.dynamic else options.batch, size=(height, width),
-                               text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers))
+                               text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers,
+                               **({"part": options.part} if options.part else {})))
     loras = [dict(file=path, sha256=LoRA(path).digest(), scale=scale) for path, scale in lora.as_options(options.loras)]
     base = spec.base_label()
     weights_key = cache_key(dict(base=base, fingerprint=spec.weights_fingerprint(), dtype=options.dtype,
                                  loras=[(x["sha256"], x["scale"]) for x in loras], linked=options.link_weights))
     keys = dict(graph=graph_key, weights=weights_key, whole=f"{graph_key}-{weights_key}", versions=vers,
                 weights_meta=dict(key=weights_key, base=base, loras=loras))
-    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}-{keys['whole']}"
+    part = f"-{options.part}" if options.part else ""
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}{part}-{keys['whole']}"
     return spec, options, final, keys, (height, width), ranges
 
 
@@ -177,8 +205,15 @@ def _same_graph(root: Path, graph_key: str) -> tuple[Path, dict] | None:
     return None
 
 
+def _pairing(model_name: str, output_dir, options: ExportOptions) -> dict:
+    """A tail's metadata names the head it runs after: the folder the same request exports beside it."""
+    if options.part != "tail":
+        return {}
+    return dict(head=_plan(model_name, None, output_dir, replace(options, part="head"))[2].name)
+
+
 def _with_weights(graph_dir: Path, meta: dict, spec, source, final: Path, keys: dict, t0: float, link: bool,
-                  progress) -> dict:
+                  progress, pairing: dict) -> dict:
     """A new export from another export's graph (`meta` its metadata): its nodes unchanged, its weights placed
     anew (weights.rewrite points each initializer at them), so no trace; what is left is writing the weights."""
     from . import weights
@@ -191,7 +226,7 @@ def _with_weights(graph_dir: Path, meta: dict, spec, source, final: Path, keys: 
         summary = weights.rewrite(tmp / "model.onnx", source, link, progress)
         meta = dict(meta, key=keys["whole"], graph_key=keys["graph"], model=spec.name, source=spec.source,
                     onnx=str(final / "model.onnx"), weights=dict(summary, **keys["weights_meta"]),
-                    graph_from=graph_dir.name, export_seconds=round(time.perf_counter() - t0, 1))
+                    graph_from=graph_dir.name, export_seconds=round(time.perf_counter() - t0, 1), **pairing)
         Artifact("onnx", tmp / "model.onnx", meta).save()
     progress(f"[export] wrote {meta['onnx']} in {meta['export_seconds']:.1f} s (weights only)")
     return meta
@@ -255,7 +290,7 @@ def _dynamic_shapes(spec, graph: ToMAGraph, units: dict, ranges: dict):
         root, unit = roots[symbol]
         return root if unit // divisor == 1 else (unit // divisor) * root
 
-    axes = {**spec.input_axes(), **graph.toma_axes()}
+    axes = {**graph.net_axes(), **graph.toma_axes()}
     return (tuple({a: dim(*sd) for a, sd in axes.get(n, {}).items()} or None for n in graph.input_names),)
 
 
@@ -400,7 +435,7 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
         onnx=str(path), external_data=True, weights=weights, dtype=options.dtype, opset=options.opset,
         ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
-        text_len=spec.text_len, variant=spec.variant,
+        text_len=spec.text_len, variant=spec.variant, part=options.part,
         ranges=ranges if options.dynamic else None, profiles=profiles,
         inputs=_io(model.graph.input), outputs=_io(model.graph.output),
         toma=dict(toma_section(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),

@@ -5,6 +5,9 @@ Inputs are the spec's network inputs, then per merged group the previous destina
 network output then `toma_dst_out.<group>`, the destinations used. The caller owns the schedule: recompute=1
 on steps that refresh (the previous destinations are ignored), 0 to reuse them. Running this module
 in eager PyTorch with the same destinations is the reference every backend is compared against.
+
+With `part` it is one of the graphs First-Block Cache splits the network into (the spec's `parts`: FLUX's head and
+tail), with that part's inputs and outputs; ToMA lives in the tail.
 """
 from __future__ import annotations
 
@@ -30,12 +33,20 @@ def dst_output(group: str) -> str:
 class ToMAGraph(torch.nn.Module):
     """report=None wraps the unpatched network with the same layout (the baseline: no ToMA inputs)."""
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, report: PatchReport | None):
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, report: PatchReport | None, part: str | None = None):
         super().__init__()
-        self.model, self.spec, self.report = model, spec, report
+        self.model, self.spec, self.report, self.part = model, spec, report, part
         self.groups = list(report.groups) if report else []
-        self.net_names = list(spec.input_axes())
+        self.net_names = list(self.net_axes())
         self.last_tiles: dict = {}
+
+    def net_axes(self) -> dict:
+        """The network inputs' axes (input_axes notation): the whole network's, or the part's."""
+        return self.spec.input_axes() if self.part is None else self.spec.part_axes(self.part)
+
+    def net_inputs(self, whole: dict) -> dict:
+        """Sample network inputs of this graph from the whole network's (`spec.graph_inputs`)."""
+        return whole if self.part is None else self.spec.part_inputs(self.part, whole)
 
     @property
     def input_names(self) -> list[str]:
@@ -44,11 +55,17 @@ class ToMAGraph(torch.nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return [self.spec.output_name] + [dst_output(g) for g in self.groups]
+        own = [self.spec.output_name] if self.part is None else self.spec.part_outputs(self.part)
+        return own + [dst_output(g) for g in self.groups]
+
+    def _call(self, *net: torch.Tensor) -> tuple:
+        if self.part is None:
+            return (self.spec.graph_call(self.model, *net),)
+        return tuple(self.spec.part_call(self.part, self.model, *net))
 
     def forward(self, *inputs: torch.Tensor):
         if self.report is None:
-            return (self.spec.graph_call(self.model, *inputs),)
+            return self._call(*inputs)
         k = len(self.net_names)
         net, previous, recompute = inputs[:k], inputs[k:-1], inputs[-1]
         state = toma_state(self.model)
@@ -57,12 +74,12 @@ class ToMAGraph(torch.nn.Module):
             for g in self.groups:
                 state.grids[g] = tuple(net[0].shape[1:3])
         try:
-            out = self.spec.graph_call(self.model, *net)
+            out = self._call(*net)
             used = state.graph.used
             self.last_tiles = state.graph.tiles     # eager callers (parity) read the selection features
         finally:
             state.graph = None
-        return (out, *[used[g] for g in self.groups])
+        return (*out, *[used[g] for g in self.groups])
 
     # -- shapes of the ToMA inputs, in the spec's axis notation --
     def toma_axes(self) -> dict:
@@ -76,7 +93,7 @@ class ToMAGraph(torch.nn.Module):
         """Zero previous destinations (ignored when recompute is true) for given network inputs."""
         if self.report is None:
             return {}
-        shapes = self.toma_shapes(*call_grid(self.spec, net_inputs))
+        shapes = self.toma_shapes(*call_grid(self.spec, net_inputs, self.net_axes()))
         out = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
         out[RECOMPUTE] = recompute_flag(recompute)
         return out
@@ -89,11 +106,13 @@ class ToMAGraph(torch.nn.Module):
                           height_cells, width_cells)
 
 
-def call_grid(spec: ModelSpec, net_inputs: dict) -> tuple[int, int, int]:
-    """(batch, height cells, width cells) of one call, read off its first network input."""
-    first = next(iter(spec.input_axes()))
+def call_grid(spec: ModelSpec, net_inputs: dict, axes: dict | None = None) -> tuple[int, int, int]:
+    """(batch, height cells, width cells) of one call, read off its first network input (`axes`: the graph's
+    input axes, the whole network's by default)."""
+    axes = axes or spec.input_axes()
+    first = next(iter(axes))
     shape = net_inputs[first].shape
-    axis = {symbol: a for a, (symbol, _) in spec.input_axes()[first].items()}
+    axis = {symbol: a for a, (symbol, _) in axes[first].items()}
     return shape[axis["batch"]], shape[axis["height"]], shape[axis["width"]]
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLUMNS = (("ratio", "ratio", "{:.2f}"), ("step_ms", "network ms/step (median)", "{:.2f}"),
-           ("speedup", "speed-up per step", "{:.2f}x"), ("image_s", "s/image (end to end)", "{:.3f}"),
+COLUMNS = (("ratio", "ratio", "{:.2f}"), ("cache", "cache", "{}"), ("step_ms", "network ms/step (median)", "{:.2f}"),
+           ("speedup", "speed-up per step", "{:.2f}x"), ("computed_steps", "steps computed", "{:.1f}"),
+           ("cached_ms", "network ms per cached step", "{:.2f}"),
+           ("network_ms", "network ms/image", "{:.1f}"), ("network_speedup", "network speed-up per image", "{:.2f}x"),
+           ("image_s", "s/image (end to end)", "{:.3f}"),
            ("image_speedup", "speed-up per image", "{:.2f}x"), ("accuracy", "prompt accuracy", "{:.1%}"),
            ("attributes.colour", "colour right", "{:.1%}"), ("attributes.shape", "shape right", "{:.1%}"),
            ("attributes.background", "background right", "{:.1%}"),
@@ -28,6 +31,19 @@ def columns(rows: list) -> list:
     return [c for c in COLUMNS if c[0].split(".")[0] in rows[0]]
 
 
+def row_label(row: dict) -> str:
+    """'ratio 0.5', or 'ratio 0.5 + fbcache:0.1' in a sweep with caches."""
+    cache = row.get("cache")
+    return f"ratio {row['ratio']:g}" + (f" + {cache}" if cache and cache != "none" else "")
+
+
+def speed_axis(result: dict) -> tuple[str, str]:
+    """(row key, label) of the speed plotted: per step, or per image where a step cache skips steps."""
+    if "network_speedup" in result["rows"][0]:
+        return "network_speedup", "network speed-up per image (vs ratio 0, no cache)"
+    return "speedup", "speed-up per denoising step (network, vs ratio 0)"
+
+
 def quality_axis(result: dict) -> tuple[str, str] | None:
     """(row key, label) of the quality figure plotted against speed: fidelity to ratio 0."""
     for key in ("fidelity", "dino"):
@@ -45,12 +61,15 @@ def pareto(result: dict, path: Path) -> None:
     rows = result["rows"]
     axis = quality_axis(result)
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    xs = [r["speedup"] for r in rows]
+    speed = speed_axis(result)
+    xs = [r[speed[0]] for r in rows]
     ys = [r[axis[0]] for r in rows] if axis else [r["image_speedup"] for r in rows]
-    ax.plot(xs, ys, "-o", color="#3060c0")
+    ax.plot(xs, ys, "o" if "cache" in rows[0] else "-o", color="#3060c0")
     for r, x, y in zip(rows, xs, ys):
-        ax.annotate(f"ratio {r['ratio']:g}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("speed-up per denoising step (network, vs ratio 0)")
+        ax.annotate(row_label(r).removeprefix("ratio "), (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel(speed[1])
+    ax.margins(x=0.2, y=0.1)                      # room for the labels right of the points
     ax.set_ylabel(axis[1] if axis else "speed-up per image (end to end)")
     ax.set_title(f"{result['model']} on {result['backend']}, {result['height']}x{result['width']}, "
                  f"{result['steps']} steps", fontsize=9)
@@ -61,22 +80,25 @@ def pareto(result: dict, path: Path) -> None:
 
 
 def grid(result: dict, path: Path, max_prompts: int = 8) -> None:
-    """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each); columns: ratios."""
+    """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each); columns: the sweep's
+    rows (ratios, x caches)."""
     rows = result["rows"]
     firsts = [i for i, (_, seed) in enumerate(result["jobs"]) if seed == 0]
     if len(firsts) > max_prompts:
         firsts = [firsts[round(k * (len(firsts) - 1) / max(1, max_prompts - 1))] for k in range(max_prompts)]
-    cell = 128
-    label_w, head = 260, 24
+    cell = 128 if "cache" not in rows[0] else 96
+    label_w, head = 260, 36
     sheet = Image.new("RGB", (label_w + len(rows) * (cell + 4), head + len(firsts) * (cell + 4)), "white")
     pen = ImageDraw.Draw(sheet)
+    speed = speed_axis(result)[0]
     for c, row in enumerate(rows):
-        text = f"ratio {row['ratio']:g}" + (f"  {row['speedup']:.2f}x" if row["ratio"] else "")
-        pen.text((label_w + c * (cell + 4) + 4, 6), text, fill="black")
+        name, _, cache = row_label(row).partition(" + ")
+        text = name + (f"  {row[speed]:.2f}x" if c else "") + (f"\n{cache}" if cache else "")
+        pen.text((label_w + c * (cell + 4) + 4, 4), text, fill="black")
     for r, i in enumerate(firsts):
         pen.text((4, head + r * (cell + 4) + cell // 2 - 6), _short(result["jobs"][i][0]), fill="black")
         for c, row in enumerate(rows):
-            image = result["images"][row["ratio"]][i].resize((cell, cell), Image.Resampling.LANCZOS)
+            image = result["images"][c][i].resize((cell, cell), Image.Resampling.LANCZOS)
             sheet.paste(image, (label_w + c * (cell + 4), head + r * (cell + 4)))
     write_atomic(lambda p: sheet.save(p, format="PNG"), path)
 
@@ -100,7 +122,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f2f2f2}}</style
 <h1>{html_lib.escape(title)}</h1>
 <table><tr>{head}</tr>{body}</table>
 <ul>{names}</ul>
-<p>Ratio 0 is the unmerged network and the reference of every quality figure.</p>
+<p>Ratio 0 without a cache is the unmerged network and the reference of every quality figure.</p>
 <h2>Speed against quality</h2><img src="{Path(files['pareto']).name}" alt="pareto">
 """
     if "grid" in files:

@@ -1,12 +1,14 @@
-"""`toma-export sweep`: quality and speed at each merge ratio, in one run, on one backend.
+"""`toma-export sweep`: quality and speed at each merge ratio (and step cache), in one run, on one backend.
 
 Why: choosing a ratio is a trade-off between time saved and what the image loses. Every ratio draws the same
-prompts from the same seeds; ratio 0 is the unmerged network and the reference of every quality figure, so
-its fidelity is 1 by construction. Times are the whole network's median per denoising step (what ToMA
-changes) and the end-to-end pipeline call per image (what a user waits for).
+prompts from the same seeds; ratio 0 without a cache is the unmerged network and the reference of every quality
+figure, so its fidelity is 1 by construction. Times are the whole network's median per denoising step (what ToMA
+changes), its total per image (what a step cache changes too) and the end-to-end pipeline call per image (what a
+user waits for). With caches, every ratio runs with each of them: the rows are ratios x caches.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import label
 from ..errors import UsageError
 from . import shapes
 
@@ -44,6 +47,7 @@ class SweepRequest:
     clip: str | None = None
     dino: str | None = None
     toma: dict = field(default_factory=dict)   # ToMA options besides the ratio (levels, blocks, tile, ...)
+    caches: tuple = (None,)                # CacheConfig or None (no cache) per column of the sweep
     output_dir: str | None = None
     grid_prompts: int = 8                  # rows of grid.png
 
@@ -61,6 +65,10 @@ def check(req: SweepRequest, spec) -> str:
                          f"{req.grid_prompts}")
     if req.backend not in ("torch", "onnxruntime", "tensorrt"):
         raise UsageError(f"--backend must be torch, onnxruntime or tensorrt, got {req.backend!r}")
+    from .. import cache
+
+    for c in req.caches:
+        cache.check_family(c, spec)
     from ..toma import ToMAConfig
 
     ToMAConfig(ratio=0.5, **req.toma)                 # the pass-through options, checked before any image
@@ -99,7 +107,7 @@ class _Patched:
     """A PyTorch network patched at each ratio (0: unpatched), every forward call timed."""
 
     def __init__(self, net, toma: dict):
-        self.net, self.toma, self.calls = net, toma, []
+        self.net, self.toma, self.calls, self.cache = net, toma, [], None
         forward = net.forward
 
         def timed(*a, **k):
@@ -111,19 +119,32 @@ class _Patched:
 
         net.forward = timed
 
-    def set_ratio(self, ratio: float):
+    def set_variant(self, ratio: float, cache):
+        """ToMA at `ratio` (0: none), then diffusers' First-Block Cache (its hooks wrap the patched blocks)."""
+        from ..cache import TorchCache
         from ..toma import ToMAConfig, apply_toma, remove_toma
 
+        if self.cache is not None:
+            self.cache.disable()
+            self.cache = None
         remove_toma(self.net)
         if ratio > 0:
             apply_toma(self.net, ToMAConfig(ratio=ratio, **self.toma))
+        if cache is not None:
+            self.cache = TorchCache(self.net, cache)
 
     def start(self):
         from ..toma import reset_toma
 
         if getattr(self.net, "_toma", None) is not None:
             reset_toma(self.net)
+        if self.cache is not None:
+            self.cache.reset()
         self.calls = []
+
+    def decisions(self) -> list | None:
+        """Per network call of the last run, whether it ran the whole network (None without a cache: all did)."""
+        return None if self.cache is None else list(self.cache.decisions)
 
 
 class _TorchRunner(_Patched):
@@ -157,9 +178,11 @@ class _NetworkRunner(_Patched):
         scheduler = self.spec.scheduler()
         scheduler.set_timesteps(steps)
         latent = inputs[self.spec.latent_input] * getattr(scheduler, "init_noise_sigma", 1.0)
-        for t in scheduler.timesteps:
-            out = self.net(**self.spec.step_inputs(inputs, scheduler, latent, t), return_dict=False)[0]
-            latent = scheduler.step(out, t, latent).prev_sample
+        context = self.net.cache_context("cond") if self.cache else contextlib.nullcontext()
+        with context:                      # diffusers' cache hooks keep their state per named context
+            for t in scheduler.timesteps:
+                out = self.net(**self.spec.step_inputs(inputs, scheduler, latent, t), return_dict=False)[0]
+                latent = scheduler.step(out, t, latent).prev_sample
         return None, self.calls
 
 
@@ -170,24 +193,29 @@ class _ServedRunner:
         self.args = model, backend, toma, size, batch, output_dir, progress
         self.session = None
 
-    def set_ratio(self, ratio: float):
+    def set_variant(self, ratio: float, cache):
         from ..serve.generate import Session
         from ..serve.pipeline import serving_artifacts
         from ..toma import ToMAConfig
 
         model, backend, toma, size, batch, output_dir, progress = self.args
         config = ToMAConfig(ratio=ratio, **toma) if ratio > 0 else None
-        toma_path, base_path = serving_artifacts(model, config, size, batch, backend, output_dir, progress=progress)
-        self.session = Session(toma_path, base_path, model=model)
+        toma_path, base_path = serving_artifacts(model, config, size, batch, backend, output_dir, progress=progress,
+                                                 cache=cache)
+        self.session = Session(toma_path, base_path, model=model, cache=cache)
         self.session.pipe.set_progress_bar_config(disable=True)
 
     def run(self, prompt, seed, height, width, steps, guidance, kwargs):
         image = self.session.run([prompt], [seed], height, width, steps, guidance)[0]
         return image, [t for _, t in self.session.network.timings]
 
+    def decisions(self) -> list | None:
+        cache = self.session.network.cache
+        return None if cache is None else [d[2] for d in cache.decisions]
+
 
 def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
-    """Run every ratio over prompts x seeds; returns {"rows": [...], "images": {ratio: [PIL]}, ...}."""
+    """Run every ratio (x cache) over prompts x seeds; returns {"rows": [...], "images": [[PIL] per row], ...}."""
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
@@ -201,6 +229,8 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
     guidance = spec.default_guidance if req.guidance is None else req.guidance
     prompts = req.prompts or default_prompts(spec)
     ratios = sorted(set(float(r) for r in req.ratios) | {0.0})          # ratio 0: every figure's reference
+    caches = [None] + [c for c in dict.fromkeys(req.caches) if c is not None]     # no cache: the reference
+    variants = [(r, c) for r in ratios for c in caches]
     scorer = _scorer(metrics, req)
     jobs = [(p, s) for p in prompts for s in range(req.seeds)]
     if req.backend == "torch" and not has_pipeline(spec):
@@ -211,32 +241,48 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
         runner = _ServedRunner(req.model, req.backend, req.toma, (height, width), spec.cfg_batch(guidance),
                                req.output_dir, progress)
     kwargs = spec.pipeline_kwargs()
-    images, rows = {}, []
-    with tqdm(total=len(ratios) * len(jobs), desc=f"sweep {spec.name}", disable=quiet, dynamic_ncols=True) as bar:
-        for ratio in ratios:
-            bar.set_postfix(ratio=ratio)
-            runner.set_ratio(ratio)
+    images, rows = [], []
+    with tqdm(total=len(variants) * len(jobs), desc=f"sweep {spec.name}", disable=quiet, dynamic_ncols=True) as bar:
+        for ratio, cache in variants:
+            bar.set_postfix(ratio=ratio, **({"cache": str(cache)} if cache else {}))
+            runner.set_variant(ratio, cache)
             runner.run(jobs[0][0], jobs[0][1], height, width, 1, guidance, kwargs)     # warm-up: one step
-            step_times, image_times, drawn = [], [], []
+            image_times, network_times, computed, drawn = [], [], [], []
+            split = {True: [], False: []}          # call times where the whole network ran / the cache served
             for prompt, seed in jobs:
                 t0 = time.perf_counter()
                 image, calls = runner.run(prompt, seed, height, width, req.steps, guidance, kwargs)
                 image_times.append(time.perf_counter() - t0)
-                step_times.extend(calls)
+                network_times.append(sum(calls))
+                decisions = runner.decisions() or [True] * len(calls)
+                computed.append(sum(decisions) * req.steps / len(calls))
+                for ran, t in zip(decisions, calls):
+                    split[ran].append(t)
                 drawn.append(image)
                 bar.update()
-            images[ratio] = drawn
-            rows.append(dict(ratio=ratio, step_ms=1000 * statistics.median(step_times),
-                             image_s=statistics.median(image_times), images=len(drawn)))
+            images.append(drawn)
+            # with a cache, a step's time is a computed step's (cached steps cost the head only: cached_ms)
+            row = dict(ratio=ratio, step_ms=1000 * statistics.median(split[True]),
+                       image_s=statistics.median(image_times), images=len(drawn))
+            if len(caches) > 1:
+                row.update(cache=label(cache), network_ms=1000 * statistics.median(network_times),
+                           computed_steps=statistics.mean(computed),
+                           cached_ms=1000 * statistics.median(split[False]) if split[False] else None)
+            rows.append(row)
     base = dict(rows[0])
     for i, row in enumerate(rows):
-        rows[i] = dict(ratio=row["ratio"], step_ms=row["step_ms"], speedup=base["step_ms"] / row["step_ms"],
+        rows[i] = dict(ratio=row["ratio"], **({"cache": row["cache"]} if "cache" in row else {}),
+                       step_ms=row["step_ms"], speedup=base["step_ms"] / row["step_ms"],
                        image_s=row["image_s"], image_speedup=base["image_s"] / row["image_s"], images=row["images"])
-        rows[i].update(scorer(images[row["ratio"]], images[0.0], [p for p, _ in jobs]) if scorer else {})
+        if "cache" in row:
+            rows[i].update(network_ms=row["network_ms"], network_speedup=base["network_ms"] / row["network_ms"],
+                           computed_steps=row["computed_steps"], cached_ms=row["cached_ms"])
+        rows[i].update(scorer(images[i], images[0], [p for p, _ in jobs]) if scorer else {})
     return dict(model=spec.name, backend=req.backend, height=height, width=width, steps=req.steps,
                 guidance=guidance, seeds=req.seeds, prompts=list(prompts), metrics=metrics,
                 metric_names={k: v for k, v in METRIC_NAMES.items() if k in rows[0]},
                 toma={k: list(v) if isinstance(v, tuple) else v for k, v in req.toma.items()},
+                caches=[label(c) for c in caches],
                 rows=rows, images=images, jobs=jobs)
 
 
@@ -275,7 +321,7 @@ def write(result: dict, out: Path, grid_prompts: int = 8) -> dict:
     from . import report
 
     out.mkdir(parents=True, exist_ok=True)
-    drew = result["images"][0.0][0] is not None          # a network-only folder is timed without images
+    drew = result["images"][0][0] is not None          # a network-only folder is timed without images
     files = dict(json=out / "sweep.json", pareto=out / "pareto.png", **({"grid": out / "grid.png"} if drew else {}),
                  html=out / "report.html")
     public = {k: v for k, v in result.items() if k not in ("images", "jobs")}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..artifacts import toma_section
+from ..cache import label
 from ..errors import UsageError
 from ..toma import ToMAConfig
 
@@ -38,6 +39,7 @@ class GenerateRequest:
     output_dir: str | None = None
     force: bool = False
     loras: tuple = ()                      # ((path, scale), ...) fused into the exported weights
+    cache: object = None                   # toma_export.cache.CacheConfig: First-Block Cache (FLUX), or None
 
 
 def generate(args: GenerateRequest, progress) -> dict:
@@ -54,6 +56,9 @@ def generate(args: GenerateRequest, progress) -> dict:
     torch.set_grad_enabled(False)
     spec = models.get(args.model)
     check_pipeline(spec)                          # before any export
+    from ..cache import check_family
+
+    check_family(args.cache, spec)
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     height, width = spec.size(*(args.size or (None, None)))
@@ -76,10 +81,11 @@ def generate(args: GenerateRequest, progress) -> dict:
             schedule = recorded and replace(recorded, **args.schedule)
     else:
         toma_path, base_path = serving_artifacts(args.model, args.config, (height, width), cfg_batch, backend,
-                                                 args.output_dir, args.force, progress, loras=args.loras)
+                                                 args.output_dir, args.force, progress, loras=args.loras,
+                                                 cache=args.cache)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
-                      parts_seed=args.seed, model=args.model)
+                      parts_seed=args.seed, model=args.model, cache=args.cache)
     t_ready = time.perf_counter()
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
     image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance)[0]
@@ -109,7 +115,7 @@ class Session:
     `parts_seed` seeds a tiny model's frozen random text encoders (real models load theirs)."""
 
     def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None, parts_seed: int = 0,
-                 model: str | None = None):
+                 model: str | None = None, cache=None):
         import torch
 
         from .network import load_network
@@ -117,7 +123,7 @@ class Session:
 
         torch.set_grad_enabled(False)
         self.network = load_network(toma_path or base_path, base_path if toma_path else None,
-                                    share_weights=share_weights, schedule=schedule)
+                                    share_weights=share_weights, schedule=schedule, cache=cache)
         self.artifacts = [a for a in (self.network.toma_artifact, self.network.baseline_artifact) if a]
         self.spec = self.network.spec
         self.pipe = load_pipeline(model or self.artifacts[0].model, network=False, seed=parts_seed)
@@ -216,7 +222,8 @@ def _result(args, spec, backend, network, toma_path, base_path, size, guidance, 
         image=str(out), model=spec.name, backend=backend, provider=network.provider, onnx_or_engine=toma_path,
         baseline=base_path, height=size[0], width=size[1], steps=args.steps, seed=args.seed, guidance=guidance,
         prompt=args.prompt, loras=[dict(file=p, scale=s) for p, s in args.loras],
-        toma=toma_section(config),
+        toma=toma_section(config), cache=label(network.cache and network.cache.config),
+        computed_steps=args.steps - network.calls["cached"], cached_steps=network.calls["cached"],
         calls=dict(network.calls), weights_shared=network.sharing.summary() if network.sharing else None,
         latency_ms=dict(setup=ms(setup), text_encode=ms(stages.encode), denoise_total=ms(sum(steps)),
                         denoise_per_step=ms(statistics.mean(steps)) if steps else None,

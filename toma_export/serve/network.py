@@ -5,6 +5,12 @@ device, `cache_context`, `return_dict`), so the drop-in is a parameter-free torc
 those and turns each call into the graph's input layout (the family's served_call), checks the shapes
 against what the artifact covers, runs the ToMA graph or, on steps the schedule leaves unmerged, the
 baseline graph, and carries the destinations between steps (schedule.py). Weights live in the runtime.
+
+A network split for First-Block Cache (a tail export that names its head) runs the head every step, and the tail
+only where toma_export.cache's rule says so; a cached step returns the head's own prediction from the last
+computed tail residual. A skipped step runs no ToMA: its step still counts on the schedule's clock, and the next
+computed step recomputes destinations where its own step index says so, else reuses those of the last computed
+step, as the PyTorch patch does.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 
 from .. import models
 from ..artifacts import Artifact
-from ..errors import UsageError
+from ..errors import ArtifactError, UsageError
 from ..families import read_config
 from ..onnx.graph import call_grid, dst_shapes
 from .schedule import DestinationSchedule
@@ -50,8 +56,12 @@ class ServedNetwork(torch.nn.Module):
     """pipe.transformer / pipe.unet for any family; build one with `load_network`."""
 
     def __init__(self, artifact: Artifact, baseline: Artifact | None = None, share_weights: bool = True,
-                 cuda_graphs: bool = True, schedule=None):
+                 cuda_graphs: bool = True, schedule=None, cache=None):
         super().__init__()
+        from ..cache import FirstBlockCache
+
+        self.head_artifact = head_of(artifact, cache)
+        self.cache = FirstBlockCache(cache) if cache is not None else None
         toma = artifact if artifact.config is not None else None
         baseline = baseline or (artifact if toma is None else None)
         self.toma_artifact, self.baseline_artifact = toma, baseline
@@ -63,6 +73,10 @@ class ServedNetwork(torch.nn.Module):
             raise UsageError(f"{toma.name}: the ToMA schedule merge_steps={config.merge_steps!r} leaves steps "
                              "unmerged, which need the baseline export of the same model (toma-export export "
                              "--no-toma, or generate without --onnx/--engine) passed as baseline=")
+        if self.head_artifact is not None and self.schedule.has_unmerged_steps and toma is not None:
+            raise UsageError(f"{toma.name}: a First-Block Cache split runs with a ToMA schedule that merges every "
+                             f"step; drop --merge-steps {config.merge_steps!r} (or pass --cache none with an unsplit "
+                             "export)")
         if baseline is not None and toma is not None:
             _check_pair(toma, baseline)
         self.kind = artifact.kind
@@ -70,19 +84,25 @@ class ServedNetwork(torch.nn.Module):
         if self.kind == "onnx":
             from ..runtime.onnxruntime import open_pair
 
+            from ..runtime.onnxruntime import OrtRunner, load_session, session_options
+
             self.toma_runner, self.baseline_runner, self.sharing = open_pair(
                 toma.path if toma else None, baseline.path if baseline else None, share=share_weights)
+            self.head_runner = (OrtRunner(load_session(self.head_artifact.path, session_options()))
+                                if self.head_artifact else None)
             self._device = torch.device("cpu")
         else:
             from ..runtime.tensorrt import BufferedEngineRunner
 
             self.toma_runner = BufferedEngineRunner(toma.path, cuda_graphs) if toma else None
             self.baseline_runner = BufferedEngineRunner(baseline.path, cuda_graphs) if baseline else None
+            self.head_runner = (BufferedEngineRunner(self.head_artifact.path, cuda_graphs) if self.head_artifact
+                                else None)
             self._device = torch.device("cuda")
         self.config = network_config(self.spec)
         for name, value in self.spec.network_attributes(self.config).items():
             setattr(self, name, value)
-        self.calls = {"toma": 0, "baseline": 0, "recompute": 0}
+        self.calls = {"toma": 0, "baseline": 0, "recompute": 0, "cached": 0}
         self.timings: list[tuple[int, float]] = []      # (step, seconds) per call
 
     # -- what pipelines read off a diffusers model --
@@ -106,8 +126,11 @@ class ServedNetwork(torch.nn.Module):
         return contextlib.nullcontext()
 
     def reset(self) -> None:
-        """Start the next call at step 0 with no destinations (a new generation is detected by itself)."""
+        """Start the next call at step 0 with no destinations nor cached residuals (a new generation is detected
+        by itself)."""
         self.schedule.reset()
+        if self.cache is not None:
+            self.cache.reset()
 
     # -- one call --
     def forward(self, *args, **kwargs):
@@ -121,6 +144,10 @@ class ServedNetwork(torch.nn.Module):
         plan = self.schedule.plan(timestep)
         artifact, runner = ((self.toma_artifact, self.toma_runner) if plan.merge else
                            (self.baseline_artifact, self.baseline_runner))
+        if self.head_runner is not None:
+            out = self._run_split(plan, runner, net, pixels)
+            self.timings.append((plan.step, time.perf_counter() - t0))
+            return out
         artifact.check_shapes({n: tuple(v.shape) for n, v in net.items()}, pixels)
         dtypes = artifact.input_dtypes()
         feeds = {n: v.to(dtypes[n]) for n, v in net.items()}
@@ -134,10 +161,68 @@ class ServedNetwork(torch.nn.Module):
         self.timings.append((plan.step, time.perf_counter() - t0))
         return out[self.spec.output_name]
 
+    def _run_split(self, plan, tail, net: dict, pixels) -> torch.Tensor:
+        """The head; then the tail, or (a cached step) the head's prediction from the last tail residual."""
+        if plan.step == 0 and plan.call == 0 and self.cache is not None:
+            self.cache.reset()                      # a new generation: nothing carries over
+        prediction, head_residual, tail_residual = self.spec.cache_io()
+        head = self.head_artifact
+        head.check_shapes({n: tuple(v.shape) for n, v in net.items()}, pixels)
+        dtypes = head.input_dtypes()
+        feeds = {n: v.to(dtypes[n]) for n, v in net.items()}
+        shape = self._residual_shape(net)
+        kept = self.cache.tail_residual(plan.call) if self.cache is not None else None
+        feeds[tail_residual] = kept if kept is not None and tuple(kept.shape) == shape else \
+            torch.zeros(shape, dtype=dtypes[tail_residual], device=self._device)
+        first = self.head_runner.run(feeds)
+        if self.cache is not None and not self.cache.decide(plan.step, plan.call, first[head_residual]):
+            self.calls["cached"] += 1
+            return first[prediction]
+        tail_inputs = self.spec.part_axes("tail")
+        tail_feeds = {n: first[n] if n in first else feeds[n] for n in tail_inputs}
+        if plan.merge:
+            tail_feeds.update(self.schedule.toma_feeds(plan, self._dst_shapes(net), self._device))
+        out = tail.run(tail_feeds)
+        if self.cache is not None:
+            self.cache.store(plan.call, out[tail_residual])
+        if plan.merge:
+            self.schedule.record(plan, out)
+            self.calls["recompute"] += plan.recompute
+        self.calls["toma" if plan.merge else "baseline"] += 1
+        return out[self.spec.output_name]
+
+    def _residual_shape(self, net: dict) -> tuple:
+        """(B, H, W, width) of the hidden states between head and tail at this call."""
+        batch, height, width = call_grid(self.spec, net)
+        _, tail_residual = self.spec.cache_io()[1:]
+        declared = next(i["shape"] for i in self.head_artifact.meta["inputs"] if i["name"] == tail_residual)
+        return (batch, height, width, declared[-1])
+
     def _dst_shapes(self, net: dict) -> dict:
         toma = self.toma_artifact.meta["toma"]
         downsample = {g: info["downsample"] for g, info in toma["groups"].items()}
         return dst_shapes(toma["tile"], toma["destinations_per_tile"], downsample, *call_grid(self.spec, net))
+
+
+def head_of(artifact: Artifact, cache) -> Artifact | None:
+    """The head a split tail runs after (the folder its metadata names, beside it), or None for an unsplit network;
+    a cache on an unsplit network, or a head passed as the network, is refused in one line."""
+    part = artifact.meta.get("part")
+    if part == "head":
+        raise UsageError(f"{artifact.name} is the head of a First-Block Cache split; pass its tail (the export whose "
+                         "toma.json names this head)")
+    if part != "tail":
+        if cache is not None:
+            raise UsageError(f"{artifact.name} is one unsplit network; First-Block Cache needs the head/tail pair "
+                             "(toma-export export --cache fbcache:T, or generate without --onnx/--engine)")
+        return None
+    head = artifact.path.parent.parent / artifact.meta["head"]
+    try:
+        found = Artifact.load(head, artifact.kind)
+    except ArtifactError as err:
+        raise ArtifactError(f"{artifact.name} is a First-Block Cache tail whose head {head} is missing ({err}); "
+                            "export both again with --cache") from None
+    return found
 
 
 def _schedule(toma: Artifact, schedule):
@@ -164,13 +249,14 @@ def _check_pair(toma: Artifact, baseline: Artifact) -> None:
 
 
 def load_network(artifact, baseline=None, share_weights: bool = True, cuda_graphs: bool = True,
-                 schedule=None) -> ServedNetwork:
+                 schedule=None, cache=None) -> ServedNetwork:
     """The drop-in for an exported model.onnx / built engine.json (paths or Artifacts). `baseline`: the same
     model exported or built without ToMA, needed when the ToMA schedule leaves steps unmerged. `schedule`: a
-    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file)."""
+    ToMAConfig overriding the recorded merge_steps / dst_every (its other fields must match the file). `cache`: a
+    CacheConfig for a First-Block Cache split (the tail export, which names its head)."""
     artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     baseline = baseline if baseline is None or isinstance(baseline, Artifact) else Artifact.load(baseline)
     if baseline is not None and baseline.kind != artifact.kind:
         raise UsageError(f"{baseline.name} is an {baseline.kind} artifact but {artifact.name} is an {artifact.kind} "
                          "one; serve both through the same backend")
-    return ServedNetwork(artifact, baseline, share_weights, cuda_graphs, schedule)
+    return ServedNetwork(artifact, baseline, share_weights, cuda_graphs, schedule, cache)

@@ -95,15 +95,18 @@ def needs_baseline(config: ToMAConfig | None) -> bool:
 
 def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, int], batch: int, backend: str,
                       output_dir=None, force: bool = False, progress=None,
-                      loras: tuple = ()) -> tuple[str | None, str | None]:
+                      loras: tuple = (), cache=None) -> tuple[str | None, str | None]:
     """(ToMA artifact, baseline artifact) for `backend`, exported or built, or reused from the cache.
 
     ONNX Runtime gets static exports at `size` and `batch`; TensorRT gets engines whose profile is pinned to
-    `size` (batch and text length stay ranges, so CFG batches fit)."""
+    `size` (batch and text length stay ranges, so CFG batches fit). With a First-Block Cache the network is
+    exported as its head and tail, and the tail (ToMA's, or the baseline's without ToMA) is returned."""
     from ..resources import default_output
 
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(output_dir or default_output())
+    if cache is not None:
+        return _split_artifacts(model, config, size, batch, backend, out, force, progress, loras, cache)
     wanted = ([config] if config is not None else []) + ([None] if config is None or needs_baseline(config) else [])
     paths = {}
     for cfg in wanted:
@@ -123,3 +126,20 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
         else:
             raise UsageError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
     return paths.get(True), paths.get(False)
+
+
+def _split_artifacts(model, config, size, batch, backend, out: Path, force, progress, loras, cache):
+    from ..cache import check_family
+    from ..onnx import ExportOptions
+    from ..onnx.export import export_split
+
+    check_family(cache, models.get(model))
+    if needs_baseline(config):
+        raise UsageError(f"First-Block Cache runs with ToMA on every step; drop --merge-steps {config.merge_steps!r} "
+                         "or pass --cache none")
+    if backend != "onnxruntime":
+        raise UsageError("First-Block Cache is served on onnxruntime so far; TensorRT engines of the head/tail pair "
+                         "are not built yet: pass --backend onnxruntime, or --cache none")
+    options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
+    tail = export_split(model, config, out / "onnx", options, force=force, progress=progress, child=True)
+    return (tail["onnx"], None) if config is not None else (None, tail["onnx"])

@@ -142,10 +142,10 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_of_instances: str,
-                         max_requests: int, limits=None) -> str:
+                         max_requests: int, limits=None, cache=None) -> str:
     """config.pbtxt of the pipeline model. `max_requests`: how many requests one pipeline call may batch
     (the export's largest batch over the default CFG batch); 1 turns dynamic batching off. `limits`: what one
-    request may ask for (triton_model.Limits), written as parameters."""
+    request may ask for (triton_model.Limits), written as parameters; `cache` the First-Block Cache too."""
     from .triton_model import Limits
 
     limits = limits or Limits()
@@ -168,6 +168,9 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
              and ranges else f"size {meta.get('height')}x{meta.get('width')} px only" if not meta.get("dynamic")
              else "a dynamic size")
     head.append(f"# the export takes {sizes}; other sizes get an error response")
+    if cache is not None:
+        head.append(f"# First-Block Cache ({cache}): the head runs every step, the tail only where the head's output "
+                    "changed by more than the threshold; the cache parameter below sets it")
     head += ["# every request is checked before any work (HTTP 400 / INVALID_ARGUMENT otherwise): steps "
              f"1..{limits.max_steps}, guidance 0..{limits.max_guidance:g},",
              f"# seed 0..2^63-1, a prompt of at most {limits.max_prompt_bytes} UTF-8 bytes; a run stops when its "
@@ -190,7 +193,8 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
             f"instance_group [\n  {{\n    count: {instances}\n    kind: {KINDS[kind_of_instances]}\n  }}\n]"]
     if max_requests > 1:
         body.append("dynamic_batching {\n  max_queue_delay_microseconds: 20000\n}")
-    for key, value in {"network_kind": kind, **limits.parameters()}.items():
+    extra = {"cache": str(cache)} if cache is not None else {}
+    for key, value in {"network_kind": kind, **limits.parameters(), **extra}.items():
         body.append(f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(head) + "\n" + "\n".join(body) + "\n"
 
@@ -219,9 +223,10 @@ def max_requests(meta: dict) -> int:
 
 
 def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "cpu", force: bool = False,
-                    baseline=None, check_free=(), limits=None) -> Path:
+                    baseline=None, check_free=(), limits=None, cache=None) -> Path:
     """Write REPO/<name>/{config.pbtxt, 1/model.py, 1/network/...}: the pipeline model (staged, renamed).
-    `check_free`: other model folders this export will write, refused together when they exist."""
+    `check_free`: other model folders this export will write, refused together when they exist. `cache`: a
+    First-Block Cache, for a split export's tail (its head is copied beside it, under the name the tail records)."""
     from ..artifacts import Artifact
     from .triton_model import BASELINE, MODEL_PY, NETWORK
 
@@ -234,8 +239,14 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
                               "ONNX export with --onnx to serve on CPU)")
     if not _NAME.fullmatch(name):
         raise RepositoryError(f"model name {name!r} is not a plain folder name (letters, digits, _ . -); pass --name")
+    from .network import head_of
+
+    head = head_of(artifact, cache)
+    if head is not None and artifact.kind == "engine":
+        raise RepositoryError("First-Block Cache engines are not built yet; export the repository from the ONNX tail "
+                              "(--onnx) or pass --cache none")
     text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta),
-                                limits)
+                                limits, cache)
     final = writable_dir(out) / name
     for folder in (final, *check_free):
         if folder.exists() and not force:
@@ -243,6 +254,8 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
     with staged_dir(final) as tmp:
         (tmp / "1").mkdir()
         _copy_artifact(artifact, tmp / "1" / NETWORK)
+        if head is not None:
+            _copy_artifact(head, tmp / "1" / artifact.meta["head"])
         if base is not None:
             _copy_artifact(base, tmp / "1" / BASELINE)
         (tmp / "1" / "model.py").write_text(MODEL_PY)

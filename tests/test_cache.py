@@ -1,0 +1,163 @@
+"""First-Block Cache with ToMA: the option and its refusals, the head/tail split against the whole network, and the
+served ONNX Runtime loop's skip decisions against diffusers' own hook on the PyTorch network.
+
+Real layers: diffusers' FluxTransformer2DModel (trained flux-tiny) and its FirstBlockCache hook, torch.onnx exports,
+ONNX Runtime sessions, the diffusers FluxPipeline around the served network."""
+import json
+
+import pytest
+import torch
+
+import toma_export as te
+from toma_export import cache
+from toma_export.errors import UsageError
+from toma_export.onnx import ExportOptions, ToMAGraph
+from toma_export.onnx.export import export_split
+from toma_export.serve.generate import Session
+from toma_export.serve.pipeline import load_pipeline
+
+PROMPT, SEED, STEPS, SIZE = "a red circle on a white background", 0, 28, 128
+THRESHOLD = 0.1          # skips about half of flux-tiny's 28 steps, so both decisions occur
+SHORT, SHORT_THRESHOLD = 12, 0.2     # the same for 12 steps, whose changes per step are larger
+
+
+def test_the_option_parses_and_refuses_in_one_line():
+    assert cache.parse("none") is None and cache.parse(None) is None
+    assert cache.parse("fbcache:0.1") == cache.CacheConfig(0.1) and str(cache.parse("FBCache:0.25")) == "fbcache:0.25"
+    for text, words in (("fbcache:0", "(0, 1)"), ("fbcache:1.5", "(0, 1)"), ("fbcache:x", "number"),
+                        ("teacache:0.1", "none or fbcache"), ("fbcache", "none or fbcache")):
+        with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            cache.parse(text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "sdxl-tiny", "--prompt", "a", "--out", "x.png", "--cache", "fbcache:0.1"],
+     "SDXL UNet is not one"),
+    (["export", "--model", "sdxl-tiny", "--cache", "fbcache:0.1"], "SDXL UNet is not one"),
+    (["export", "--model", "flux-tiny", "--cache", "fbcache:0.1", "--dynamic"], "static for now"),
+    (["generate", "--model", "flux-tiny", "--prompt", "a", "--out", "x.png", "--cache", "fbcache:2"], "(0, 1)"),
+    (["sweep", "--model", "sdxl-tiny", "--ratios", "0", "--cache", "none,fbcache:0.1", "--out", "x"],
+     "SDXL UNet is not one"),
+    (["generate", "--model", "flux-tiny", "--prompt", "a", "--out", "x.png", "--cache", "fbcache:0.1",
+      "--merge-steps", "2"], "every step"),
+])
+def test_refusals(cli_here, tmp_path, args, message):
+    done = cli_here(*args, *(["--output-dir", tmp_path] if args[0] != "sweep" else []))
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()[-1]) > 20
+
+
+def test_the_head_and_tail_compute_the_whole_network(tiny):
+    """Eager: head then tail equals the whole graph, with ToMA in the tail on the same destinations; the head's
+    cached-step prediction from the true tail residual is the whole network's output too."""
+    spec = te.models.get("flux-tiny")
+    model = tiny("flux-tiny")
+    try:
+        report = te.apply_toma(model, te.ToMAConfig())
+        assert spec.head_block not in report.blocks
+        whole = ToMAGraph(model, spec, report)
+        head, tail = ToMAGraph(model, spec, None, "head"), ToMAGraph(model, spec, report, "tail")
+        net = spec.graph_inputs(batch=2, smooth=True)
+        expected = whole(*net.values(), *whole.sample_toma_inputs(net).values())
+        head_in = head.net_inputs(net)
+        first = dict(zip(head.output_names, head(*head_in.values())))
+        tail_in = {n: first[n] if n in first else net[n] for n in tail.net_names}
+        out = dict(zip(tail.output_names, tail(*tail_in.values(), *tail.sample_toma_inputs(tail_in).values())))
+        torch.testing.assert_close(out["noise_pred"], expected[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out["toma_dst_out.transformer_blocks"], expected[1])
+        head_in["fbcache_tail_residual"] = out["fbcache_tail_residual"]
+        again = dict(zip(head.output_names, head(*head_in.values())))
+        torch.testing.assert_close(again["noise_pred_cached"], expected[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(first["noise_pred_cached"], expected[0], atol=1e-2)   # zero residual: not it
+    finally:
+        te.remove_toma(model)
+
+
+def _torch_decisions(config):
+    """diffusers' FirstBlockCache on the PyTorch pipeline (ToMA patched first): its decision per step, its image."""
+    pipe = load_pipeline("flux-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    if config is not None:
+        te.apply_toma(pipe.transformer, config)
+    hook = cache.TorchCache(pipe.transformer, cache.CacheConfig(THRESHOLD))
+    image = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                 generator=torch.Generator().manual_seed(SEED), **te.models.get("flux-tiny").pipeline_kwargs()).images[0]
+    return list(hook.decisions), image
+
+
+@pytest.mark.parametrize("toma", [True, False], ids=["toma", "no-toma"])
+def test_the_served_split_skips_where_diffusers_hook_does(artifacts, toma):
+    """The exported head and tail on ONNX Runtime decide each step as diffusers' hook does on the PyTorch network:
+    same prompt, seed and threshold; within one step where rounding crosses the threshold."""
+    import numpy as np
+
+    config = te.ToMAConfig() if toma else None
+    meta = export_split("flux-tiny", config, artifacts / "onnx", ExportOptions(), progress=lambda m: None)
+    assert meta["part"] == "tail" and (artifacts / "onnx" / meta["head"] / "model.onnx").is_file()
+    reference, reference_image = _torch_decisions(config)
+    session = Session(meta["onnx"] if toma else None, None if toma else meta["onnx"], model="flux-tiny",
+                      cache=cache.CacheConfig(THRESHOLD))
+    image = session.run([PROMPT], [SEED], SIZE, SIZE, STEPS, 3.5)[0]
+    served = [d[2] for d in session.network.cache.decisions]
+    print(json.dumps(dict(diffusers=reference, served=served)))
+    assert len(served) == len(reference) == STEPS
+    assert 0 < sum(reference) < STEPS, "the threshold should both skip and compute"
+    differ = [i for i, (a, b) in enumerate(zip(served, reference)) if a != b]
+    assert len(differ) <= 1, f"decisions differ at steps {differ}"
+    assert session.network.calls["cached"] == STEPS - sum(served)
+    if not differ:
+        assert np.abs(np.asarray(image, float) - np.asarray(reference_image, float)).mean() < 2.0
+
+
+def test_generate_reports_computed_and_cached_steps(cli_here, artifacts, tmp_path):
+    """The served loop through the CLI: the split export (reused from the test above when it ran first) on ONNX
+    Runtime, the pipeline's own image, and the step counts in --json."""
+    done = cli_here("generate", "--model", "flux-tiny", "--prompt", PROMPT, "--steps", SHORT, "--cache",
+                    f"fbcache:{SHORT_THRESHOLD}", "--out", tmp_path / "x.png", "--output-dir", artifacts, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["cache"] == f"fbcache:{SHORT_THRESHOLD}" and result["backend"] == "onnxruntime"
+    assert result["computed_steps"] + result["cached_steps"] == SHORT and 1 <= result["computed_steps"] < SHORT
+    assert "-tail-" in result["onnx_or_engine"] and (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_sweep_rows_cross_ratios_and_caches(tmp_path):
+    """sweep --cache: every ratio with every cache, ratio 0 without one the reference; a cached row computes fewer
+    steps, and its cached steps cost less than its computed ones."""
+    from toma_export.quality.sweep import SweepRequest, sweep, write
+
+    steps, label = SHORT, f"fbcache:{SHORT_THRESHOLD}"
+    result = sweep(SweepRequest(model="flux-tiny", ratios=(0.5,), prompts=(PROMPT,), steps=steps,
+                                caches=(cache.CacheConfig(SHORT_THRESHOLD),)), quiet=True)
+    rows = result["rows"]
+    assert [(r["ratio"], r["cache"]) for r in rows] == [(0.0, "none"), (0.0, label), (0.5, "none"), (0.5, label)]
+    assert rows[0]["fidelity"] > 0.9999 and rows[0]["network_speedup"] == 1
+    for r in rows:
+        if r["cache"] == "none":
+            assert r["computed_steps"] == steps and r["cached_ms"] is None
+        else:
+            assert 1 <= r["computed_steps"] < steps and r["cached_ms"] < r["step_ms"]
+            assert r["network_ms"] < next(x["network_ms"] for x in rows if x["ratio"] == r["ratio"]
+                                          and x["cache"] == "none")
+    files = write(result, tmp_path)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["caches"] == ["none", label] and len(saved["rows"]) == 4
+    from PIL import Image
+
+    assert Image.open(files["grid"]).size[0] > 4 * 96
+
+
+def test_validate_cache_checks_every_step_against_diffusers_hook(cli_here, artifacts):
+    """validate --cache: each step's decision side by side and, where they agree, the output within the fp32 step
+    tolerance; the split export is the one the tests above made."""
+    done = cli_here("validate", "--model", "flux-tiny", "--cache", f"fbcache:{SHORT_THRESHOLD}", "--steps", SHORT,
+                    "--output-dir", artifacts, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] and len(report["rows"]) == SHORT and report["toma"]
+    assert report["computed"]["diffusers"] == report["computed"]["served"] < SHORT
+    assert {r["served"] for r in report["rows"]} == {"compute", "cache"}
+    assert all(r["passed"] and r["max_abs"] <= r["tolerance"] for r in report["rows"] if "passed" in r)
+    refused = cli_here("validate", "--model", "flux-tiny", "--cache", "fbcache:0.1", "--onnx", "x.onnx")
+    assert refused.returncode == 2 and "drop --onnx" in refused.stderr
