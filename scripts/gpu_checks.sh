@@ -4,7 +4,8 @@
 # full TensorRT 10.9+ imports, engines built with the toma::ToMASelect plugin (and with the inlined body) run
 # against ONNX Runtime, an image generated through one, and `build --weightless` plans (refit and identical)
 # refitted at load and compared with the normal engine, per call and through generate (their sizes in the
-# summary). Checks that cannot run skip with their reason.
+# summary), and the First-Block Cache pair of engines (build --cache) served against the ONNX Runtime pair.
+# Checks that cannot run skip with their reason.
 # Writes one JSON summary: $TOMA_GPU_SUMMARY, default gpu-checks.json.
 #
 # Where `make venv` made .venv (a machine with a package index) it runs there. Otherwise (a bare GPU machine

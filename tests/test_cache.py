@@ -81,8 +81,9 @@ def _torch_decisions(config):
     if config is not None:
         te.apply_toma(pipe.transformer, config)
     hook = cache.TorchCache(pipe.transformer, cache.CacheConfig(THRESHOLD))
+    kwargs = te.models.get("flux-tiny").pipeline_kwargs()
     image = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                 generator=torch.Generator().manual_seed(SEED), **te.models.get("flux-tiny").pipeline_kwargs()).images[0]
+                 generator=torch.Generator().manual_seed(SEED), **kwargs).images[0]
     return list(hook.decisions), image
 
 
@@ -161,3 +162,46 @@ def test_validate_cache_checks_every_step_against_diffusers_hook(cli_here, artif
     assert all(r["passed"] and r["max_abs"] <= r["tolerance"] for r in report["rows"] if "passed" in r)
     refused = cli_here("validate", "--model", "flux-tiny", "--cache", "fbcache:0.1", "--onnx", "x.onnx")
     assert refused.returncode == 2 and "drop --onnx" in refused.stderr
+
+
+def test_build_makes_the_pair_of_engines_under_one_key(artifacts, cli_here, tmp_path):
+    """build --cache: TensorRT-RTX (the real builder; its engines run on a GPU only) builds the static head and tail
+    engines; the tail's engine.json names the head beside it, and a second build reuses both."""
+    from pathlib import Path
+
+    from toma_export.artifacts import Artifact
+    from toma_export.errors import MissingComponent
+    from toma_export.serve.network import head_of, load_network
+    from toma_export.trt import BuildOptions, build_split
+
+    options = BuildOptions(backend="tensorrt-rtx")
+    meta = build_split("flux-tiny", te.ToMAConfig(), artifacts, options, progress=lambda m: None)
+    tail = Artifact.load(Path(meta["engine"]).with_name("engine.json"))
+    head = head_of(tail, cache.CacheConfig(0.1))
+    assert (tail.meta["part"], head.meta["part"], tail.meta["dynamic"], head.meta["dynamic"]) == \
+        ("tail", "head", False, False)
+    assert head.meta["toma"] is None and tail.meta["selection"] == "inlined ONNX body"
+    assert {i["name"] for i in head.meta["inputs"]} >= {"hidden_states", "fbcache_tail_residual"}
+    assert [o["name"] for o in head.meta["outputs"]] == ["noise_pred_cached", "fbcache_hidden", "fbcache_text",
+                                                        "fbcache_temb", "fbcache_head_residual"]
+    assert {i["name"] for i in tail.meta["inputs"]} >= {"fbcache_hidden", "fbcache_temb", "toma_recompute"}
+    assert [o["name"] for o in tail.meta["outputs"]][:2] == ["noise_pred", "fbcache_tail_residual"]
+    for engine in (head, tail):
+        assert Path(engine.meta["engine"]).stat().st_size == engine.meta["engine_bytes"] > 100_000
+    again = build_split("flux-tiny", te.ToMAConfig(), artifacts, options, progress=lambda m: None)
+    assert again["engine"] == meta["engine"] and again["build_seconds"] == meta["build_seconds"]
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingComponent, match="CUDA GPU"):
+            load_network(tail, cache=cache.CacheConfig(0.1))
+    # the Triton repository of the pair: a plan model per engine, the pipeline with both and its cache parameter
+    done = cli_here("export-repo", "--engine", tail.path, "--out", tmp_path / "repo", "--cache", "fbcache:0.2",
+                    "--allow-tensorrt-rtx", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    repo = tmp_path / "repo"
+    assert (result["plan_model"], result["head_plan_model"]) == ("flux-tiny", "flux-tiny-head")
+    assert (repo / "flux-tiny" / "1" / "model.plan").stat().st_size == tail.meta["engine_bytes"]
+    assert (repo / "flux-tiny-head" / "1" / "model.plan").stat().st_size == head.meta["engine_bytes"]
+    version = repo / result["pipeline_model"] / "1"
+    assert (version / "network" / "engine.json").is_file() and (version / tail.meta["head"] / "engine.plan").is_file()
+    assert 'key: "cache"\n  value: { string_value: "fbcache:0.2" }' in (version.parent / "config.pbtxt").read_text()

@@ -195,3 +195,29 @@ def test_weightless_engine_matches_the_normal_engine(tmp_path, mode, record_prop
                      "--size", "256x256", "--seed", "0", "--out", str(out)]) == 0
         images.append(np.asarray(Image.open(out), dtype=np.int16))
     assert np.abs(images[1] - images[0]).mean() <= 1.0
+
+
+@cuda
+@tensorrt
+def test_first_block_cache_engines_skip_where_onnxruntime_does(tmp_path, record_property):
+    """build --cache's head and tail engines served with First-Block Cache (CUDA graphs): the same decisions as the
+    ONNX Runtime pair on the same prompt, seed and threshold (one may differ where rounding crosses it), and an image
+    close to it."""
+    import numpy as np
+
+    from toma_export.cache import CacheConfig
+    from toma_export.serve.generate import Session
+    from toma_export.serve.pipeline import serving_artifacts
+
+    cache, runs = CacheConfig(0.1), {}
+    for backend in ("tensorrt", "onnxruntime"):
+        toma, _ = serving_artifacts("flux-tiny", te.ToMAConfig(), (128, 128), 1, backend, tmp_path, cache=cache)
+        session = Session(toma, model="flux-tiny", cache=cache)
+        image = session.run(["a red circle on a white background"], [0], 128, 128, 28, 3.5)[0]
+        runs[backend] = [d[2] for d in session.network.cache.decisions], np.asarray(image, dtype=float)
+    (trt_steps, trt_image), (ort_steps, ort_image) = runs["tensorrt"], runs["onnxruntime"]
+    differ = [i for i, (a, b) in enumerate(zip(trt_steps, ort_steps)) if a != b]
+    record_property("fbcache_engines", dict(tensorrt=sum(trt_steps), onnxruntime=sum(ort_steps), differ=differ))
+    assert len(trt_steps) == 28 and 0 < sum(trt_steps) < 28 and len(differ) <= 1
+    if not differ:
+        assert np.abs(trt_image - ort_image).mean() < 2.0

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from .common import (MODEL_HELP, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size,
-                     stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line,
+                     size, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -38,15 +39,19 @@ def add_parser(sub):
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export and build again even if cached")
     add_lora(p)
+    add_cache(p)
     add_json(p)
     add_toma_options(p, defaults="recipe")
     return p
 
 
 def run(args) -> int:
+    from .. import models
+    from ..cache import check_family
     from ..lora import as_options
-    from ..trt import BuildOptions, build, recipe
+    from ..trt import BuildOptions, build, build_split, recipe
 
+    check_family(args.cache, models.get(args.model))
     defaults = recipe(args.model)
     config = None if args.no_toma else toma_config(args, defaults["toma"])
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
@@ -55,7 +60,8 @@ def run(args) -> int:
                            ptx_version=args.ptx_version, text_len=args.text_len, weightless=args.weightless,
                            loras=as_options(args.lora))
     with stdout_on_stderr():
-        meta = build(args.model, config, args.output_dir, options, force=args.force)
+        meta = (build if args.cache is None else build_split)(args.model, config, args.output_dir, options,
+                                                              force=args.force)
     peak = peak_memory()                # children: the export, when it was not cached
     if args.json:
         print(json.dumps({**meta, **peak}))
@@ -65,6 +71,9 @@ def run(args) -> int:
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
     print(f"  selection: {meta['selection']} ({meta.get('selection_reason', '')})")
     print(f"  onnx: {meta['onnx']}")
+    if meta.get("head"):
+        print(f"  First-Block Cache tail; its head engine: {Path(meta['engine']).parent.parent / meta['head']} (the "
+              "threshold is chosen where the pair runs)")
     if meta.get("weightless"):
         reused = ", reused: nothing built" if meta.get("plan_reused") else ""
         print(f"  plan: {meta['plan']} (weightless: {' + '.join(meta['builder_flags'])}{reused})")

@@ -40,6 +40,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..artifacts import Artifact
+    from ..serve.network import head_of
     from ..serve.repository import RepositoryError, export_pipeline, export_repo
     from ..serve.triton_model import Limits
 
@@ -51,23 +52,25 @@ def run(args) -> int:
     result = {"repository": str(Path(args.out).expanduser().resolve())}
     if args.engine:
         artifact = Artifact.load(args.engine, "engine")
+        head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
         name = args.name or Path(artifact.model).name
         pipeline = f"{name}-pipeline"
         if args.kind == "cpu":
             raise RepositoryError("a TensorRT engine runs on a GPU: drop --kind cpu, or export the repository from "
                                   "an ONNX export with --onnx to serve on CPU")
         repo = Path(args.out).expanduser()
-        for folder in (repo / name, repo / pipeline):     # refuse before writing either model
+        for folder in (repo / name, repo / pipeline, *([repo / f"{name}-head"] if head else [])):   # before any
             if not args.force and folder.exists():
                 raise RepositoryError(f"{folder} already exists; pass --force to replace it, or choose another "
                                       "--name")
         final = export_repo(args.engine, args.out, name, args.max_batch_size, args.instances, args.force,
                             args.allow_tensorrt_rtx)
-        if args.cache is not None:
-            raise RepositoryError("First-Block Cache engines are not built yet; export the repository from the ONNX "
-                                  "tail (--onnx) or pass --cache none")
+        if head is not None:
+            export_repo(head.path, args.out, f"{name}-head", args.max_batch_size, args.instances, args.force,
+                        args.allow_tensorrt_rtx)
+            result.update(head_plan_model=f"{name}-head")
         export_pipeline(artifact, args.out, pipeline, args.instances, args.kind or "gpu", force=True,
-                        baseline=args.baseline, limits=limits)
+                        baseline=args.baseline, limits=limits, cache=args.cache)
         result.update(plan_model=final.name, pipeline_model=pipeline, network="tensorrt")
     else:
         artifact = Artifact.load(args.onnx, "onnx")
@@ -80,5 +83,6 @@ def run(args) -> int:
     else:
         print(f"{result['repository']}\n  pipeline model: {result['pipeline_model']} (prompt -> image, "
               f"{result['network']})" + (f"\n  plan model: {result['plan_model']}" if "plan_model" in result else "")
+              + (f"\n  head plan model: {result['head_plan_model']}" if "head_plan_model" in result else "")
               + f"\n  serve: toma-export serve --repo {result['repository']}")
     return 0

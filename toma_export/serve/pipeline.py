@@ -137,9 +137,15 @@ def _split_artifacts(model, config, size, batch, backend, out: Path, force, prog
     if needs_baseline(config):
         raise UsageError(f"First-Block Cache runs with ToMA on every step; drop --merge-steps {config.merge_steps!r} "
                          "or pass --cache none")
-    if backend != "onnxruntime":
-        raise UsageError("First-Block Cache is served on onnxruntime so far; TensorRT engines of the head/tail pair "
-                         "are not built yet: pass --backend onnxruntime, or --cache none")
-    options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
-    tail = export_split(model, config, out / "onnx", options, force=force, progress=progress, child=True)
-    return (tail["onnx"], None) if config is not None else (None, tail["onnx"])
+    if backend == "onnxruntime":
+        options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
+        tail = export_split(model, config, out / "onnx", options, force=force, progress=progress, child=True)["onnx"]
+    elif backend == "tensorrt":
+        from ..trt import BuildOptions, build_split
+
+        meta = build_split(model, config, out, BuildOptions(backend="tensorrt", opt_size=size, static=True,
+                                                            loras=loras), force=force, progress=progress)
+        tail = str(Path(meta["engine"]).with_name("engine.json"))
+    else:
+        raise UsageError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
+    return (tail, None) if config is not None else (None, tail)

@@ -242,9 +242,6 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
     from .network import head_of
 
     head = head_of(artifact, cache)
-    if head is not None and artifact.kind == "engine":
-        raise RepositoryError("First-Block Cache engines are not built yet; export the repository from the ONNX tail "
-                              "(--onnx) or pass --cache none")
     text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta),
                                 limits, cache)
     final = writable_dir(out) / name

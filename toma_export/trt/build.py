@@ -67,6 +67,7 @@ class BuildOptions:
     ptx_version: int | None = None # PTX ISA of the plugin's kernel, e.g. 84; None = the driver's, else 8.4
     weightless: str | None = None  # None | refit | identical: a weight-stripped plan, refitted at load
     loras: tuple = ()              # ((absolute path, scale), ...) fused into the export's weights
+    part: str | None = None        # one graph of a First-Block Cache split (build_split builds both)
 
 
 def recipe(model: str) -> dict:
@@ -127,12 +128,28 @@ def _cuda_available() -> bool:
         return False
 
 
+def build_split(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOptions = BuildOptions(),
+                force: bool = False, progress=None) -> dict:
+    """The two engines First-Block Cache runs, from the static head and tail exports (onnx/export.py's
+    export_split): the head's first, then the tail's, whose key and engine.json name the head's folder, so the
+    pair is one key. Returns the tail's metadata."""
+    from dataclasses import replace
+
+    if not options.static and (options.min_size or options.max_size):
+        raise UsageError("First-Block Cache engines are static (one shape, the opt size): drop --min-size/--max-size")
+    options = replace(options, static=True)
+    head = build(model, None, output_dir, replace(options, part="head"), force, progress)
+    return build(model, toma, output_dir, replace(options, part="tail"), force, progress,
+                 head=Path(head["engine"]).parent.name)
+
+
 def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOptions = BuildOptions(),
-          force: bool = False, progress=None) -> dict:
+          force: bool = False, progress=None, head: str | None = None) -> dict:
     """Build (or reuse) the engine; returns the metadata written beside it as engine.json.
 
     `toma=None` builds the baseline without ToMA. Every engine.json names `plan` (the plan file) and `weights`
-    (the ONNX whose weights the plan holds or, weightless, is refitted from at load)."""
+    (the ONNX whose weights the plan holds or, weightless, is refitted from at load). `head`: for the tail of a
+    First-Block Cache split, the head engine's folder beside it (build_split)."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     name, trt = backends.load(options.backend)
     target = _target(name, trt, options.target)
@@ -158,13 +175,16 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     export_options = ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"],
-        text_len=options.text_len, loras=options.loras)
+        text_len=options.text_len, loras=options.loras, part=options.part)
     onnx_meta = export_in_child(model, toma, out_root / "onnx", export_options, force=force, progress=progress)
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
     if options.weightless:
         fields["weightless"] = options.weightless
-    final = out_root / f"{Path(onnx_meta['model']).name}-{name}-{cache_key(fields)}"
+    if options.part:
+        fields.update(part=options.part, **({"head": head} if head else {}))
+    part = f"-{options.part}" if options.part else ""
+    final = out_root / f"{Path(onnx_meta['model']).name}{part}-{name}-{cache_key(fields)}"
     if (final / ENGINE_META).is_file() and not force:
         return _reuse(final, trt, progress)
     with claimed(final, progress):
