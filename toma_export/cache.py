@@ -71,7 +71,9 @@ def check_split(spec, part: str | None = None) -> None:
 
 
 def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean|r - r_prev| / mean|r_prev|, the quantity diffusers compares with the threshold."""
+    """mean|r - r_prev| / mean|r_prev|, the quantity diffusers compares with the threshold (here in fp32, so that a
+    half-precision graph's means do not round)."""
+    residual, previous = residual.float(), previous.float()
     return float((residual - previous).abs().mean() / previous.abs().mean())
 
 

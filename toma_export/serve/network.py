@@ -82,9 +82,7 @@ class ServedNetwork(torch.nn.Module):
         self.kind = artifact.kind
         self.sharing = None
         if self.kind == "onnx":
-            from ..runtime.onnxruntime import open_pair
-
-            from ..runtime.onnxruntime import OrtRunner, load_session, session_options
+            from ..runtime.onnxruntime import OrtRunner, load_session, open_pair, session_options
 
             self.toma_runner, self.baseline_runner, self.sharing = open_pair(
                 toma.path if toma else None, baseline.path if baseline else None, share=share_weights)
@@ -194,7 +192,7 @@ class ServedNetwork(torch.nn.Module):
     def _residual_shape(self, net: dict) -> tuple:
         """(B, H, W, width) of the hidden states between head and tail at this call."""
         batch, height, width = call_grid(self.spec, net)
-        _, tail_residual = self.spec.cache_io()[1:]
+        tail_residual = self.spec.cache_io()[2]
         declared = next(i["shape"] for i in self.head_artifact.meta["inputs"] if i["name"] == tail_residual)
         return (batch, height, width, declared[-1])
 
