@@ -34,7 +34,8 @@ def test_the_option_parses_and_refuses_in_one_line():
     (["generate", "--model", "sdxl-tiny", "--prompt", "a", "--out", "x.png", "--cache", "fbcache:0.1"],
      "SDXL UNet is not one"),
     (["export", "--model", "sdxl-tiny", "--cache", "fbcache:0.1"], "SDXL UNet is not one"),
-    (["export", "--model", "flux-tiny", "--cache", "fbcache:0.1", "--dynamic"], "static for now"),
+    (["export", "--model", "flux-tiny", "--cache", "fbcache:0.1", "--blocks", "transformer_blocks.*"],
+     "runs on every step as its head"),
     (["generate", "--model", "flux-tiny", "--prompt", "a", "--out", "x.png", "--cache", "fbcache:2"], "(0, 1)"),
     (["sweep", "--model", "sdxl-tiny", "--ratios", "0", "--cache", "none,fbcache:0.1", "--out", "x"],
      "SDXL UNet is not one"),
@@ -165,8 +166,9 @@ def test_validate_cache_checks_every_step_against_diffusers_hook(cli_here, artif
 
 
 def test_build_makes_the_pair_of_engines_under_one_key(artifacts, cli_here, tmp_path):
-    """build --cache: TensorRT-RTX (the real builder; its engines run on a GPU only) builds the static head and tail
-    engines; the tail's engine.json names the head beside it, and a second build reuses both."""
+    """build --cache --static: TensorRT-RTX (the real builder; its engines run on a GPU only) builds the head and
+    tail engines from the static exports the tests above made; the tail's engine.json names the head beside it,
+    and a second build reuses both."""
     from pathlib import Path
 
     from toma_export.artifacts import Artifact
@@ -174,7 +176,7 @@ def test_build_makes_the_pair_of_engines_under_one_key(artifacts, cli_here, tmp_
     from toma_export.serve.network import head_of, load_network
     from toma_export.trt import BuildOptions, build_split
 
-    options = BuildOptions(backend="tensorrt-rtx")
+    options = BuildOptions(backend="tensorrt-rtx", static=True)
     meta = build_split("flux-tiny", te.ToMAConfig(), artifacts, options, progress=lambda m: None)
     tail = Artifact.load(Path(meta["engine"]).with_name("engine.json"))
     head = head_of(tail, cache.CacheConfig(0.1))
@@ -205,3 +207,38 @@ def test_build_makes_the_pair_of_engines_under_one_key(artifacts, cli_here, tmp_
     version = repo / result["pipeline_model"] / "1"
     assert (version / "network" / "engine.json").is_file() and (version / tail.meta["head"] / "engine.plan").is_file()
     assert 'key: "cache"\n  value: { string_value: "fbcache:0.2" }' in (version.parent / "config.pbtxt").read_text()
+
+
+def test_sweep_on_onnxruntime_serves_every_row(artifacts):
+    """sweep --backend onnxruntime: each row through the served pipeline (Session), the split exports for cached
+    rows (those the tests above made, and test_serve's static exports for the others, reused by key)."""
+    from toma_export.quality.sweep import SweepRequest, sweep
+
+    result = sweep(SweepRequest(model="flux-tiny", ratios=(0.5,), backend="onnxruntime", prompts=(PROMPT,),
+                                steps=SHORT, caches=(cache.CacheConfig(SHORT_THRESHOLD),), output_dir=str(artifacts)),
+                   quiet=True)
+    rows = result["rows"]
+    assert [(r["ratio"], r["cache"]) for r in rows] == [(0.0, "none"), (0.0, f"fbcache:{SHORT_THRESHOLD}"),
+                                                        (0.5, "none"), (0.5, f"fbcache:{SHORT_THRESHOLD}")]
+    assert rows[0]["fidelity"] > 0.9999 and rows[2]["fidelity"] < 0.9999          # ToMA changed the image
+    assert [r["computed_steps"] < SHORT for r in rows] == [False, True, False, True]
+    assert all(r["cached_ms"] < r["step_ms"] for r in rows if r["cached_ms"] is not None)
+
+
+def test_a_dynamic_split_serves_sizes_and_batches_and_triton_runs_it_unbatched(artifacts, cli_here, tmp_path):
+    """export --cache --dynamic: one head/tail pair for the profile's sizes and batches; a batch of two decides
+    together; the Triton pipeline of it takes one request per run (max_batch_size 1), where the unsplit dynamic
+    export batches four."""
+    meta = export_split("flux-tiny", te.ToMAConfig(), artifacts / "onnx", ExportOptions(dynamic=True),
+                        progress=lambda m: None)
+    assert meta["dynamic"] and meta["profiles"]["fbcache_hidden"]["max"][0] == 4
+    session = Session(meta["onnx"], model="flux-tiny", cache=cache.CacheConfig(SHORT_THRESHOLD))
+    for size in (128, 256):
+        images = session.run([PROMPT, "a blue square on a black background"], [0, 1], size, size, SHORT, 3.5)
+        assert [im.size for im in images] == [(size, size)] * 2
+        assert 1 <= session.network.cache.computed < SHORT
+    done = cli_here("export-repo", "--onnx", meta["onnx"], "--out", tmp_path / "repo", "--cache",
+                    f"fbcache:{SHORT_THRESHOLD}", "--json")
+    assert done.returncode == 0, done.stderr
+    config = (tmp_path / "repo" / json.loads(done.stdout)["pipeline_model"] / "config.pbtxt").read_text()
+    assert "max_batch_size: 1" in config and "dynamic_batching" not in config

@@ -224,16 +224,21 @@ class ModelSpec:
         h, w = self.size(height, width)
         return h // self.pixels_per_cell, w // self.pixels_per_cell
 
-    def input_shapes(self, batch: int, height: int, width: int, text_len: int | None = None) -> dict:
-        """{name: shape} of the network inputs at a given batch, pixel size and text length. Nothing of that
-        size is allocated (a served request's shapes are checked before any work): the sample inputs are made at
-        the smallest profile size and their size-dependent axes, which input_axes names, are set from the sizes."""
+    def input_shapes(self, batch: int, height: int, width: int, text_len: int | None = None,
+                     part: str | None = None) -> dict:
+        """{name: shape} of the network inputs (`part`: of that graph of a First-Block Cache split) at a given
+        batch, pixel size and text length. Nothing of that size is allocated (a served request's shapes are checked
+        before any work): the sample inputs are made at the smallest profile size and their size-dependent axes,
+        which input_axes names, are set from the sizes."""
         sizes = dict(zip(("height", "width"), self.cells(height, width)), batch=batch, text=text_len or self.text_len)
         shapes = {}
         (h0, w0), _, _ = self.size_range
-        for name, tensor in self.graph_inputs(batch=1, height=h0, width=w0).items():
+        sample, axes = self.graph_inputs(batch=1, height=h0, width=w0), self.input_axes()
+        if part is not None:
+            sample, axes = self.part_inputs(part, sample), self.part_axes(part)
+        for name, tensor in sample.items():
             shape = list(tensor.shape)
-            for axis, (symbol, divisor) in self.input_axes().get(name, {}).items():
+            for axis, (symbol, divisor) in axes.get(name, {}).items():
                 shape[axis] = sizes[symbol] // divisor
             shapes[name] = tuple(shape)
         return shapes

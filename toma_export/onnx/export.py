@@ -154,8 +154,6 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
         from ..cache import check_split
 
         check_split(spec, options.part)
-        if options.dynamic:
-            raise UsageError("First-Block Cache exports are static for now: drop --dynamic (or pass --cache none)")
     spec = spec.with_text_len(options.text_len)
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
@@ -424,7 +422,7 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
     if options.dynamic:
         shapes = []
         for (h, w), b, t in zip(ranges["sizes"], ranges["batch"], ranges["text"]):
-            s = spec.input_shapes(b, h, w, t)
+            s = spec.input_shapes(b, h, w, t, options.part)
             s.update(graph.toma_shapes(b, *spec.cells(h, w)))
             shapes.append(s)
         profiles = {name: dict(min=list(shapes[0][name]), opt=list(shapes[1][name]), max=list(shapes[2][name]))

@@ -170,7 +170,8 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
     head.append(f"# the export takes {sizes}; other sizes get an error response")
     if cache is not None:
         head.append(f"# First-Block Cache ({cache}): the head runs every step, the tail only where the head's output "
-                    "changed by more than the threshold; the cache parameter below sets it")
+                    "changed by more than the threshold (decided per batch, so requests run one at a time); the "
+                    "cache parameter below sets it")
     head += ["# every request is checked before any work (HTTP 400 / INVALID_ARGUMENT otherwise): steps "
              f"1..{limits.max_steps}, guidance 0..{limits.max_guidance:g},",
              f"# seed 0..2^63-1, a prompt of at most {limits.max_prompt_bytes} UTF-8 bytes; a run stops when its "
@@ -242,8 +243,10 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
     from .network import head_of
 
     head = head_of(artifact, cache)
-    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, max_requests(artifact.meta),
-                                limits, cache)
+    # First-Block Cache decides for a whole batch (diffusers' rule averages over it): requests are not batched
+    # together, so that one request's steps never depend on another's
+    batchable = max_requests(artifact.meta) if cache is None else 1
+    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, batchable, limits, cache)
     final = writable_dir(out) / name
     for folder in (final, *check_free):
         if folder.exists() and not force:

@@ -130,14 +130,11 @@ def _cuda_available() -> bool:
 
 def build_split(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOptions = BuildOptions(),
                 force: bool = False, progress=None) -> dict:
-    """The two engines First-Block Cache runs, from the static head and tail exports (onnx/export.py's
-    export_split): the head's first, then the tail's, whose key and engine.json name the head's folder, so the
-    pair is one key. Returns the tail's metadata."""
+    """The two engines First-Block Cache runs, from the head and tail exports (onnx/export.py's export_split): the
+    head's first, then the tail's, whose key and engine.json name the head's folder, so the pair is one key.
+    Returns the tail's metadata."""
     from dataclasses import replace
 
-    if not options.static and (options.min_size or options.max_size):
-        raise UsageError("First-Block Cache engines are static (one shape, the opt size): drop --min-size/--max-size")
-    options = replace(options, static=True)
     head = build(model, None, output_dir, replace(options, part="head"), force, progress)
     return build(model, toma, output_dir, replace(options, part="tail"), force, progress,
                  head=Path(head["engine"]).parent.name)
