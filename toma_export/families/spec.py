@@ -200,6 +200,17 @@ class ModelSpec:
                       dtype: torch.dtype = torch.float32, smooth: bool = False) -> dict:
         raise NotImplementedError
 
+    def denoise(self, inputs: dict, steps: int, predict) -> torch.Tensor:
+        """The family's denoising loop (its scheduler and step_inputs) from `inputs` (sample_inputs):
+        predict(step index, the network's keyword inputs) returns the output the scheduler steps with. Returns
+        the last latent. For loops on the PyTorch network without a pipeline (speed sweeps, cache parity)."""
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(steps)
+        latent = inputs[self.latent_input] * getattr(scheduler, "init_noise_sigma", 1.0)
+        for i, t in enumerate(scheduler.timesteps):
+            latent = scheduler.step(predict(i, self.step_inputs(inputs, scheduler, latent, t)), t, latent).prev_sample
+        return latent
+
     # -- the exported graph's network inputs (flat tensors; ToMA adds its own) --
     def input_axes(self) -> dict:
         """{input name: {axis: (symbol, divisor)}}: the axis is size(symbol) // divisor, where symbol is

@@ -175,14 +175,9 @@ class _NetworkRunner(_Patched):
     def run(self, prompt, seed, height, width, steps, guidance, kwargs):
         self.start()
         inputs = self.spec.sample_inputs(self.batch, height, width, seed, smooth=True)
-        scheduler = self.spec.scheduler()
-        scheduler.set_timesteps(steps)
-        latent = inputs[self.spec.latent_input] * getattr(scheduler, "init_noise_sigma", 1.0)
         context = self.net.cache_context("cond") if self.cache else contextlib.nullcontext()
         with context:                      # diffusers' cache hooks keep their state per named context
-            for t in scheduler.timesteps:
-                out = self.net(**self.spec.step_inputs(inputs, scheduler, latent, t), return_dict=False)[0]
-                latent = scheduler.step(out, t, latent).prev_sample
+            self.spec.denoise(inputs, steps, lambda i, kwargs: self.net(**kwargs, return_dict=False)[0])
         return None, self.calls
 
 
