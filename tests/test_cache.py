@@ -100,6 +100,8 @@ def test_the_served_split_skips_where_diffusers_hook_does(artifacts, toma):
     reference, reference_image = _torch_decisions(config)
     session = Session(meta["onnx"] if toma else None, None if toma else meta["onnx"], model="flux-tiny",
                       cache=cache.CacheConfig(THRESHOLD))
+    with pytest.raises(UsageError, match=r"-head-.*input hidden_states .*static export takes exactly"):
+        session.check(256, 256, STEPS, 3.5)             # refused before the text encoders run, naming the head
     image = session.run([PROMPT], [SEED], SIZE, SIZE, STEPS, 3.5)[0]
     served = [d[2] for d in session.network.cache.decisions]
     print(json.dumps(dict(diffusers=reference, served=served)))

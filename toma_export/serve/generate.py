@@ -138,8 +138,9 @@ class Session:
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
         self.spec.size(height, width)
-        shapes = self.spec.input_shapes(count * self.spec.cfg_batch(guidance), height, width)
-        for artifact in self.artifacts:
+        batch = count * self.spec.cfg_batch(guidance)
+        for artifact in [a for a in (self.network.head_artifact,) if a] + self.artifacts:     # a split's head first
+            shapes = self.spec.input_shapes(batch, height, width, part=artifact.meta.get("part"))
             artifact.check_shapes({n: s for n, s in shapes.items() if n in artifact.input_names()}, (height, width))
 
     def max_requests(self, guidance: float) -> int:

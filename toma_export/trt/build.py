@@ -200,7 +200,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
 
         def make() -> bytes:
             progress(f"[build] building a {name} {backends.version(trt)} {kind}{f' for {target}' if target else ''}; "
-                     f"selection: {selection} ({why})")
+                     f"selection: {selection}" + ("" if selection == NONE else f" ({why})"))
             return _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
 
         if options.weightless != "refit":
