@@ -15,7 +15,7 @@ import torch
 
 import toma_export as te
 from toma_export.trt import BuildOptions, EngineMismatch, build, check_engine
-from toma_export.trt.build import choose_selection
+from toma_export.trt.build import choose_selection, describe_selection
 from toma_export.trt.backend import BackendMissing, load, version
 
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
@@ -41,6 +41,8 @@ def test_rtx_builds_every_exported_graph(artifacts, dynamic_export, name, toma, 
     assert meta["backend"] == "tensorrt-rtx" and meta["target"] == "sm89" and meta["dynamic"] is not static
     assert meta["selection"] == ("inlined ONNX body" if toma else "none (ToMA off)")
     assert meta["selection_reason"] == ("TensorRT-RTX loads no plugins" if toma else "ToMA off")
+    assert describe_selection(meta["selection"], meta["selection_reason"]) == \
+        ("inlined ONNX body (TensorRT-RTX loads no plugins)" if toma else "none (ToMA off)")   # said once
     assert meta["ptx_version"] is None and meta["plugin_version"] is None
     assert bool(meta["profiles"]) is not static
     if toma:

@@ -50,6 +50,7 @@ def run(args) -> int:
     from ..cache import check_family
     from ..lora import as_options
     from ..trt import BuildOptions, build, build_split, recipe
+    from ..trt.build import describe_selection
 
     check_family(args.cache, models.get(args.model))
     defaults = recipe(args.model)
@@ -69,7 +70,7 @@ def run(args) -> int:
     print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
           f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
-    print(f"  selection: {meta['selection']} ({meta.get('selection_reason', '')})")
+    print(f"  selection: {describe_selection(meta['selection'], meta.get('selection_reason'))}")
     print(f"  onnx: {meta['onnx']}")
     if meta.get("head"):
         print(f"  First-Block Cache tail; its head engine: {Path(meta['engine']).parent.parent / meta['head']} (the "

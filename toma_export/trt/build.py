@@ -70,6 +70,11 @@ class BuildOptions:
     part: str | None = None        # one graph of a First-Block Cache split (build_split builds both)
 
 
+def describe_selection(selection: str, reason: str | None) -> str:
+    """The selection and why it was chosen, for people; a baseline's label already says ToMA is off."""
+    return selection if selection == NONE or not reason else f"{selection} ({reason})"
+
+
 def recipe(model: str) -> dict:
     """The build recipe for a registered model, or defaults for its family (local folders)."""
     spec = models.get(model)
@@ -200,7 +205,7 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
 
         def make() -> bytes:
             progress(f"[build] building a {name} {backends.version(trt)} {kind}{f' for {target}' if target else ''}; "
-                     f"selection: {selection}" + ("" if selection == NONE else f" ({why})"))
+                     f"selection: {describe_selection(selection, why)}")
             return _build_engine(trt, name, onnx_meta, target, options, use_plugin, capability, ptx_version)
 
         if options.weightless != "refit":
