@@ -5,6 +5,9 @@ import toma_export as te
 from conftest import rel_err, run
 
 MODELS = ["flux-tiny", "sdxl-tiny"]
+# How far ToMA 0.5 may move the trained models on smooth inputs: they move by 0.09-0.27 (flux-tiny) and 0.016-0.019
+# (sdxl-tiny, which merges one level); unmerged tokens scrambled move them by 0.40-0.55 and 0.07-0.11.
+CLOSE = {"flux-tiny": 0.35, "sdxl-tiny": 0.045}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -18,8 +21,7 @@ def test_patched_model_runs_and_stays_close_on_smooth_inputs(tiny, name, batch, 
     out = run(model, inputs)
     te.remove_toma(model)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    # merged, yet close: the trained models move by 0.08-0.16 (a broken merge moves them by ~1)
-    assert 1e-4 < rel_err(out, ref) < 0.25
+    assert 1e-4 < rel_err(out, ref) < CLOSE[name]
 
 
 @pytest.mark.parametrize("name", MODELS)

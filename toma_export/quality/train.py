@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import shapes
 
 OFFSET_NOISE = 0.3       # SDXL: per-channel noise offset, several times the 16x16 latent's own mean noise
-MIN_SNR = 5.0            # SDXL: min-SNR-gamma loss weighting (Hang et al. 2023); with lr 1e-3 it learns shapes
+MIN_SNR = 5.0            # SDXL: min-SNR-gamma loss weighting (Hang et al. 2023); with lr 2e-3 it learns shapes
 SIZE = 128               # the tiny models' default size: 64 FLUX tokens (a measured run found 256 too many)
 
 
@@ -263,8 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--flux-steps", type=int, default=4000)
     p.add_argument("--sdxl-steps", type=int, default=2000)
-    p.add_argument("--flux-lr", type=float, default=2e-3)
-    p.add_argument("--sdxl-lr", type=float, default=1e-3)
+    p.add_argument("--flux-lr", type=float, default=3e-3)
+    p.add_argument("--sdxl-lr", type=float, default=2e-3)
     p.add_argument("--judge-steps", type=int, default=2000)
     p.add_argument("--eval-seeds", type=int, default=2, help="seeds per caption for the final judge figures (2)")
     p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the final draws (generate's 28)")
