@@ -4,6 +4,7 @@ layers throughout: diffusers pipelines, the committed safetensors, the judge net
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -146,13 +147,20 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     """`make train-tiny` at a handful of steps: every file is written, the record holds the judge's figures."""
     from toma_export.quality import train
 
-    assert train.main(["--out", str(tmp_path), "--images", "64", "--vae-steps", "2", "--flux-steps", "2",
-                       "--sdxl-steps", "2", "--judge-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
-                       "--quiet"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)                   # a caller with a setting of its own keeps it
+    try:
+        assert train.main(["--out", str(tmp_path), "--images", "64", "--vae-steps", "2", "--flux-steps", "2",
+                           "--sdxl-steps", "2", "--judge-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
+                           "--quiet"]) == 0
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
     assert {p.name for p in tmp_path.iterdir()} == {"judge.safetensors", "vae-tiny.safetensors", "training.json",
                                                    "flux-tiny.safetensors", "sdxl-tiny.safetensors"}
     record = json.loads((tmp_path / "training.json").read_text())
     assert 0 <= record["judge"]["held_out"]["all"] <= 1
+    assert record["threads"] == int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())   # 1 per test worker
     for name in ("flux-tiny", "sdxl-tiny"):
         assert set(record[name]["prompt_accuracy"]) == {"baseline", "toma"}
     from safetensors.torch import load_file

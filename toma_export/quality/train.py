@@ -246,13 +246,10 @@ def save(tensors: dict, path, metadata: dict | None = None, half: bool = True) -
 
 def main(argv=None) -> int:
     import argparse
-    import json
     import os
     from pathlib import Path
 
-    from ..bench.run import cpu_name
     from ..families import tiny
-    from . import judge as judge_module
 
     p = argparse.ArgumentParser(prog="python -m toma_export.quality.train",
                                 description="Train the tiny models' VAE, flux-tiny, sdxl-tiny and the shapes judge "
@@ -270,9 +267,25 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the final draws (generate's 28)")
     p.add_argument("--only", choices=["flux-tiny", "sdxl-tiny"],
                    help="train this network again against the judge and VAE already in --out")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+                   help="torch threads (OMP_NUM_THREADS, else every core)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(previous)          # the caller's process (a test worker) keeps its own setting
+
+
+def _train(args) -> int:
+    import json
+
+    from ..bench.run import cpu_name
+    from ..families import tiny
+    from . import judge as judge_module
+
     args.out.mkdir(parents=True, exist_ok=True)
     start, record = time.monotonic(), dict(seed=args.seed, machine=cpu_name(), threads=torch.get_num_threads(),
                                            torch=torch.__version__)
