@@ -143,6 +143,14 @@ def test_sweep_refusals(tmp_path, capsys, args, message):
     assert not (tmp_path / "x").exists()
 
 
+def test_training_refuses_a_bad_thread_count(capsys):
+    from toma_export.quality import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--threads", "0"])
+    assert exit_.value.code == 2 and "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     """`make train-tiny` at a handful of steps: every file is written, the record holds the judge's figures."""
     from toma_export.quality import train

@@ -267,10 +267,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the final draws (generate's 28)")
     p.add_argument("--only", choices=["flux-tiny", "sdxl-tiny"],
                    help="train this network again against the judge and VAE already in --out")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
-                   help="torch threads (OMP_NUM_THREADS, else every core)")
+    p.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS, else every core)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.threads is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        args.threads = int(omp) if omp.isdigit() else os.cpu_count() or 1
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
