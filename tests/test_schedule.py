@@ -118,3 +118,20 @@ def test_two_calls_per_step_keep_separate_caches(tiny):
     assert state.counts["select"] == 4                                # 2 groups x 2 calls, at step 0 only
     assert {k[1] for k in state.cache} == {0, 1}
     assert not torch.equal(state.cache["transformer_blocks", 0].merge.dst, state.cache["transformer_blocks", 1].merge.dst)
+
+
+def test_the_served_schedule_takes_forced_destinations_for_one_merged_call():
+    """validate --cache forces the reference's picks into the served tail (a near-tie must not fail a step): the
+    next merged call gets them, reshaped to the graph's input, with recompute off; the call after selects again."""
+    from toma_export.onnx.graph import RECOMPUTE, dst_input
+    from toma_export.serve.schedule import DestinationSchedule
+
+    schedule, shapes = DestinationSchedule(te.ToMAConfig(), ["g"]), {dst_input("g"): (1, 2, 2, 8)}
+    picks = torch.randint(0, 16, (1, 4, 8))                       # (B, T, d) as the PyTorch patch keeps them
+    schedule.force({"g": picks})
+    plan = schedule.plan(1.0)
+    feeds = schedule.toma_feeds(plan, shapes)
+    assert torch.equal(feeds[dst_input("g")], picks.reshape(1, 2, 2, 8))
+    assert not feeds[RECOMPUTE].item() and not plan.recompute
+    plan = schedule.plan(0.5)
+    assert schedule.toma_feeds(plan, shapes)[RECOMPUTE].item() and plan.recompute

@@ -36,6 +36,7 @@ class DestinationSchedule:
         self.config, self.groups = config, list(groups)
         self.clock = ToMAState(config or ToMAConfig())
         self.carried: dict = {}           # call index -> {group: destinations (int64 tensor)}
+        self.forced: dict | None = None   # parity checks: the next merged call's destinations, given
         if config is not None and config.weights_every > 1:
             log.warning("ToMA weights_every=%d: exported graphs recompute merge weights on every merged call",
                         config.weights_every)
@@ -58,9 +59,21 @@ class DestinationSchedule:
             return Plan(False, clock.step, clock.call)
         return Plan(True, clock.step, clock.call, recompute=self.config.refreshes_at(clock.step))
 
+    def force(self, destinations: dict | None) -> None:
+        """Parity checks: the next merged call takes these destinations ({group: indices, any shape of the right
+        size}) instead of selecting, so that its output compares with the reference's on the same picks; None
+        lets it select again."""
+        self.forced = destinations
+
     def toma_feeds(self, plan: Plan, shapes: dict, device="cpu") -> dict:
         """toma_dst.<group> and toma_recompute for a merged call; `shapes` are the graph's dst shapes.
         Destinations carried with another shape (new batch or size) force a recompute."""
+        if self.forced is not None:
+            feeds = {dst_input(g): self.forced[g].reshape(shapes[dst_input(g)]).to(device, torch.int64)
+                     for g in self.groups}
+            feeds[RECOMPUTE] = recompute_flag(False, device=device)
+            plan.recompute, self.forced = False, None
+            return feeds
         previous = self.carried.get(plan.call)
         fresh = previous is None or any(tuple(previous[g].shape) != tuple(shapes[dst_input(g)]) for g in self.groups)
         recompute = plan.recompute or fresh
