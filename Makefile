@@ -49,8 +49,9 @@ bench: $(STAMP)
 triton-load: $(STAMP)
 	$(PY) scripts/triton_load.py --out docs/triton_load.json
 
-# The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, flux-tiny and sdxl-tiny,
-# trained from seed 0 on this machine's CPUs (about 40 minutes on 2 cores); ends with the judge's figures.
+# The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, then flux-tiny and sdxl-tiny
+# side by side (two processes, half the threads each), trained from seed 0 on this machine's CPUs (34 minutes on
+# 2 cores, Intel Xeon); ends with the judge's figures.
 train-tiny: $(STAMP)
 	$(PY) -m toma_export.quality.train
 

@@ -151,16 +151,30 @@ def test_training_refuses_a_bad_thread_count(capsys):
     assert exit_.value.code == 2 and "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
-    """`make train-tiny` at a handful of steps: every file is written, the record holds the judge's figures."""
+@pytest.mark.parametrize("omp, expected", [("3", 3), ("", os.cpu_count()), ("two", os.cpu_count())])
+def test_training_takes_its_threads_from_omp_num_threads_else_every_core(monkeypatch, omp, expected):
     from toma_export.quality import train
 
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert train.default_threads() == expected
+
+
+def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
+    """`make train-tiny` at a handful of steps, as it runs on two cores: the networks train at the same time in two
+    spawned processes of one thread each. Every file is written, the record holds the judge's figures, and
+    `--only` trains the same weights again in this process."""
+    from toma_export.quality import train
+
+    few = ["--images", "64", "--flux-steps", "2", "--sdxl-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
+           "--threads", "2", "--quiet"]
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)                   # a caller with a setting of its own keeps it
     try:
-        assert train.main(["--out", str(tmp_path), "--images", "64", "--vae-steps", "2", "--flux-steps", "2",
-                           "--sdxl-steps", "2", "--judge-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
-                           "--quiet"]) == 0
+        assert train.main(["--out", str(tmp_path), "--vae-steps", "2", "--judge-steps", "2", *few]) == 0
+        assert torch.get_num_threads() == threads + 1
+        together = (tmp_path / "flux-tiny.safetensors").read_bytes()
+        assert train.main(["--out", str(tmp_path), "--only", "flux-tiny", *few]) == 0
+        assert (tmp_path / "flux-tiny.safetensors").read_bytes() == together      # one thread either way
         assert torch.get_num_threads() == threads + 1
     finally:
         torch.set_num_threads(threads)
@@ -168,9 +182,9 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
                                                    "flux-tiny.safetensors", "sdxl-tiny.safetensors"}
     record = json.loads((tmp_path / "training.json").read_text())
     assert 0 <= record["judge"]["held_out"]["all"] <= 1
-    assert record["threads"] == int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())   # 1 per test worker
+    assert record["threads"] == 2 and "minutes (flux-tiny alone)" in record
     for name in ("flux-tiny", "sdxl-tiny"):
-        assert set(record[name]["prompt_accuracy"]) == {"baseline", "toma"}
+        assert set(record[name]["prompt_accuracy"]) == {"baseline", "toma"} and record[name]["threads"] == 1
     from safetensors.torch import load_file
 
     flux = load_file(str(tmp_path / "flux-tiny.safetensors"))
