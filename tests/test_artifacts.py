@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import toma_export as te
 from toma_export.artifacts import EXPORT_FORMAT, Artifact, claimed, config_from_section, staged_dir, toma_section
@@ -210,6 +211,22 @@ def test_a_later_run_removes_what_a_killed_run_left(tmp_path):
     with staged_dir(tmp_path / "x") as tmp:
         (tmp / "model.onnx").write_text("done")
     assert not left.exists() and running.is_dir() and (tmp_path / "x" / "model.onnx").read_text() == "done"
+
+
+def test_published_folders_and_weights_have_the_umask_mode_not_a_private_one(tmp_path):
+    """mkdtemp makes 0700 folders and safetensors 0600 files: a tritonserver running as another user could not read
+    an artifact or the repository. They get what an ordinary create gives under the umask."""
+    from toma_export.quality.train import save
+
+    old = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "x") as tmp:
+            (tmp / "model.onnx").write_text("done")
+        save({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_a_second_process_waits_for_the_artifact_the_first_is_making(tmp_path):

@@ -86,6 +86,7 @@ def staged_dir(final: Path):
     prefix = f".{final.name}.tmp-{socket.gethostname()}-"
     remove_abandoned(final.parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=final.parent))
+    usual_mode(tmp)
     try:
         yield tmp
         if final.exists():            # someone else finished first, or a forced rebuild: replace it
@@ -94,6 +95,14 @@ def staged_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def usual_mode(path: Path) -> None:
+    """The mode an ordinary create gives under this umask, for what its maker made private (mkdtemp: 0700,
+    safetensors: 0600): a server running as another user (tritonserver in a container) must read what we publish."""
+    mask = os.umask(0o077)          # read it back; for that instant other threads' files get a stricter mode
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

@@ -127,8 +127,11 @@ def _draw(key: str, shape, dtype, generator) -> torch.Tensor:
 
 
 def _save_shard(tensors: dict, net: Path, index: int, save_file) -> tuple:
+    from ..artifacts import usual_mode
+
     path = net / f".shard-{index}.safetensors"
     save_file(tensors, str(path))
+    usual_mode(path)                                     # safetensors writes 0600
     return path, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
