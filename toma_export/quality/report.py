@@ -136,7 +136,11 @@ def cell(row: dict, key: str, fmt: str) -> str:
 
 
 def write_atomic(writer, path: Path) -> None:
-    """writer(temporary path) beside the final name, then rename: nothing half-written under it."""
+    """writer(temporary path) beside the final name, then rename: nothing half-written under it. The file gets the
+    umask's usual mode whatever the writer gave it (safetensors writes 0600)."""
+    from ..artifacts import usual_mode
+
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     writer(tmp)
+    usual_mode(tmp)
     tmp.replace(path)

@@ -239,16 +239,10 @@ def save(tensors: dict, path, metadata: dict | None = None, half: bool = True) -
     """safetensors written beside the final name and renamed: nothing half-written under it."""
     from safetensors.torch import save_file
 
-    from ..artifacts import usual_mode
     from .report import write_atomic
 
     stored = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-
-    def write(tmp):
-        save_file(stored, str(tmp), metadata=metadata)
-        usual_mode(tmp)                                  # safetensors writes 0600
-
-    write_atomic(write, path)
+    write_atomic(lambda p: save_file(stored, str(p), metadata=metadata), path)
 
 
 def main(argv=None) -> int:
