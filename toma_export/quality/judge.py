@@ -106,11 +106,12 @@ def held_out_accuracy(judge: Judge, count: int = 1200, size: int = INPUT) -> dic
             "all": float(right.all(1).float().mean()), "images": count}
 
 
-def load() -> Judge:
+def load(path: Path = WEIGHTS) -> Judge:
+    """The judge of a weights file: the package's, or one `make train-tiny` just wrote."""
     from safetensors.torch import load_file
 
     judge = Judge()
-    judge.load_state_dict(load_file(str(WEIGHTS)))
+    judge.load_state_dict(load_file(str(path)))
     return judge.eval()
 
 

@@ -296,7 +296,6 @@ def _train(args) -> int:
     import json
 
     from ..bench.run import cpu_name
-    from ..families import tiny
     from . import judge as judge_module
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -305,12 +304,10 @@ def _train(args) -> int:
     quiet = args.quiet
 
     torch.manual_seed(args.seed)
-    vae = tiny.vae(4, args.seed + 3, "flux", trained=False)
+    vae = untrained_vae(args.seed)
     if args.only:
         from safetensors import safe_open
 
-        judge = judge_module.Judge()
-        judge.load_state_dict(_load(args.out / "judge.safetensors"))
         vae.load_state_dict(_load(args.out / "vae-tiny.safetensors"))
         with safe_open(str(args.out / "vae-tiny.safetensors"), "pt") as f:
             stats = json.loads(f.metadata()["latents"])
@@ -325,7 +322,6 @@ def _train(args) -> int:
              half=False)
         record["vae"] = dict(steps=args.vae_steps, latents=stats)
         print(f"vae: latents mean {stats['mean']:.3f} std {stats['std']:.3f} ({elapsed(start)})", flush=True)
-    judge.eval()
 
     x, captions, _ = images(args.seed + 4, args.images, quiet=quiet)
     raw = encode(vae, x, quiet=quiet)
@@ -337,7 +333,7 @@ def _train(args) -> int:
     networks = (("flux-tiny", "flux", args.flux_steps, args.flux_lr),
                 ("sdxl-tiny", "sdxl", args.sdxl_steps, args.sdxl_lr))
     jobs = [dict(model=model, family=family, steps=steps, lr=lr, raw=raw, captions=captions, seed=args.seed,
-                 vae=vae.state_dict(), stats=stats, judge=judge.state_dict(), out=args.out, threads=threads,
+                 vae=vae.state_dict(), stats=stats, out=args.out, threads=threads,
                  eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, quiet=quiet, row=row if together else 0)
             for row, (model, family, steps, lr) in enumerate(networks) if not args.only or model == args.only]
     if together:
@@ -363,17 +359,14 @@ def train_and_judge(job: dict) -> dict:
     """Train one network (`job` from _train), store it, and judge its draws with and without ToMA: run in a
     process of its own when both networks train at once, so it takes everything as plain tensors."""
     global BAR_ROW
-    from ..families import tiny
     from . import judge as judge_module
 
     BAR_ROW = job["row"]
     torch.set_num_threads(job["threads"])
     model, family = job["model"], job["family"]
-    vae = tiny.vae(4, job["seed"] + 3, "flux", trained=False)
+    vae = untrained_vae(job["seed"])
     vae.load_state_dict(job["vae"])
-    judge = judge_module.Judge()
-    judge.load_state_dict(job["judge"])
-    judge.eval()
+    judge = judge_module.load(job["out"] / "judge.safetensors")     # written in full precision before the jobs
     pipe = pipeline(model, vae, job["stats"])
     t0 = time.monotonic()
     net = train_network(pipe, family, normalise(job["raw"], pipe.vae), job["captions"], job["seed"] + 5,
@@ -388,6 +381,13 @@ def train_and_judge(job: dict) -> dict:
         figures["toma" if toma else "baseline"] = judge_module.prompt_accuracy(judge, drawn, texts)
     return dict(steps=job["steps"], lr=job["lr"], minutes=(time.monotonic() - t0) / 60, prompt_accuracy=figures,
                 images=len(job["captions"]), threads=job["threads"], draws=len(texts))
+
+
+def untrained_vae(seed: int):
+    """The tiny models' VAE as `make train-tiny` starts it (4 latent channels), in this process or a spawned one."""
+    from ..families import tiny
+
+    return tiny.vae(4, seed + 3, "flux", trained=False)
 
 
 def _load(path):
