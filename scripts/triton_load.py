@@ -144,7 +144,7 @@ def reference_images(network: Path, size, steps: int):
 
     from toma_export.serve.generate import Session
 
-    session = Session(network, parts_seed=0)
+    session = Session(network)
     torch.set_num_threads(1)
 
     def image(seed):

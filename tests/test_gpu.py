@@ -192,7 +192,7 @@ def test_weightless_engine_matches_the_normal_engine(tmp_path, mode, record_prop
         out = tmp_path / f"{meta['weightless'] if meta.get('weightless') else 'normal'}.png"
         assert main(["generate", "--model", "flux-tiny", "--backend", "tensorrt", "--engine",
                      str(Path(meta["engine"]).with_name("engine.json")), "--prompt", "a red fox", "--steps", "3",
-                     "--size", "256x256", "--seed", "0", "--out", str(out)]) == 0
+                     "--size", "256x256", "--seed", "5", "--out", str(out)]) == 0
         images.append(np.asarray(Image.open(out), dtype=np.int16))
     assert np.abs(images[1] - images[0]).mean() <= 1.0
 

@@ -25,7 +25,7 @@ def test_the_tiny_models_load_their_trained_weights_by_default(name):
     assert set(stored) == set(trained) and all(torch.equal(stored[k], trained[k]) for k in trained)
     assert any(not torch.equal(trained[k], random[k]) for k in trained)
     assert spec.base_label().startswith(f"trained weights ({name}.safetensors, sha256 ")
-    vae = spec.tiny_parts(0)["vae"]
+    vae = spec.tiny_parts()["vae"]
     key = "decoder.conv_out.weight"
     assert torch.equal(vae.state_dict()[key], tiny.trained_weights("vae-tiny")[key])
     stats = tiny.latent_stats()

@@ -30,6 +30,7 @@ from toma_export.serve.triton_client import Client
 MODELS = ("flux-tiny", "sdxl-tiny")
 SIZE, STEPS = (128, 128), 2          # the smallest size the tiny models' dynamic exports take
 BATCH_TOLERANCE = 2                  # uint8 levels; single requests are compared bit for bit
+PYTORCH_TOLERANCE = 4                # uint8 levels between the server and the PyTorch pipeline (measured max 1)
 LONG_STEPS = 1000                    # flux-tiny's step limit in this repository
 CLI = [sys.executable, "-m", "toma_export.cli"]
 CACHE = "fbcache:0.2"      # caches about half of 12 steps
@@ -84,14 +85,14 @@ def server(parts, repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(repo):
-    """In-process images from the same pipelines (Session with the server's parts seed 0), one thread."""
+    """In-process images from the same pipelines (Session), one thread."""
     from toma_export.serve.generate import Session
 
     sessions = {}
 
     def image(model, seed, prompt="a red fox"):
         if model not in sessions:
-            sessions[model] = Session(repo[0] / repo[1][model] / "1" / "network", parts_seed=0)
+            sessions[model] = Session(repo[0] / repo[1][model] / "1" / "network")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -119,11 +120,11 @@ def test_server_loads_the_repository(server, repo):
 
 @pytest.mark.parametrize("model,protocol", [("flux-tiny", "http"), ("sdxl-tiny", "grpc")])
 def test_request_matches_generate(server, repo, dynamic_export, model, protocol, tmp_path):
-    """`toma-export request` returns, bit for bit, the PNG that `toma-export generate` writes (seed 0: the
-    generate command seeds a tiny model's random text encoders and VAE with the request's seed)."""
+    """`toma-export request` returns, bit for bit, the PNG that `toma-export generate` writes, at a seed other
+    than 0 (the seed seeds the noise alone)."""
     url = server.http_url if protocol == "http" else server.grpc_url
     served, local = tmp_path / "served.png", tmp_path / "local.png"
-    common = ["--prompt", "a red fox", "--size", f"{SIZE[0]}x{SIZE[1]}", "--steps", str(STEPS), "--seed", "0"]
+    common = ["--prompt", "a red fox", "--size", f"{SIZE[0]}x{SIZE[1]}", "--steps", str(STEPS), "--seed", "3"]
     cmd = CLI + ["request", "--url", url, "--model", repo[1][model], "--out", str(served), "--json", *common]
     done = subprocess.run(cmd + (["--grpc"] if protocol == "grpc" else []), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -136,6 +137,28 @@ def test_request_matches_generate(server, repo, dynamic_export, model, protocol,
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_the_server_draws_what_the_pytorch_pipeline_draws(server, repo, model):
+    """Each served image is load_pipeline's with PyTorch ToMA for its prompt and seed (seeds 0, 3 and 5), up to
+    ONNX Runtime's rounding: the reference shares no serving code with the server."""
+    import toma_export as te
+    from toma_export import models
+    from toma_export.serve import load_pipeline
+
+    spec, prompt = models.get(model), "a blue square on a white background"
+    pipe = load_pipeline(model)
+    te.apply_toma(pipe, te.ToMAConfig())
+    pipe.set_progress_bar_config(disable=True)
+    client = Client(server.http_url, "http", repo[1][model])
+    for seed in (0, 3, 5):
+        expected = np.asarray(pipe(prompt, height=SIZE[0], width=SIZE[1], num_inference_steps=STEPS,
+                                   guidance_scale=spec.default_guidance, generator=torch.Generator().manual_seed(seed),
+                                   **spec.pipeline_kwargs()).images[0].convert("RGB"))
+        served = client.generate(prompt, *SIZE, STEPS, seed)
+        assert np.abs(served.astype(int) - expected.astype(int)).max() <= PYTORCH_TOLERANCE, seed
+    client.close()
+
+
 def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, tmp_path):
     """The pipeline model of a head/tail split with its cache parameter: bit for bit what `generate --onnx TAIL
     --cache` draws in one thread."""
@@ -143,7 +166,7 @@ def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, t
     config = Client(server.http_url, "http", name).client.get_model_config(name)
     assert config["parameters"]["cache"]["string_value"] == CACHE
     served, local = tmp_path / "served.png", tmp_path / "local.png"
-    common = ["--prompt", "a red circle on a white background", "--size", "128x128", "--steps", "12", "--seed", "0"]
+    common = ["--prompt", "a red circle on a white background", "--size", "128x128", "--steps", "12", "--seed", "4"]
     done = subprocess.run(CLI + ["request", "--url", server.http_url, "--model", name, "--out", str(served), *common],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -148,10 +148,10 @@ class FluxSpec(ModelSpec):
     def pipeline_kwargs(self) -> dict:
         return dict(max_sequence_length=self.text_len)
 
-    def tiny_parts(self, seed: int = 0) -> dict:
+    def tiny_parts(self) -> dict:
         from . import tiny
 
-        c = self.config
+        c, seed = self.config, tiny.ENCODER_SEED
         return dict(text_encoder=tiny.clip(c["pooled_projection_dim"], seed + 1), tokenizer=tiny.tokenizer(),
                     text_encoder_2=tiny.t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tiny.tokenizer(self.text_len),
                     vae=tiny.vae(c["in_channels"] // 4, seed + 3, "flux"))

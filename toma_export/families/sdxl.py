@@ -58,10 +58,10 @@ class SdxlSpec(ModelSpec):
     def cfg_batch(self, guidance: float) -> int:
         return 2 if guidance > 1 else 1
 
-    def tiny_parts(self, seed: int = 0) -> dict:
+    def tiny_parts(self) -> dict:
         from . import tiny
 
-        c = self.config
+        c, seed = self.config, tiny.ENCODER_SEED
         pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
         first = c["cross_attention_dim"] // 2
         return dict(text_encoder=tiny.clip(first, seed + 1), tokenizer=tiny.tokenizer(),

@@ -64,8 +64,9 @@ class ModelSpec:
         """Extra arguments of the pipeline call that the exported graph fixes."""
         return {}
 
-    def tiny_parts(self, seed: int = 0) -> dict:
-        """The pipeline's parts besides the network and scheduler (tiny models only: text encoders, tokenizers, VAE)."""
+    def tiny_parts(self) -> dict:
+        """The pipeline's parts besides the network and scheduler (tiny models only: text encoders, tokenizers, VAE),
+        the ones the trained network reads."""
         raise NotImplementedError
 
     def served_call(self, config: dict, *args, **kwargs):

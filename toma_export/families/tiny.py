@@ -9,7 +9,8 @@ The widths match the tiny networks (FLUX: T5 width = joint_attention_dim, CLIP p
 pooled_projection_dim; SDXL: the two CLIP widths sum to cross_attention_dim, the projection is the pooled
 text width in projection_class_embeddings_input_dim), the VAE downsamples 8x like the real ones, and the
 tokenizers are built here from a generated vocabulary (lowercase letters, digits, their word-piece
-continuations and punctuation), so nothing is downloaded. Every part is seeded: same seed, same pipeline.
+continuations and punctuation), so nothing is downloaded. Every part is seeded from ENCODER_SEED, the seed the
+trained networks' text encoders were built from: other encoders would feed them noise for the caption.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS = 0, 1, 2
 CLIP_LEN = 77                   # the CLIP context both pipelines pad to
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+ENCODER_SEED = 0                # the frozen text encoders the trained networks read (never an image's seed)
 VAE_CHANNELS, VAE_GROUPS = (8, 16, 16, 16), 2      # 2 groups: per-channel norms (8) wash out colour
 
 

@@ -194,7 +194,7 @@ def train_network(pipe, family: str, latents: torch.Tensor, captions: list, seed
 
 def pipeline(model: str, vae, stats: dict, net=None):
     """The tiny model's diffusers pipeline around a copy of `vae` with the family's factors for latents of these
-    `stats`, and `net` (default: its random init); the frozen text encoders are rebuilt from their seeds."""
+    `stats`, and `net` (default: its random init); the frozen text encoders are rebuilt from tiny.ENCODER_SEED."""
     import diffusers
 
     from .. import models
@@ -204,7 +204,7 @@ def pipeline(model: str, vae, stats: dict, net=None):
     family_vae = copy.deepcopy(vae)
     family_vae.register_to_config(**tiny.factors(stats, spec.family))
     net = net if net is not None else spec.load(trained=False)
-    parts = {**spec.tiny_parts(0), "vae": family_vae, spec.subfolder: net}
+    parts = {**spec.tiny_parts(), "vae": family_vae, spec.subfolder: net}
     return getattr(diffusers, spec.pipeline_class)(scheduler=spec.scheduler(), **parts)
 
 

@@ -85,7 +85,7 @@ def generate(args: GenerateRequest, progress) -> dict:
                                                  cache=args.cache)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
-                      parts_seed=args.seed, model=args.model, cache=args.cache)
+                      model=args.model, cache=args.cache)
     t_ready = time.perf_counter()
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
     image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance)[0]
@@ -112,9 +112,9 @@ class Session:
 
     Every run starts the network's ToMA schedule afresh, so destinations never pass from one request to the
     next; the prompts of one run form one batch and each gets its own destinations from the graph.
-    `parts_seed` seeds a tiny model's frozen random text encoders (real models load theirs)."""
+    A request's seed seeds its initial noise and nothing else (the pipeline's parts are fixed at load)."""
 
-    def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None, parts_seed: int = 0,
+    def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None,
                  model: str | None = None, cache=None):
         import torch
 
@@ -126,7 +126,7 @@ class Session:
                                     share_weights=share_weights, schedule=schedule, cache=cache)
         self.artifacts = [a for a in (self.network.toma_artifact, self.network.baseline_artifact) if a]
         self.spec = self.network.spec
-        self.pipe = load_pipeline(model or self.artifacts[0].model, network=False, seed=parts_seed)
+        self.pipe = load_pipeline(model or self.artifacts[0].model, network=False)
         attach(self.pipe, self.network)
         if self.network.device.type == "cuda":
             self.pipe.to("cuda")

@@ -1,8 +1,8 @@
 """Pipelines to serve: a diffusers pipeline for a model name, the artifacts it needs, and the drop-in.
 
 Real models load with `FluxPipeline` / `StableDiffusionXLPipeline.from_pretrained` (hub cache or a local
-folder); the tiny models get theirs from the spec's tiny_parts (the trained VAE, seeded frozen text
-encoders). With `network=False` the PyTorch transformer/UNet is not loaded at all: the served graph replaces
+folder); the tiny models get theirs from the spec's tiny_parts (the trained VAE, the frozen text
+encoders the networks were trained with). With `network=False` the PyTorch transformer/UNet is not loaded at all: the served graph replaces
 it, so its weights are held once, by the runtime.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from ..toma import ToMAConfig
 
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, seed: int = 0):
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True):
     """The diffusers pipeline for `model` (a registered name or a local pipeline folder).
 
     network: True loads the PyTorch network, False leaves it out (set a served one afterwards), a module
-    is used as is. Tiny models: the trained network and VAE (the weights their exports hold); the frozen random
-    text encoders are seeded from `seed`."""
+    is used as is. Tiny models: the trained network and VAE (the weights their exports hold) and the frozen
+    random text encoders the network was trained with. An image's seed is the caller's generator, never this."""
     import diffusers
 
     spec = models.get(model)
@@ -33,7 +33,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, 
     attr = spec.subfolder
     given = {} if network is True else {attr: network or None}
     if spec.source is None:
-        parts = spec.tiny_parts(seed)
+        parts = spec.tiny_parts()
         net = spec.load(dtype) if network is True else given[attr]
         pipe = cls(scheduler=spec.scheduler(), **parts, **{attr: net})
         for name in ("text_encoder", "text_encoder_2", "vae"):

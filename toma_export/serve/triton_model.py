@@ -124,8 +124,7 @@ class TritonPythonModel:
         baseline = version / BASELINE
         from ..cache import parse
 
-        self.session = Session(network, baseline if baseline.is_dir() else None,
-                               parts_seed=int(params.get("parts_seed", 0)), cache=parse(params.get("cache")))
+        self.session = Session(network, baseline if baseline.is_dir() else None, cache=parse(params.get("cache")))
         self.session.pipe.set_progress_bar_config(disable=True)     # one bar per request would flood the log
         self.default_guidance = float(self.session.spec.default_guidance)
         self.max_batch = int(config.get("max_batch_size") or 1)
