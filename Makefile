@@ -28,9 +28,11 @@ demo: $(STAMP)
 # One pytest worker per core (pytest-xdist). A test module runs whole on one worker, so its module fixtures
 # (a tritonserver, a bench run) start once; exports and engines are made once per run and shared by both
 # workers (tests/conftest.py, docs/architecture.md "Tests"). The 15 slowest tests are listed at the end.
+# lint-imports runs first: an import cycle or an import up the layers (pyproject.toml's contracts) fails the suite.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Real architectures with random weights (FLUX.1-dev cut to 1+2 ... 8+16 blocks, the full SDXL base UNet):

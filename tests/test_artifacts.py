@@ -166,7 +166,7 @@ def test_validation_that_checks_nothing_fails(capsys):
 
 
 def test_every_toolkit_error_derives_from_one_base():
-    from toma_export.models import ModelNotAvailable
+    from toma_export.errors import ModelNotAvailable
     from toma_export.serve.repository import RepositoryError
     from toma_export.trt import EngineMismatch
     from toma_export.trt.backend import BackendMissing

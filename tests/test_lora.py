@@ -18,7 +18,8 @@ from loras import kohya_lora, peft_lora
 import toma_export as te
 from toma_export import lora
 from toma_export.onnx import ExportOptions, export
-from toma_export.onnx.weights import WeightSource, arrays
+from toma_export.onnx.weights import arrays
+from toma_export.weightfiles import WeightSource
 
 quiet = dict(progress=lambda m: None)
 
@@ -45,7 +46,7 @@ def test_fused_weights_are_what_diffusers_fuses(files, model, which):
     spec = te.models.get(model)
     loras = tuple((str(files[w]), 0.5 + i) for i, w in enumerate(which))
     base = WeightSource.of_module(spec.load())
-    ours = base.with_loras(lora.terms(loras, spec.family, base.shapes(), model), "")
+    ours = lora.fused(base, lora.terms(loras, spec.family, base.shapes(), model), "")
     reference = spec.load()
     lora.load_with_diffusers(reference, spec.family, loras)
     expected = reference.state_dict()

@@ -3,7 +3,7 @@ import torch
 
 import toma_export as te
 from conftest import run
-from toma_export.models import ModelNotAvailable
+from toma_export.errors import ModelNotAvailable
 
 
 def test_registry_names_and_unknown_model():

@@ -242,7 +242,7 @@ def test_weight_files_are_read_per_tensor_in_pieces_or_converted(tmp_path, monke
     the bytes equal the tensor's."""
     from safetensors.torch import save_file
 
-    from toma_export.onnx import weights
+    from toma_export import weightfiles as weights
 
     monkeypatch.setattr(weights, "CHUNK", 7)
     g = torch.Generator().manual_seed(0)
@@ -256,11 +256,11 @@ def test_weight_files_are_read_per_tensor_in_pieces_or_converted(tmp_path, monke
     for key, tensor in tensors.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             pieces = list(source.chunks(key, dtype))
-            assert b"".join(pieces) == weights._bytes(tensor.to(dtype)), (key, dtype)
+            assert b"".join(pieces) == weights.tensor_bytes(tensor.to(dtype)), (key, dtype)
             if dtype == tensor.dtype:
                 assert len(pieces) == -(-tensor.numel() * tensor.element_size() // 7)
     save_file({"q.weight": torch.zeros(4, dtype=torch.float8_e4m3fn)}, tmp_path / "quantized.safetensors")
-    with pytest.raises(te.models.ModelNotAvailable, match="q.weight is stored as F8_E4M3, which an export cannot "
+    with pytest.raises(te.errors.ModelNotAvailable, match="q.weight is stored as F8_E4M3, which an export cannot "
                                                           "read .*; pass unquantized weights"):
         weights.WeightSource.of_files([tmp_path / "quantized.safetensors"], "here")
 

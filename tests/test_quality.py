@@ -13,7 +13,8 @@ from PIL import Image
 
 import toma_export as te
 from toma_export.families import tiny
-from toma_export.quality import judge, shapes
+from toma_export import shapes
+from toma_export.quality import judge
 
 
 @pytest.mark.parametrize("name", ["flux-tiny", "sdxl-tiny"])

@@ -13,8 +13,8 @@ import torch
 
 import toma_export as te
 from conftest import in_hub_cache, run
-from toma_export.errors import UsageError
-from toma_export.models import ModelNotAvailable, real_configs
+from toma_export.errors import ModelNotAvailable, UsageError
+from toma_export.models import real_configs
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from toma_export.quality import judge, shapes
+from toma_export import shapes
+from toma_export.quality import judge
 
 SEEDS = range(6)
 PER_SEED = 2                      # captions per seed, a different pair at each seed

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import toma_export as te
-from toma_export.quality import shapes
+from toma_export import shapes
 
 
 def test_the_grammar_has_every_combination_once_and_parses_back():

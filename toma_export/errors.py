@@ -22,3 +22,7 @@ class MissingComponent(ToMAExportError, RuntimeError):
 
 class ExecutionError(ToMAExportError, RuntimeError):
     """A runtime refused to run something it was given (a failed enqueue, an engine for another GPU)."""
+
+
+class ModelNotAvailable(MissingComponent):
+    """A model's weights, or an encoder's, could not be found or loaded."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .weightfiles import WeightSource, safetensors_header, tensor_bytes
 
 # substrings of a LoRA's keys (in any supported format) that only one family's networks have
 _MARKERS = {"flux": ("double_blocks", "single_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
@@ -102,6 +103,21 @@ def fuse(base: torch.Tensor, changes: list) -> torch.Tensor:
     for down, up, factor in changes:
         weight += factor * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
     return weight
+
+
+def fused(source: WeightSource, changes: dict, describe: str) -> WeightSource:
+    """`source` with LoRA changes ({key: terms}, `terms`) fused into the weights they touch, each from its base
+    weight in fp32 (`fuse`), then cast to the requested dtype; untouched weights stay where they are stored."""
+    def chunks(key: str, dtype: torch.dtype):
+        if key not in changes:
+            yield from source.chunks(key, dtype)
+            return
+        raw = bytearray(b"".join(source.chunks(key, torch.float32)))
+        base = torch.frombuffer(raw, dtype=torch.float32).reshape(source.shapes()[key])
+        yield tensor_bytes(fuse(base, changes[key]).to(dtype))
+
+    return WeightSource(source.shapes(), chunks, f"{source.describe} {describe}",
+                        lambda key, dtype: None if key in changes else source.stored(key, dtype))
 
 
 def load_with_diffusers(network: torch.nn.Module, family: str, loras) -> None:
@@ -216,8 +232,6 @@ def _other_family(path: str, other: str, family: str, model: str) -> LoRAError:
 def _read(path: str, family: str, model: str):
     """diffusers' reading of the file: (state dict, alphas, adapter metadata); a LoRA for the other family is
     named as such before its converter can fail on it."""
-    from .families.spec import safetensors_header
-
     keys = []
     with contextlib.suppress(Exception):          # not safetensors: diffusers' reading below says what it is
         keys = list(safetensors_header(Path(path)))

@@ -39,7 +39,7 @@ def export_onnx(module: torch.nn.Module, inputs: tuple, path: Path) -> Path:
     """Static-shape ONNX of a benchmark module, written as model exports are: the ToMASelect body attached,
     the weights in external data under their state_dict keys."""
     from ..onnx.export import trace, write_model
-    from ..onnx.weights import WeightSource
+    from ..weightfiles import WeightSource
 
     names = [f"input_{i}" for i in range(len(inputs))]
     write_model(trace(module, inputs, OPSET, input_names=names, output_names=["output"]), path, OPSET,

@@ -3,7 +3,7 @@ graph I/O, loop, pipeline, the served call; the ToMA patch hooks; the benchmark 
 the family. Adding a family is one module and one line here."""
 from ..toma.patch import register_family
 from . import flux, sdxl
-from .spec import ModelNotAvailable, ModelSpec, read_config
+from .spec import ModelSpec, read_config
 
 FAMILIES = {"flux": flux, "sdxl": sdxl}
 for _name, _module in FAMILIES.items():
@@ -15,4 +15,4 @@ def specs() -> dict:
     return {name: spec for module in FAMILIES.values() for name, spec in module.specs().items()}
 
 
-__all__ = ["FAMILIES", "ModelNotAvailable", "ModelSpec", "read_config", "specs"]
+__all__ = ["FAMILIES", "ModelSpec", "read_config", "specs"]

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import MissingComponent, UsageError
-
-
-class ModelNotAvailable(MissingComponent):
-    """Weights for a real model could not be found or loaded."""
+from ..errors import ModelNotAvailable, UsageError
+from ..weightfiles import MISMATCH, WeightSource, check_keys, stored_keys, weight_files
 
 
 @dataclass(frozen=True)
@@ -126,8 +121,6 @@ class ModelSpec:
     def weight_source(self, seed: int = 0):
         """Where an export reads the weights from, tensor by tensor: the folder's weight files, else (tiny
         models) the seeded random init, made in memory."""
-        from ..onnx.weights import WeightSource
-
         if self.source is None:
             return WeightSource.of_module(self.load(torch.float32, seed), self.base_label(seed))
         folder = self._folder()
@@ -309,51 +302,3 @@ def network_folder(folder: Path, subfolder: str) -> Path:
     """The folder holding the network's config.json and weights: `subfolder` of a pipeline folder, else the
     folder itself."""
     return folder / subfolder if (folder / subfolder / "config.json").is_file() else folder
-
-
-def weight_files(folder: Path) -> dict:
-    """{diffusers file variant (None = plain): [weight files]} of a network folder. Names follow diffusers:
-    an optional shard suffix (-00001-of-00003) and variant (.fp16) around .safetensors / .bin."""
-    found = {}
-    for f in sorted(Path(folder).iterdir()):
-        if f.name.startswith("diffusion_pytorch_model") and f.suffix in (".safetensors", ".bin"):
-            rest = re.sub(r"^-\d+-of-\d+", "", f.name[len("diffusion_pytorch_model"):]).split(".")[1:-1]
-            found.setdefault(rest[0] if rest else None, []).append(f)
-    return found
-
-
-def safetensors_header(path: Path) -> dict:
-    """{tensor name: {dtype, shape, data_offsets}} from a .safetensors file's JSON header; no tensor data is
-    read. The offsets count from where the data starts (safetensors_layout)."""
-    return safetensors_layout(path)[1]
-
-
-def safetensors_layout(path: Path) -> tuple[int, dict]:
-    """(where the tensor data starts in the file, the header without its __metadata__)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, header
-
-
-MISMATCH = "the folder is incomplete or mixes files of different models"
-
-
-def check_keys(found, expected, name: str, folder: Path) -> None:
-    """Refuse weight files that do not fit the network, naming a missing or an unused weight."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing or extra:
-        what = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else \
-               f"{len(extra)} weights unused (e.g. {extra[0]})"
-        raise ModelNotAvailable(f"{name}: the weights in {folder} do not load with its config.json ({what}); "
-                                f"{MISMATCH}")
-
-
-def stored_keys(folder: Path, variant: str | None) -> set | None:
-    """Every tensor name the folder's safetensors files hold (None for .bin weights, which need unpickling)."""
-    files = weight_files(folder).get(variant, [])
-    if not files or any(f.suffix != ".safetensors" for f in files):
-        return None
-    return {k for f in files for k in safetensors_header(f)}

@@ -64,7 +64,7 @@ def vocabulary() -> list[str]:
     """Characters and their word-piece continuations, so any text tokenizes, plus the shapes grammar's words
     as whole tokens, so that every caption of it fits flux-tiny's 16 text tokens (by characters, "a green
     circle on a black background" alone takes 36)."""
-    from ..quality.shapes import grammar
+    from ..shapes import grammar
 
     chars = list(string.ascii_lowercase + string.digits)
     words = sorted({w for text in grammar() for w in text.split()} - set(chars))

@@ -15,8 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UsageError
-from ..families import FAMILIES, ModelNotAvailable, ModelSpec, read_config, specs
-from ..families.spec import network_folder, safetensors_header, weight_files
+from ..errors import ModelNotAvailable
+from ..families import FAMILIES, ModelSpec, read_config, specs
+from ..families.spec import network_folder
+from ..weightfiles import safetensors_header, weight_files
 
 _SPECS = specs()
 _SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
@@ -109,4 +111,4 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-__all__ = ["get", "names", "from_folder", "ModelSpec", "ModelNotAvailable"]
+__all__ = ["get", "names", "from_folder", "ModelSpec"]

@@ -116,14 +116,12 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
 
 
 def export_split(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
-                 force: bool = False, progress=None, child: bool = False) -> dict:
+                 force: bool = False, progress=None, make=None) -> dict:
     """The network as First-Block Cache runs it: the head (never merged, so one head serves every ToMA setting)
     and the tail with ToMA. Returns the tail's metadata, which names the head's folder beside it ("head"); the
-    cache threshold is chosen where the pair runs, not here. `child`: each export in a child process
-    (export_in_child), for callers that go on to load a pipeline."""
-    from .child import export_in_child
-
-    make = export_in_child if child else export
+    cache threshold is chosen where the pair runs, not here. `make` exports each part (default `export`; callers
+    that go on to load a pipeline hand in child.export_in_child, which sits above this module)."""
+    make = make or export
     make(model_name, None, output_dir, replace(options, part="head"), force=force, progress=progress)
     return make(model_name, config, output_dir, replace(options, part="tail"), force=force, progress=progress)
 
@@ -185,7 +183,7 @@ def _weight_source(spec, options: ExportOptions, progress=None):
     if not options.loras:
         return source
     changes = lora.terms(options.loras, spec.family, source.shapes(), spec.name, progress)
-    return source.with_loras(changes, "+ " + ", ".join(LoRA(*x).describe() for x in lora.as_options(options.loras)))
+    return lora.fused(source, changes, "+ " + ", ".join(LoRA(*x).describe() for x in lora.as_options(options.loras)))
 
 
 def _same_graph(root: Path, graph_key: str) -> tuple[Path, dict] | None:

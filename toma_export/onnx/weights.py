@@ -11,125 +11,13 @@ streamed into `model.onnx.data`, a tensor at a time, so memory holds the graph a
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from ..families import ModelNotAvailable
-from ..families.spec import safetensors_layout
+from ..weightfiles import WeightSource
 
 ALIGN = 64                  # each tensor starts on a 64-byte boundary in the data file (aligned loads)
-CHUNK = 16 << 20            # bytes copied at a time from a weight file
-_SAFETENSORS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-
-
-class WeightSource:
-    """Tensors by `state_dict` key, handed out as bytes in a requested dtype: from a diffusers folder's weight
-    files (sharded or not), else from a module already in memory (the tiny models' trained weights, a
-    bench block)."""
-
-    def __init__(self, shapes: dict, chunks, describe: str, spans=None):
-        self._shapes, self._chunks, self.describe = {k: tuple(v) for k, v in shapes.items()}, chunks, describe
-        self._spans = spans or (lambda key, dtype: None)
-
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def shapes(self) -> dict:
-        return dict(self._shapes)
-
-    def chunks(self, key: str, dtype: torch.dtype):
-        """The tensor's bytes in `dtype`, in pieces."""
-        return self._chunks(key, dtype)
-
-    def stored(self, key: str, dtype: torch.dtype) -> tuple | None:
-        """(file, begin, end) where the tensor's bytes already lie in `dtype` (a safetensors file), else None."""
-        return self._spans(key, dtype)
-
-    @classmethod
-    def of_module(cls, module: torch.nn.Module, describe: str = "in memory") -> "WeightSource":
-        state = module.state_dict()
-        return cls({k: v.shape for k, v in state.items()}, lambda key, dtype: iter([_bytes(state[key].to(dtype))]),
-                   describe)
-
-    @classmethod
-    def of_files(cls, files: list[Path], describe: str) -> "WeightSource":
-        """Safetensors files are read with plain reads at each tensor's offset, never mapped (a mapping's
-        pages count as the process's memory): a tensor already in the wanted dtype is copied in 16 MiB
-        pieces, one to convert is read whole. .bin files are pickles and are read a file at a time."""
-        where: dict = {}
-        shapes: dict = {}
-        for f in files:
-            if f.suffix == ".safetensors":
-                start, header = safetensors_layout(f)
-                for key, entry in header.items():
-                    if entry["dtype"] not in _SAFETENSORS:
-                        raise ModelNotAvailable(f"{f}: {key} is stored as {entry['dtype']}, which an export cannot "
-                                                f"read (it reads {', '.join(_SAFETENSORS)}); pass unquantized weights")
-                    begin, end = entry["data_offsets"]
-                    where[key] = (f, start + begin, start + end, _SAFETENSORS[entry["dtype"]], entry["shape"])
-                    shapes[key] = entry["shape"]
-            else:
-                found = _pickled_shapes(f)
-                where.update(dict.fromkeys(found, (f,)))
-                shapes.update(found)
-        pickled: dict = {}
-
-        def chunks(key: str, dtype: torch.dtype):
-            f, *span = where[key]
-            if not span:                                  # a .bin file: torch.load it (once per file)
-                if f not in pickled:
-                    pickled.clear()
-                    try:
-                        pickled[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                    except RuntimeError:               # the legacy (non-zip) format cannot be mapped
-                        pickled[f] = torch.load(f, map_location="cpu", weights_only=True)
-                yield _bytes(pickled[f][key].to(dtype))
-                return
-            begin, end, stored, shape = span
-            if end == begin:
-                return
-            with open(f, "rb") as fh:
-                fh.seek(begin)
-                if stored == dtype:
-                    for at in range(begin, end, CHUNK):
-                        yield fh.read(min(CHUNK, end - at))
-                else:
-                    tensor = torch.frombuffer(bytearray(fh.read(end - begin)), dtype=stored).reshape(shape)
-                    yield _bytes(tensor.to(dtype))
-
-        def spans(key: str, dtype: torch.dtype):
-            f, *span = where[key]
-            return (f, span[0], span[1]) if span and span[2] == dtype else None
-
-        return cls(shapes, chunks, describe, spans)
-
-    def with_loras(self, changes: dict, describe: str) -> "WeightSource":
-        """This source with LoRA changes ({key: terms}, lora.terms) fused into the weights they touch, each from
-        its base weight in fp32 (lora.fuse), then cast to the requested dtype."""
-        from ..lora import fuse
-
-        def chunks(key: str, dtype: torch.dtype):
-            if key not in changes:
-                yield from self.chunks(key, dtype)
-                return
-            raw = bytearray(b"".join(self.chunks(key, torch.float32)))
-            base = torch.frombuffer(raw, dtype=torch.float32).reshape(self._shapes[key])
-            yield _bytes(fuse(base, changes[key]).to(dtype))
-
-        return WeightSource(self._shapes, chunks, f"{self.describe} {describe}",
-                            lambda key, dtype: None if key in changes else self.stored(key, dtype))
-
-
-def _pickled_shapes(path: Path) -> dict:
-    try:
-        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, OSError) as err:
-        raise ModelNotAvailable(f"{path}: not a readable PyTorch weights file ({str(err)[:120]})") from None
 
 
 def _key(name: str, prefix: str) -> str:
@@ -302,9 +190,3 @@ _ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: to
 
 def _torch_dtype(dtype) -> torch.dtype:
     return _ONNX_TO_TORCH[int(dtype)]
-
-
-def _bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's little-endian bytes as ONNX stores them (bf16 as its 16-bit pattern)."""
-    t = tensor.detach().contiguous().cpu()
-    return t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()

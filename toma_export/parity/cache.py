@@ -29,7 +29,7 @@ def validate_cache(model: str, config: ToMAConfig | None, cache: CacheConfig, st
                    progress=None) -> dict:
     """Per step: both decisions, and the output compared where they agree. Passed when at most one decision differs
     and every agreeing step is within tolerance."""
-    from ..onnx import ExportOptions
+    from ..onnx import ExportOptions, export_in_child
     from ..onnx.export import export_split
     from ..resources import default_output
     from ..serve.network import load_network
@@ -42,7 +42,7 @@ def validate_cache(model: str, config: ToMAConfig | None, cache: CacheConfig, st
     height, width = spec.size(*(size or (None, None)))
     out = Path(output_dir or default_output()) / "onnx"
     tail = export_split(model, config, out, ExportOptions(height=height, width=width, batch=1), progress=progress,
-                        child=True)
+                        make=export_in_child)
     served = load_network(tail["onnx"], cache=cache)
     progress(f"[validate] PyTorch fp32 reference with diffusers' FirstBlockCache (threshold {cache.threshold:g}) "
              f"against the head and tail on ONNX Runtime, {steps} steps at {height}x{width} px")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingComponent, UsageError
-from ..families import ModelNotAvailable
+from ..errors import ModelNotAvailable
 from .judge import fidelity, frechet
 
 BATCH = 16                       # images (or image-prompt pairs) per forward pass

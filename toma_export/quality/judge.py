@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import shapes
+from .. import shapes
 
 INPUT = 64                       # the side the judge looks at
 FEATURES = 32                    # penultimate width: the fidelity and Fréchet features

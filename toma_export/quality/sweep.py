@@ -18,7 +18,7 @@ import torch
 
 from ..cache import label
 from ..errors import UsageError
-from . import shapes
+from .. import shapes
 
 REAL_PROMPTS = ("a photo of a red fox in the snow", "a lighthouse on a cliff at sunset",
                 "a bowl of ramen on a wooden table", "an astronaut riding a horse, oil painting")

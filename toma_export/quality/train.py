@@ -16,29 +16,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import shapes
+from .. import shapes
+from . import fitting
+from .fitting import images, progress_bar, update
 
 OFFSET_NOISE = 0.3       # SDXL: per-channel noise offset, several times the 16x16 latent's own mean noise
 MIN_SNR = 5.0            # SDXL: min-SNR-gamma loss weighting (Hang et al. 2023); with lr 2e-3 it learns shapes
 SIZE = 128               # the tiny models' default size: 64 FLUX tokens (a measured run found 256 too many)
-BAR_ROW = 0              # the terminal row of this process's bars: each network's own when both train at once
-
-
-def progress_bar(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=True, position=BAR_ROW)
-
-
-def images(seed: int, count: int, size: int = SIZE, quiet: bool = False):
-    """(count, 3, size, size) in [-1, 1], captions, labels: drawn in chunks under a progress bar."""
-    chunks, captions, labels = [], [], []
-    with progress_bar(count, f"drawing {count} shapes", quiet) as bar:
-        for start in range(0, count, 500):
-            x, c, y = shapes.batch(seed, start, min(500, count - start), size)
-            chunks.append(x), captions.extend(c), labels.append(y)
-            bar.update(len(c))
-    return torch.cat(chunks), captions, torch.cat(labels)
 
 
 class EMA:
@@ -63,24 +47,12 @@ def _optimiser(model, lr: float, steps: int):
     return opt, sched
 
 
-def update(opt, sched, loss, bar, step: int, clip: float | None = None) -> None:
-    """One optimiser step (gradients clipped to `clip` if given), the loss shown every 20 steps."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
-    opt.step(), sched.step()
-    if step % 20 == 0:
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.update()
-
-
 @torch.enable_grad()
 def train_vae(vae, seed: int, steps: int, batch: int = 16, quiet: bool = False) -> dict:
     """An autoencoder with a tiny KL term: it needs to reconstruct flat shapes, and the denoisers want a smooth
     latent space. Returns the latents' {"mean", "std"} (one scalar each), from which each family's pipeline
     factors follow (families/tiny.py vae)."""
-    x, _, _ = images(seed, steps * batch // 4, quiet=quiet)      # each image seen about four times
+    x, _, _ = images(seed, steps * batch // 4, SIZE, quiet)      # each image seen about four times
     vae.train()
     opt, sched = _optimiser(vae, 2e-3, steps)
     g = torch.Generator().manual_seed(seed)
@@ -323,7 +295,7 @@ def _train(args) -> int:
         record["vae"] = dict(steps=args.vae_steps, latents=stats)
         print(f"vae: latents mean {stats['mean']:.3f} std {stats['std']:.3f} ({elapsed(start)})", flush=True)
 
-    x, captions, _ = images(args.seed + 4, args.images, quiet=quiet)
+    x, captions, _ = images(args.seed + 4, args.images, SIZE, quiet)
     raw = encode(vae, x, quiet=quiet)
     del x
     # Each network trains on half the threads, alone (--only) or beside the other, so its weights are the same
@@ -358,10 +330,9 @@ def _train(args) -> int:
 def train_and_judge(job: dict) -> dict:
     """Train one network (`job` from _train), store it, and judge its draws with and without ToMA: run in a
     process of its own when both networks train at once, so it takes everything as plain tensors."""
-    global BAR_ROW
     from . import judge as judge_module
 
-    BAR_ROW = job["row"]
+    fitting.BAR_ROW = job["row"]
     torch.set_num_threads(job["threads"])
     model, family = job["model"], job["family"]
     vae = untrained_vae(job["seed"])

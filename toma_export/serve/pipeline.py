@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..errors import UsageError
-from ..models import ModelNotAvailable
+from ..errors import ModelNotAvailable, UsageError
 from ..toma import ToMAConfig
 
 
@@ -130,7 +129,7 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
 
 def _split_artifacts(model, config, size, batch, backend, out: Path, force, progress, loras, cache):
     from ..cache import check_family
-    from ..onnx import ExportOptions
+    from ..onnx import ExportOptions, export_in_child
     from ..onnx.export import export_split
 
     check_family(cache, models.get(model))
@@ -139,7 +138,8 @@ def _split_artifacts(model, config, size, batch, backend, out: Path, force, prog
                          "or pass --cache none")
     if backend == "onnxruntime":
         options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
-        tail = export_split(model, config, out / "onnx", options, force=force, progress=progress, child=True)["onnx"]
+        tail = export_split(model, config, out / "onnx", options, force=force, progress=progress,
+                            make=export_in_child)["onnx"]
     elif backend == "tensorrt":
         from ..trt import BuildOptions, build_split
 

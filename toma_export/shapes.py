@@ -5,7 +5,7 @@ white background, at a random position and size, with the caption `a {colour} {s
 background`. Every image follows from (seed, index) alone, drawn with PIL at 4x and reduced (smooth edges),
 so a training run, a test and a judge on another machine see the same pictures, and nothing is downloaded.
 
-    python -m toma_export.quality.shapes docs/shapes/samples.png     # one image per caption of the grammar
+    python -m toma_export.shapes docs/shapes/samples.png     # one image per caption of the grammar
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def contact_sheet(seed: int = 0, size: int = 64, scale: int = 2) -> Image.Image:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m toma_export.quality.shapes OUT.png")
+        sys.exit("usage: python -m toma_export.shapes OUT.png")
     from pathlib import Path
 
     out = Path(sys.argv[1])
