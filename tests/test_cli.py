@@ -31,7 +31,15 @@ def test_demo_summary_for_sdxl():
     (["--model", "nope"], "unknown model 'nope'"),
     (["--size", "1008x1024", "--tile", "8x8"], "tile 8x8 does not divide the 63x64 token grid"),
 ])
-def test_bad_input_is_one_clear_line(args, message):
-    res = cli("demo", *args)
+def test_bad_input_is_one_clear_line(args, message, cli_here):
+    res = cli_here("demo", *args)
     assert res.returncode == 2
     assert message in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_a_refusal_is_all_a_fresh_process_prints():
+    """In a new interpreter, nothing its imports may print (warnings, banners) joins the one line."""
+    res = cli("demo", "--model", "nope")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("toma-export: error: ")
+    assert "unknown model 'nope'" in res.stderr and res.stderr.strip().count("\n") == 0

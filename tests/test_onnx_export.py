@@ -168,17 +168,22 @@ def test_unwritable_output_dir(tmp_path, cli_here):
 
 
 def test_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
-    """The weight writer is stood in for by one that dies half-way through the data file: what is under test
-    is the staging of the artifact folder."""
-    from toma_export.onnx import weights
+    """The model writer is stood in for by one that dies half-way through the data file, and the trace before
+    it by a placeholder (the folder is staged after the trace): what is under test is the staging of the
+    artifact folder."""
+    export_module = sys.modules["toma_export.onnx.export"]
+    written = []
 
-    def dying(model, data, *a, **k):
-        Path(data).write_bytes(b"half the weights")
+    def dying(program, path, *a, **k):
+        Path(str(path) + ".data").write_bytes(b"half the weights")
+        written.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "write", dying)
+    monkeypatch.setattr(export_module, "trace", lambda *a, **k: "a traced program")
+    monkeypatch.setattr(export_module, "write_model", dying)
     with pytest.raises(KeyboardInterrupt):
         export("flux-tiny", te.ToMAConfig(), tmp_path, progress=lambda m: None)
+    assert written and written[0].parent.parent == tmp_path          # it was writing inside the output folder
     assert list(tmp_path.iterdir()) == []
 
 

@@ -158,15 +158,15 @@ def test_default_split_on_the_real_depths():
 def test_schnell_exports_in_its_own_dtype_and_text_length_at_a_size_outside_the_profile(real, tmp_path, cli_here):
     """Defects 8 and 9: no --dtype and no --text-len -> the folder's bf16 and schnell's 256 tokens; a static
     256x256 export lies below FLUX's dynamic range (512..1536) and is still allowed."""
-    res = cli("export", "--model", str(real["schnell"]), "--height", "256", "--width", "256", "--output-dir",
-              str(tmp_path), "--json")
+    res = cli_here("export", "--model", real["schnell"], "--height", "256", "--width", "256", "--output-dir",
+                   tmp_path, "--json")
     assert res.returncode == 0, res.stderr
     meta = json.loads(res.stdout)
     assert (meta["dtype"], meta["text_len"], meta["variant"], meta["height"]) == ("bf16", 256, "schnell", 256)
     text = next(i for i in meta["inputs"] if i["name"] == "encoder_hidden_states")
     assert text["shape"] == [1, 256, 4096] and text["dtype"] == "bfloat16"
-    res = cli("export", "--model", str(real["schnell"]), "--height", "256", "--width", "256", "--text-len", "64",
-              "--output-dir", str(tmp_path), "--json")
+    res = cli_here("export", "--model", real["schnell"], "--height", "256", "--width", "256", "--text-len", "64",
+                   "--output-dir", tmp_path, "--json")
     assert res.returncode == 0, res.stderr
     meta64 = json.loads(res.stdout)
     assert meta64["text_len"] == 64 and meta64["key"] != meta["key"]

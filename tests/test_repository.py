@@ -137,7 +137,7 @@ def test_static_engine_has_fixed_dims(engines, tmp_path):
         for t, r in zip(tensors, recorded, strict=True):
             expected = r["shape"] or [1]
             assert t.name == r["name"] and list(t.dims) == expected and all(d > 0 for d in t.dims)
-    assert list(next(t for t in cfg.input if t.name == "sample").dims) == [1, 4, 32, 32]
+    assert list(next(t for t in cfg.input if t.name == "sample").dims) == [1, 4, 16, 16]
     assert list(next(t for t in cfg.input if t.name == "toma_recompute").dims) == [1]
     (group,) = cfg.instance_group
     assert group.count == 1 and not group.profile
@@ -234,7 +234,7 @@ def test_max_batch_size_only_where_triton_can_own_the_batch(engines, tmp_path, c
     assert "--max-batch-size needs every input and output to start with the batch axis, but txt_ids" in err
     assert "keep the default 0" in err
     assert export_repo("--engine", engines["static"], "--out", repo, "--max-batch-size", 1, RTX) == 2
-    assert "sample has shape [1, 4, 32, 32]" in one_line_error(capsys)
+    assert "sample has shape [1, 4, 16, 16]" in one_line_error(capsys)
     for option in (("--instances", 0), ("--max-batch-size", -1), ("--name", "../up")):
         assert export_repo("--engine", engines["dynamic"], "--out", repo, *option, RTX) == 2
         one_line_error(capsys)

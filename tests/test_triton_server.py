@@ -1,14 +1,17 @@
 """A real tritonserver (the binary of the nvidia-pytriton wheel, Python backend, on CPU) serving the pipeline
 models that `export-repo --onnx` writes for flux-tiny and sdxl-tiny, driven with tritonclient over HTTP and
-gRPC. One server for the module; the last test restarts it through `toma-export serve`.
+gRPC. One server for the module, killed into recovery by its last test; `toma-export serve` starts a second
+one on the same repository before that.
 
 The server parts are fetched by `toma-export serve --install` (make venv runs it; the fixture runs it too).
 If they cannot be fetched or the server does not start, the tests fail with the reason: they never skip.
 
-Reference images come from the same pipeline in this process (generate.Session, or the `generate` command
-for seed 0) with one torch thread, as the server's model instances run (OMP_NUM_THREADS=1): a single
+Reference images come from the same pipeline in this process (generate.Session, or the `generate` command)
+with one torch thread, as the server's model instances run (OMP_NUM_THREADS=1): a single
 request is bit-identical. Dynamically batched requests may differ from single ones by float rounding, so
 those are compared within a tolerance of 2 levels (of 255) per pixel."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -49,31 +52,41 @@ def repo(dynamic_export, artifacts, tmp_path_factory):
     from toma_export.onnx import ExportOptions
     from toma_export.onnx.export import export_split
 
+    def export_repo(*args) -> dict:                  # the command, run in this process
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["export-repo", *map(str, args), "--out", str(out), "--json"]) == 0
+        return json.loads(printed.getvalue())
+
     out = tmp_path_factory.mktemp("triton") / "repo"
     names = {}
     tail = export_split("flux-tiny", ToMAConfig(), artifacts / "onnx", ExportOptions(), progress=lambda m: None)
-    cmd = CLI + ["export-repo", "--onnx", tail["onnx"], "--out", str(out), "--name", "flux-tiny-fbcache", "--cache",
-                 CACHE, "--json"]
-    names["flux-tiny-fbcache"] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
-                                                           check=True).stdout)["pipeline_model"]
+    names["flux-tiny-fbcache"] = export_repo("--onnx", tail["onnx"], "--name", "flux-tiny-fbcache", "--cache",
+                                             CACHE)["pipeline_model"]
     names["flux-tiny-fbcache-tail"] = tail["onnx"]
     for model, instances in zip(MODELS, (1, 2)):
-        meta = dynamic_export(model)
-        cmd = CLI + ["export-repo", "--onnx", meta["onnx"], "--out", str(out), "--instances", str(instances), "--json"]
-        if model == "flux-tiny":          # long enough to cancel or run out of time (about 30 steps/s at 512 px)
-            cmd += ["--max-steps", str(LONG_STEPS)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        result = json.loads(done.stdout)
+        # flux-tiny's step limit: long enough to cancel or run out of time (about 30 steps/s at 512 px)
+        steps = ["--max-steps", LONG_STEPS] if model == "flux-tiny" else []
+        result = export_repo("--onnx", dynamic_export(model)["onnx"], "--instances", instances, *steps)
         assert result["network"] == "onnxruntime"
         names[model] = result["pipeline_model"]
     return out, names
 
 
 @pytest.fixture(scope="module")
-def server(parts, repo, tmp_path_factory):
+def said():
+    """What the module's server said while it ran (its watchdog's lines)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def server(parts, repo, said, tmp_path_factory):
+    """The module's server. Its last test kills a worker mid-request, and Triton never frees that instance, so
+    its shutdown waits for the exit timeout: 5 s here."""
     log = tmp_path_factory.mktemp("triton-log") / "server.log"
     ports = [triton_server.free_port() for _ in range(3)]
-    srv = triton_server.Server(repo[0], *ports, log=log, parts=parts)
+    srv = triton_server.Server(repo[0], *ports, log=log, parts=parts, progress=said.append,
+                               extra_args=["--exit-timeout-secs=5"])
     try:
         srv.start(timeout=600)
     except Exception:
@@ -81,6 +94,17 @@ def server(parts, repo, tmp_path_factory):
         raise
     yield srv
     srv.stop()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as each of the server's model instances runs (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +117,8 @@ def reference(repo):
     def image(model, seed, prompt="a red fox"):
         if model not in sessions:
             sessions[model] = Session(repo[0] / repo[1][model] / "1" / "network")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             out = sessions[model].run([prompt], [seed], *SIZE, STEPS, sessions[model].spec.default_guidance)[0]
-        finally:
-            torch.set_num_threads(threads)
         return np.asarray(out.convert("RGB"))
 
     return image
@@ -119,19 +139,19 @@ def test_server_loads_the_repository(server, repo):
 
 
 @pytest.mark.parametrize("model,protocol", [("flux-tiny", "http"), ("sdxl-tiny", "grpc")])
-def test_request_matches_generate(server, repo, dynamic_export, model, protocol, tmp_path):
+def test_request_matches_generate(server, repo, dynamic_export, model, protocol, tmp_path, cli_here):
     """`toma-export request` returns, bit for bit, the PNG that `toma-export generate` writes, at a seed other
-    than 0 (the seed seeds the noise alone)."""
+    than 0 (the seed seeds the noise alone). Both commands run in this process."""
     url = server.http_url if protocol == "http" else server.grpc_url
     served, local = tmp_path / "served.png", tmp_path / "local.png"
     common = ["--prompt", "a red fox", "--size", f"{SIZE[0]}x{SIZE[1]}", "--steps", str(STEPS), "--seed", "3"]
-    cmd = CLI + ["request", "--url", url, "--model", repo[1][model], "--out", str(served), "--json", *common]
-    done = subprocess.run(cmd + (["--grpc"] if protocol == "grpc" else []), capture_output=True, text=True)
+    done = cli_here("request", "--url", url, "--model", repo[1][model], "--out", served, "--json", *common,
+                    *(["--grpc"] if protocol == "grpc" else []))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["height"] == SIZE[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    gen = CLI + ["generate", "--model", model, "--onnx", dynamic_export(model)["onnx"], "--out", str(local), *common]
-    subprocess.run(gen, capture_output=True, text=True, check=True, env=env)
+    with one_thread():
+        done = cli_here("generate", "--model", model, "--onnx", dynamic_export(model)["onnx"], "--out", local, *common)
+    assert done.returncode == 0, done.stderr
     a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (served, local))
     assert a.shape == (*SIZE, 3) and a.std() > 1         # a real image, not a blank
     assert np.array_equal(a, b)
@@ -159,7 +179,7 @@ def test_the_server_draws_what_the_pytorch_pipeline_draws(server, repo, model):
     client.close()
 
 
-def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, tmp_path):
+def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, tmp_path, cli_here):
     """The pipeline model of a head/tail split with its cache parameter: bit for bit what `generate --onnx TAIL
     --cache` draws in one thread."""
     name = repo[1]["flux-tiny-fbcache"]
@@ -167,13 +187,13 @@ def test_a_first_block_cache_pipeline_serves_what_generate_draws(server, repo, t
     assert config["parameters"]["cache"]["string_value"] == CACHE
     served, local = tmp_path / "served.png", tmp_path / "local.png"
     common = ["--prompt", "a red circle on a white background", "--size", "128x128", "--steps", "12", "--seed", "4"]
-    done = subprocess.run(CLI + ["request", "--url", server.http_url, "--model", name, "--out", str(served), *common],
-                          capture_output=True, text=True)
+    done = cli_here("request", "--url", server.http_url, "--model", name, "--out", served, *common)
     assert done.returncode == 0, done.stderr
-    gen = CLI + ["generate", "--model", "flux-tiny", "--onnx", repo[1]["flux-tiny-fbcache-tail"], "--cache", CACHE,
-                 "--out", str(local), "--json", *common]
-    result = json.loads(subprocess.run(gen, capture_output=True, text=True, check=True,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    with one_thread():
+        done = cli_here("generate", "--model", "flux-tiny", "--onnx", repo[1]["flux-tiny-fbcache-tail"], "--cache",
+                        CACHE, "--out", local, "--json", *common)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     assert 0 < result["cached_steps"] < 12
     a, b = (np.asarray(Image.open(p).convert("RGB")) for p in (served, local))
     assert a.std() > 1 and np.array_equal(a, b)
@@ -351,17 +371,18 @@ def test_the_server_listens_on_loopback_unless_told_otherwise(server, parts, rep
                                                "interface)")
 
 
-def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, repo, reference, tmp_path):
-    """The module's server stops cleanly; `toma-export serve` starts a new one on the same repository, with
-    Triton's restricted gRPC inference passed through --server-arg: it serves the same image to a client
-    that sends the key and refuses one that does not, and exits 0 on SIGTERM."""
+def test_serve_command_serves_the_models_asked_for_and_stops_on_sigterm(repo, reference, tmp_path):
+    """`toma-export serve --model` starts a second server on the module's repository (beside the module's, idle
+    meanwhile) with only sdxl-tiny loaded, and Triton's restricted gRPC inference passed through --server-arg:
+    it serves the same image to a client that sends the key and refuses one that does not, and exits 0 on
+    SIGTERM, its server stopped cleanly."""
     from toma_export.errors import ExecutionError
 
-    assert server.stop() == 0
     ports = [triton_server.free_port() for _ in range(3)]
     log = tmp_path / "serve.log"
-    cmd = CLI + ["serve", "--repo", str(repo[0]), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                 "--metrics-port", str(ports[2]), "--server-arg=--grpc-restricted-protocol=inference:x-api-key=SECRET"]
+    cmd = CLI + ["serve", "--repo", str(repo[0]), "--model", repo[1]["sdxl-tiny"], "--http-port", str(ports[0]),
+                 "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                 "--server-arg=--grpc-restricted-protocol=inference:x-api-key=SECRET"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -378,6 +399,10 @@ def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, r
         with pytest.raises(ExecutionError, match="x-api-key"):
             stranger.generate("a red fox", *SIZE, STEPS, 9)
         stranger.close()
+        loaded = Client(f"127.0.0.1:{ports[0]}", "http", repo[1]["sdxl-tiny"])
+        assert loaded.client.is_model_ready(repo[1]["sdxl-tiny"])
+        assert not loaded.client.is_model_ready(repo[1]["flux-tiny"])               # not asked for: not loaded
+        loaded.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     finally:
@@ -389,15 +414,14 @@ def test_serve_command_restarts_on_the_repository_and_stops_on_sigterm(server, r
         Client(f"127.0.0.1:{ports[0]}", "http", repo[1]["flux-tiny"]).client.is_server_live()
 
 
-def test_a_dead_worker_is_reloaded_and_readiness_says_so(parts, repo, reference, tmp_path):
+def test_a_dead_worker_is_reloaded_and_readiness_says_so(server, said, repo, reference):
     """The flux-tiny worker process is killed (SIGKILL, as the out-of-memory killer does) while it runs a
     request. Readiness turns false; the request in flight gets an error, not a hang; a request arriving
     meanwhile gets Triton's 404 "has no available versions", which the toolkit's client waits out; the
     watchdog has the model serving again, with the right image, within 60 s; sdxl-tiny's workers are left
     alone. A reload that fails is tried again until it works, and a model an operator unloads on purpose
-    stays unloaded. Its own server (the module's stopped),
-    with a short exit timeout: Triton never frees the instance that died mid-request, so its shutdown waits
-    that long."""
+    stays unloaded. The module's server, so this is its last test: Triton never frees the instance that died
+    mid-request, so its shutdown waits for the exit timeout (5 s, set by the fixture)."""
     import urllib.request
 
     import tritonclient.http as http
@@ -406,79 +430,76 @@ def test_a_dead_worker_is_reloaded_and_readiness_says_so(parts, repo, reference,
     from toma_export.serve import recovery
     from toma_export.serve.triton_client import inputs, reloading
 
-    ports = [triton_server.free_port() for _ in range(3)]
-    said = []
-    srv = triton_server.Server(repo[0], *ports, log=tmp_path / "server.log", parts=parts, progress=said.append,
-                               extra_args=["--exit-timeout-secs=5"])
-    flux, sdxl = repo[1]["flux-tiny"], repo[1]["sdxl-tiny"]
-    with srv:
-        stubs = recovery.workers(srv.process.pid)
-        assert len(stubs[flux]) == 1 and len(stubs[sdxl]) == 2
-        outcome = {}
+    srv, flux, sdxl = server, repo[1]["flux-tiny"], repo[1]["sdxl-tiny"]
+    assert not said and not srv.recoveries
+    stubs = recovery.workers(srv.process.pid)
+    assert len(stubs[flux]) == 1 and len(stubs[sdxl]) == 2
+    outcome = {}
 
-        def in_flight():
-            client = Client(srv.http_url, "http", flux, timeout=120)
-            try:
-                outcome["image"] = client.generate("a fox", 512, 512, LONG_STEPS, 3)
-            except Exception as err:          # noqa: BLE001  (asserted below)
-                outcome["error"] = str(err)
-            client.close()
-
-        thread = threading.Thread(target=in_flight)
-        thread.start()
-        time.sleep(1.0)                        # it is running: 1000 steps at 512 px take half a minute
-        os.kill(stubs[flux][0], signal.SIGKILL)
-        killed = time.monotonic()
-        while srv.model_ready(flux):
-            assert time.monotonic() - killed < 5, "still ready 5 s after its worker died"
-            time.sleep(0.05)
-        plain = http.InferenceServerClient(srv.http_url)
-        with pytest.raises(InferenceServerException) as err:
-            plain.infer(flux, inputs(http, "a red fox", *SIZE, STEPS, 5))
-        assert err.value.status() == "404" and reloading(err.value), err.value.message()
-        waiting = Client(srv.http_url, "http", flux)          # waits for the reload, then is answered
-        assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
-        assert time.monotonic() - killed < 60 and srv.model_ready(flux)
-        thread.join(60)
-        assert not thread.is_alive() and "image" not in outcome
-        assert "is not healthy" in outcome["error"]
-        assert [r["model"] for r in srv.recoveries] == [flux] and srv.recoveries[0]["lost"] == stubs[flux]
-        after = recovery.workers(srv.process.pid)
-        assert after[sdxl] == stubs[sdxl] and len(after[flux]) == 1 and after[flux] != stubs[flux]
-        assert said[0].startswith(f"[serve] {flux}: worker process {stubs[flux][0]} died; reloading")
-        assert said[1].startswith(f"[serve] {flux}: serving again ")
-
-        # a reload that fails (the network folder is gone) is tried again, with the model not ready meanwhile
-        network = repo[0] / flux / "1" / "network"
-        network.rename(network.with_name("away"))
+    def in_flight():
+        client = Client(srv.http_url, "http", flux, timeout=120)
         try:
-            os.kill(after[flux][0], signal.SIGKILL)
-            deadline = time.monotonic() + 120
-            while not any("reloading failed" in line for line in said):
-                assert time.monotonic() < deadline, said
-                time.sleep(0.2)
-            assert not srv.model_ready(flux) and "repository is incomplete" in said[-1]
-        finally:
-            network.with_name("away").rename(network)
+            outcome["image"] = client.generate("a fox", 512, 512, LONG_STEPS, 3)
+        except Exception as err:          # noqa: BLE001  (asserted below)
+            outcome["error"] = str(err)
+        client.close()
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
+    time.sleep(1.0)                        # it is running: 1000 steps at 512 px take half a minute
+    os.kill(stubs[flux][0], signal.SIGKILL)
+    killed = time.monotonic()
+    while srv.model_ready(flux):
+        assert time.monotonic() - killed < 5, "still ready 5 s after its worker died"
+        time.sleep(0.05)
+    plain = http.InferenceServerClient(srv.http_url)
+    with pytest.raises(InferenceServerException) as err:
+        plain.infer(flux, inputs(http, "a red fox", *SIZE, STEPS, 5))
+    assert err.value.status() == "404" and reloading(err.value), err.value.message()
+    waiting = Client(srv.http_url, "http", flux)          # waits for the reload, then is answered
+    assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+    assert time.monotonic() - killed < 60 and srv.model_ready(flux)
+    thread.join(60)
+    assert not thread.is_alive() and "image" not in outcome
+    assert "is not healthy" in outcome["error"]
+    assert [r["model"] for r in srv.recoveries] == [flux] and srv.recoveries[0]["lost"] == stubs[flux]
+    after = recovery.workers(srv.process.pid)
+    assert after[sdxl] == stubs[sdxl] and len(after[flux]) == 1 and after[flux] != stubs[flux]
+    assert said[0].startswith(f"[serve] {flux}: worker process {stubs[flux][0]} died; reloading")
+    assert said[1].startswith(f"[serve] {flux}: serving again ")
+
+    # a reload that fails (the network folder is gone) is tried again, with the model not ready meanwhile
+    network = repo[0] / flux / "1" / "network"
+    network.rename(network.with_name("away"))
+    try:
+        os.kill(after[flux][0], signal.SIGKILL)
         deadline = time.monotonic() + 120
-        while len(srv.recoveries) < 2:
+        while not any("reloading failed" in line for line in said):
             assert time.monotonic() < deadline, said
             time.sleep(0.2)
-        assert srv.recoveries[1]["tries"] >= 2 and any(line.endswith("(try 2)") for line in said)
-        assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
+        assert not srv.model_ready(flux) and "repository is incomplete" in said[-1]
+    finally:
+        network.with_name("away").rename(network)
+    deadline = time.monotonic() + 120
+    while len(srv.recoveries) < 2:
+        assert time.monotonic() < deadline, said
+        time.sleep(0.2)
+    assert srv.recoveries[1]["tries"] >= 2 and any(line.endswith("(try 2)") for line in said)
+    assert np.array_equal(waiting.generate("a red fox", *SIZE, STEPS, 5), reference("flux-tiny", 5))
 
-        urllib.request.urlopen(urllib.request.Request(f"http://{srv.http_url}/v2/repository/models/{sdxl}/unload",
-                                                      data=b"{}", method="POST"), timeout=60).close()
-        deadline = time.monotonic() + 30                      # unload answers before the workers are gone
-        while sdxl in recovery.workers(srv.process.pid):
-            assert time.monotonic() < deadline, "sdxl-tiny's workers still there 30 s after the unload"
-            time.sleep(0.2)
-        time.sleep(2 * recovery.CHECK_EVERY + 1)
-        assert not srv.model_ready(sdxl) and len(srv.recoveries) == 2
-        assert sdxl not in recovery.workers(srv.process.pid)
-        plain.close()
-        waiting.close()
-        t0 = time.monotonic()
+    urllib.request.urlopen(urllib.request.Request(f"http://{srv.http_url}/v2/repository/models/{sdxl}/unload",
+                                                  data=b"{}", method="POST"), timeout=60).close()
+    deadline = time.monotonic() + 30                      # unload answers before the workers are gone
+    while sdxl in recovery.workers(srv.process.pid):
+        assert time.monotonic() < deadline, "sdxl-tiny's workers still there 30 s after the unload"
+        time.sleep(0.2)
+    time.sleep(2 * recovery.CHECK_EVERY + 1)
+    assert not srv.model_ready(sdxl) and len(srv.recoveries) == 2
+    assert sdxl not in recovery.workers(srv.process.pid)
+    plain.close()
+    waiting.close()
+    t0 = time.monotonic()
+    server.stop()
     assert time.monotonic() - t0 < 30
 
 
@@ -493,6 +514,16 @@ def test_recovery_options_are_checked(parts, repo):
     own = triton_server.Server(repo[0], 1, 2, 3, parts=parts, extra_args=["--model-control-mode=poll"], recover=False)
     assert "--model-control-mode=explicit" not in own.command() and "--model-control-mode=poll" in own.command()
     assert "--model-control-mode=explicit" in triton_server.Server(repo[0], 1, 2, 3, parts=parts).command()
+    sdxl = repo[1]["sdxl-tiny"]
+    for recover in (True, False):                       # some models: explicit control, with or without recovery
+        command = triton_server.Server(repo[0], 1, 2, 3, parts=parts, recover=recover, models=[sdxl]).command()
+        assert "--model-control-mode=explicit" in command and f"--load-model={sdxl}" in command
+        assert "--load-model=*" not in command
+    with pytest.raises(UsageError, match=r"--model nope: no such model in .* \(it holds .*sdxl-tiny"):
+        triton_server.Server(repo[0], 1, 2, 3, parts=parts, models=["nope"])
+    with pytest.raises(UsageError, match="--model loads the named models with explicit model control"):
+        triton_server.Server(repo[0], 1, 2, 3, parts=parts, recover=False, models=[sdxl],
+                             extra_args=["--model-control-mode=poll"])
     assert repository_headers(["--http-restricted-api=inference,model-repository:x-key=S3"]) == {"x-key": "S3"}
     assert repository_headers(["--http-restricted-api=inference:x-key=S3", "--exit-timeout-secs=5"]) == {}
 

@@ -57,9 +57,9 @@ def cli(*args):
                           timeout=900)
 
 
-def test_cli_build_json_and_other_target(artifacts, dynamic_export):
+def test_cli_build_json_and_other_target(artifacts, dynamic_export, cli_here):
     dynamic_export("flux-tiny")
-    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--selection", "body", "--target", "sm86",
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--selection", "body", "--target", "sm86",
               "--output-dir", str(artifacts), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads(res.stdout)
@@ -87,9 +87,9 @@ def test_build_exports_in_a_child_process(tmp_path, monkeypatch):
     assert any(m.startswith("[export 4/4]") for m in messages) and messages[-1].startswith("[build] wrote")
 
 
-def test_an_error_in_the_export_process_is_one_line(tmp_path):
+def test_an_error_in_the_export_process_is_one_line(tmp_path, cli_here):
     """The size check runs after the child has loaded the model; its UsageError comes back as itself."""
-    res = cli("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--min-size", "96x96", "--output-dir",
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--min-size", "96x96", "--output-dir",
               str(tmp_path))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (

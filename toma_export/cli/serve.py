@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="passed to tritonserver as it is; repeatable (e.g. --server-arg=--http-restricted-api="
                         "inference,model-repository:x-api-key=SECRET)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="serve only this model of the repository; repeatable (default: every model in it)")
     p.add_argument("--no-recover", dest="recover", action="store_false",
                    help="do not watch the model workers: a model whose worker died stays broken until restarted "
                         "(by default serve reloads it, with explicit model control)")
@@ -40,7 +42,7 @@ def run(args) -> int:
         raise UsageError("serve needs --repo REPO (or --install)")
     server = triton_server.Server(args.repo, args.http_port, args.grpc_port, args.metrics_port,
                                   extra_args=args.server_arg, address=args.address,
-                                  recover=args.recover, progress=progress)
+                                  recover=args.recover, progress=progress, models=args.model)
     stop = []
 
     def on_signal(signum, frame):

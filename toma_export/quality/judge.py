@@ -79,9 +79,9 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @torch.enable_grad()
 def train(seed: int, count: int = 16000, steps: int = 2500, batch: int = 64, quiet: bool = False) -> Judge:
-    from .train import images, progress_bar, update
+    from .fitting import images, progress_bar, update
 
-    x, _, y = images(seed, count, INPUT, quiet)
+    x, _, y = images(seed, min(count, steps * batch), INPUT, quiet)      # no more than the steps can see
     torch.manual_seed(seed)
     judge = Judge().train()
     opt = torch.optim.AdamW(judge.parameters(), lr=3e-3)

@@ -182,11 +182,12 @@ class Server:
     proxy). `extra_args` go to tritonserver as they are (e.g. --http-restricted-api).
 
     With `recover` (the default) the models load through Triton's repository API (explicit model control) and
-    a `recovery.Watchdog` reloads a model whose worker process died; `recoveries` lists each reload."""
+    a `recovery.Watchdog` reloads a model whose worker process died; `recoveries` lists each reload. `models`
+    names the repository's models to load (explicit model control too); None loads every one."""
 
     def __init__(self, repo, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log=None, parts: ServerParts | None = None, extra_args=(), address: str = LOOPBACK,
-                 recover: bool = True, progress=None):
+                 recover: bool = True, progress=None, models=None):
         self.repo = Path(repo).expanduser().resolve()
         if not self.repo.is_dir():
             raise UsageError(f"model repository {self.repo} does not exist; write one with `toma-export export-repo`")
@@ -203,6 +204,16 @@ class Server:
         if recover and any(a.startswith("--model-control-mode") for a in self.extra_args):
             raise UsageError("--model-control-mode is set by serve itself (explicit: its watchdog reloads a model "
                              "whose worker died); leave it out, or pass --no-recover to choose your own mode")
+        self.models = list(dict.fromkeys(models)) if models else None
+        if self.models:
+            if any(a.startswith(("--model-control-mode", "--load-model")) for a in self.extra_args):
+                raise UsageError("--model loads the named models with explicit model control; leave "
+                                 "--model-control-mode and --load-model out")
+            found = sorted(p.name for p in self.repo.iterdir() if (p / "config.pbtxt").is_file())
+            for name in self.models:
+                if name not in found:
+                    raise UsageError(f"--model {name}: no such model in {self.repo} (it holds "
+                                     f"{', '.join(found) or 'none'}); pass one of those")
         self.recover = recover
         self.progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
         self.process: subprocess.Popen | None = None
@@ -232,8 +243,13 @@ class Server:
                 f"--http-address={self.address}", f"--http-port={self.ports['http']}",
                 f"--grpc-address={self.address}", f"--grpc-port={self.ports['grpc']}",
                 f"--metrics-address={self.address}", f"--metrics-port={self.ports['metrics']}",
-                "--exit-timeout-secs=30",
-                *(["--model-control-mode=explicit", "--load-model=*"] if self.recover else []), *self.extra_args]
+                "--exit-timeout-secs=30", *self._model_control(), *self.extra_args]
+
+    def _model_control(self) -> list[str]:
+        """Explicit model control where recovery reloads models or only some are served."""
+        if not (self.recover or self.models):
+            return []
+        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models or ["*"])]
 
     def start(self, timeout: float = 300.0) -> "Server":
         """Start the server and wait until every model in the repository is ready."""
