@@ -59,8 +59,8 @@ def cli(*args):
 
 def test_cli_build_json_and_other_target(artifacts, dynamic_export, cli_here):
     dynamic_export("flux-tiny")
-    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--selection", "body", "--target", "sm86",
-              "--output-dir", str(artifacts), "--json")
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--selection", "body", "--target",
+                   "sm86", "--output-dir", artifacts, "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads(res.stdout)
     assert meta["target"] == "sm86" and meta["engine"].endswith("engine.plan") and meta["onnx"].endswith("model.onnx")
@@ -89,8 +89,8 @@ def test_build_exports_in_a_child_process(tmp_path, monkeypatch):
 
 def test_an_error_in_the_export_process_is_one_line(tmp_path, cli_here):
     """The size check runs after the child has loaded the model; its UsageError comes back as itself."""
-    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--min-size", "96x96", "--output-dir",
-              str(tmp_path))
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--min-size", "96x96",
+                   "--output-dir", tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (
         "toma-export: error: flux-tiny: 96x96 px does not fit the tiles: the height must be a multiple of 64 px "

@@ -1,9 +1,9 @@
 """Pipelines to serve: a diffusers pipeline for a model name, the artifacts it needs, and the drop-in.
 
 Real models load with `FluxPipeline` / `StableDiffusionXLPipeline.from_pretrained` (hub cache or a local
-folder); the tiny models get theirs from the spec's tiny_parts (the trained VAE, the frozen text
-encoders the networks were trained with). With `network=False` the PyTorch transformer/UNet is not loaded at all: the served graph replaces
-it, so its weights are held once, by the runtime.
+folder); the tiny models get theirs from the spec's tiny_parts (the trained VAE, the frozen text encoders
+the networks were trained with). With `network=False` the PyTorch transformer/UNet is not loaded at all:
+the served graph replaces it, so its weights are held once, by the runtime.
 """
 from __future__ import annotations
 

@@ -252,7 +252,7 @@ class Server:
         return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models or ["*"])]
 
     def start(self, timeout: float = 300.0) -> "Server":
-        """Start the server and wait until every model in the repository is ready."""
+        """Start the server and wait until every model it loads (`models`, or the whole repository) is ready."""
         out = open(self.log, "ab") if self.log else None       # noqa: SIM115 (closed in stop)
         self._out = out
         self.process = subprocess.Popen(self.command(), env=self.parts.env(), stdout=out, stderr=subprocess.STDOUT
