@@ -107,6 +107,17 @@ def in_hub_cache(folder, repo_id: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
+def pipeline_image(pipe, model: str, prompt: str, seed: int, size: int, steps: int):
+    """One RGB uint8 image from a diffusers pipeline as the served paths call it: the family's default guidance
+    and the graph's fixed pipeline arguments, the seed in its own generator."""
+    import numpy as np
+
+    spec = te.models.get(model)
+    image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=spec.default_guidance,
+                 generator=torch.Generator().manual_seed(seed), **spec.pipeline_kwargs()).images[0]
+    return np.asarray(image.convert("RGB"))
+
+
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

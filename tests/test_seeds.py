@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import pipeline_image
 from PIL import Image
 
 from toma_export import shapes
@@ -21,7 +21,7 @@ from toma_export.quality import judge
 SEEDS = range(6)
 PER_SEED = 2                      # captions per seed, a different pair at each seed
 STEPS, SIZE = 28, 128
-PIXEL_TOLERANCE = 4               # uint8 levels: ONNX Runtime against PyTorch over 28 steps (measured max 1-2)
+PIXEL_TOLERANCE = 4               # uint8 levels: ONNX Runtime against PyTorch over 28 steps (measured max 1)
 SWEEPS = Path(__file__).resolve().parent.parent / "docs" / "quality"
 
 
@@ -33,21 +33,15 @@ def draws():
 @pytest.fixture(scope="module")
 def reference():
     """{model: [uint8 image per draw]}: the in-process PyTorch pipeline, one generator per image."""
-    from toma_export import models
     from toma_export.serve import load_pipeline
 
     cache = {}
 
     def get(model):
         if model not in cache:
-            spec = models.get(model)
             pipe = load_pipeline(model)
             pipe.set_progress_bar_config(disable=True)
-            cache[model] = [np.asarray(pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                                            guidance_scale=spec.default_guidance,
-                                            generator=torch.Generator().manual_seed(seed),
-                                            **spec.pipeline_kwargs()).images[0].convert("RGB"))
-                            for seed, prompt in draws()]
+            cache[model] = [pipeline_image(pipe, model, prompt, seed, SIZE, STEPS) for seed, prompt in draws()]
         return cache[model]
 
     return get
@@ -58,11 +52,10 @@ def sweep_reference_row(model) -> dict:
     return next(r for r in rows if r["ratio"] == 0 and not r.get("cache"))
 
 
-def assert_same_images(served, expected, path):
-    for (seed, prompt), a, b in zip(draws(), served, expected):
-        assert a.shape == b.shape == (SIZE, SIZE, 3)
-        diff = np.abs(a.astype(int) - b.astype(int)).max()
-        assert diff <= PIXEL_TOLERANCE, f"{path}: seed {seed}, {prompt!r}: {diff} levels from load_pipeline's image"
+def assert_same_image(served, expected, path, seed, prompt):
+    assert served.shape == expected.shape == (SIZE, SIZE, 3)
+    diff = np.abs(served.astype(int) - expected.astype(int)).max()
+    assert diff <= PIXEL_TOLERANCE, f"{path}: seed {seed}, {prompt!r}: {diff} levels from load_pipeline's image"
 
 
 @pytest.mark.parametrize("model", ["flux-tiny", "sdxl-tiny"])
@@ -77,7 +70,8 @@ def test_generate_draws_what_the_pipeline_draws_at_every_seed(model, reference, 
                         STEPS, "--size", f"{SIZE}x{SIZE}", "--output-dir", artifacts, "--out", out)
         assert done.returncode == 0, done.stderr
         served.append(np.asarray(Image.open(out).convert("RGB")))
-    assert_same_images(served, reference(model), "generate")
+    for (seed, prompt), a, b in zip(draws(), served, reference(model)):
+        assert_same_image(a, b, "generate", seed, prompt)
 
     row = sweep_reference_row(model)
     found = judge.scores(judge.load(), [Image.fromarray(a) for a in served], [p for _, p in draws()])
@@ -99,6 +93,5 @@ def test_the_sweep_on_onnxruntime_draws_what_the_pipeline_draws(reference, artif
                    progress=lambda m: None, quiet=True)
     drawn = {(s, p): np.asarray(im.convert("RGB")) for (p, s), im in zip(result["jobs"], result["images"][0])}
     expected = dict(zip(draws(), reference(model)))
-    for key in picked:
-        diff = np.abs(drawn[key].astype(int) - expected[key].astype(int)).max()
-        assert diff <= PIXEL_TOLERANCE, f"sweep: seed {key[0]}, {key[1]!r}: {diff} levels from load_pipeline's image"
+    for seed, prompt in picked:
+        assert_same_image(drawn[seed, prompt], expected[seed, prompt], "sweep", seed, prompt)

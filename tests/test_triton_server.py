@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import pipeline_image
 from PIL import Image
 
 from toma_export.cli import main
@@ -162,18 +163,15 @@ def test_the_server_draws_what_the_pytorch_pipeline_draws(server, repo, model):
     """Each served image is load_pipeline's with PyTorch ToMA for its prompt and seed (seeds 0, 3 and 5), up to
     ONNX Runtime's rounding: the reference shares no serving code with the server."""
     import toma_export as te
-    from toma_export import models
     from toma_export.serve import load_pipeline
 
-    spec, prompt = models.get(model), "a blue square on a white background"
+    prompt = "a blue square on a white background"
     pipe = load_pipeline(model)
     te.apply_toma(pipe, te.ToMAConfig())
     pipe.set_progress_bar_config(disable=True)
     client = Client(server.http_url, "http", repo[1][model])
     for seed in (0, 3, 5):
-        expected = np.asarray(pipe(prompt, height=SIZE[0], width=SIZE[1], num_inference_steps=STEPS,
-                                   guidance_scale=spec.default_guidance, generator=torch.Generator().manual_seed(seed),
-                                   **spec.pipeline_kwargs()).images[0].convert("RGB"))
+        expected = pipeline_image(pipe, model, prompt, seed, SIZE[0], STEPS)
         served = client.generate(prompt, *SIZE, STEPS, seed)
         assert np.abs(served.astype(int) - expected.astype(int)).max() <= PYTORCH_TOLERANCE, seed
     client.close()

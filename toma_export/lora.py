@@ -108,15 +108,17 @@ def fuse(base: torch.Tensor, changes: list) -> torch.Tensor:
 def fused(source: WeightSource, changes: dict, describe: str) -> WeightSource:
     """`source` with LoRA changes ({key: terms}, `terms`) fused into the weights they touch, each from its base
     weight in fp32 (`fuse`), then cast to the requested dtype; untouched weights stay where they are stored."""
+    shapes = source.shapes()
+
     def chunks(key: str, dtype: torch.dtype):
         if key not in changes:
             yield from source.chunks(key, dtype)
             return
         raw = bytearray(b"".join(source.chunks(key, torch.float32)))
-        base = torch.frombuffer(raw, dtype=torch.float32).reshape(source.shapes()[key])
+        base = torch.frombuffer(raw, dtype=torch.float32).reshape(shapes[key])
         yield tensor_bytes(fuse(base, changes[key]).to(dtype))
 
-    return WeightSource(source.shapes(), chunks, f"{source.describe} {describe}",
+    return WeightSource(shapes, chunks, f"{source.describe} {describe}",
                         lambda key, dtype: None if key in changes else source.stored(key, dtype))
 
 
