@@ -4,7 +4,9 @@
 # full TensorRT 10.9+ imports, engines built with the toma::ToMASelect plugin (and with the inlined body) run
 # against ONNX Runtime, an image generated through one, and `build --weightless` plans (refit and identical)
 # refitted at load and compared with the normal engine, per call and through generate (their sizes in the
-# summary), and the First-Block Cache pair of engines (build --cache) served against the ONNX Runtime pair.
+# summary), the First-Block Cache pair of engines (build --cache) served against the ONNX Runtime pair, and the
+# 8-bit engines (INT8, and FP8 from sm89) against the fp16 engine with and without ToMA (time per step, image
+# similarity; needs nvidia-modelopt, carried as a wheel).
 # Checks that cannot run skip with their reason.
 # Writes one JSON summary: $TOMA_GPU_SUMMARY, default gpu-checks.json.
 #

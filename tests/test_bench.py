@@ -10,7 +10,7 @@ from toma_export.bench.run import BenchOptions, amortised, bench_block
 from toma_export.cli import main
 
 QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.25,0.5", "--repeats", "1",
-         "--warmup", "0"]
+         "--warmup", "0", "--quantize", "int8"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,25 @@ def test_targets_say_whether_met_and_by_how_much(quick_run):
     assert worst["measured"] == max(shares)
 
 
+def test_int8_rows_and_the_four_way_table(quick_run):
+    """`--quantize int8`: each block INT8 and INT8 + ToMA on ONNX Runtime (modelopt's scales, the integer
+    kernels), set against the same run's baseline, and whether the speed-ups multiply, by arithmetic."""
+    doc, _, _ = quick_run
+    rows = {(r["block"].split("-")[0], r["backend"], r["method"], r["ratio"]): r for r in doc["results"]}
+    for block in ("sdxl", "flux"):
+        assert (block, "onnxruntime", "int8", 0.0) in rows and (block, "torch", "int8", 0.0) not in rows
+        for ratio in (0.25, 0.5):
+            both = rows[block, "onnxruntime", "int8+toma", ratio]
+            assert 0 < both["rel_l2_vs_baseline"] < 0.5 and both["median_ms"] > 0
+    assert len(doc["four_way"]) == 4
+    for f in doc["four_way"]:
+        toma = rows[f["block"].split("-")[0], f["backend"], "toma", f["ratio"]]
+        int8 = rows[f["block"].split("-")[0], f["backend"], "int8", 0.0]
+        assert f["product"] == pytest.approx(toma["speedup"] * int8["speedup"], abs=1e-3)
+        assert f["multiplies"] == (f["both_speedup"] >= 0.9 * f["product"])
+    assert "8-bit and ToMA together" in report.table(doc)
+
+
 def test_parts_run_in_half_precision_as_the_gpu_mode_runs_them():
     """The GPU mode times the parts in fp16 (no GPU here: the same modules on the CPU): activations stay
     fp16, the similarity and the weights fp32, and the parts chain into what the patched block computes."""
@@ -128,8 +147,10 @@ def test_table_plot_and_readme_match_the_json(quick_run):
     assert table == report.table(doc)
     broken_down = sum("breakdown" in r for r in doc["results"])
     amortised_rows = sum(a["ratio"] == 0.5 for a in doc["amortised"])
-    # three tables, each a header and one line per row: results, parts, amortised at the default ratio
-    assert table.count("\n| ") == len(doc["results"]) + 1 + broken_down + 1 + amortised_rows + 1
+    # four tables, each a header and one line per row: results, parts, amortised at the default ratio, and
+    # 8-bit with ToMA
+    assert table.count("\n| ") == (len(doc["results"]) + 1 + broken_down + 1 + amortised_rows + 1
+                                   + len(doc["four_way"]) + 1)
     png = (out / "results" / "latency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = readme.read_text()

@@ -221,3 +221,48 @@ def test_first_block_cache_engines_skip_where_onnxruntime_does(tmp_path, record_
     assert len(trt_steps) == 28 and 0 < sum(trt_steps) < 28 and len(differ) <= 1
     if not differ:
         assert np.abs(trt_image - ort_image).mean() < 2.0
+
+
+@cuda
+@tensorrt
+@pytest.mark.parametrize("toma", [False, True], ids=["no-toma", "toma"])
+def test_quantized_engines_against_the_fp16_engine(tmp_path, toma, record_property):
+    """Each 8-bit engine (INT8; FP8 from Ada, sm89, on) of sdxl-tiny against its fp16 engine, with and without
+    ToMA: time per step through the served loop and how close the image stays (mean pixel difference and the
+    shapes judge's fidelity). The figures go to the summary's user properties (docs/quantize.md)."""
+    import statistics
+
+    import numpy as np
+
+    pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt (carry its wheel in .whl/)")
+    from toma_export.calibration import CalibrationOptions, calibrate
+    from toma_export.quality import judge
+    from toma_export.serve.generate import Session
+    from toma_export.trt import BuildOptions, build
+
+    config = te.ToMAConfig() if toma else None
+    modes = ["int8"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+    prompt, figures, images = "a red circle on a white background", {}, {}
+    for mode in ["none", *modes]:
+        quant = None if mode == "none" else calibrate("sdxl-tiny", config, CalibrationOptions(mode=mode, steps=4),
+                                                      tmp_path / "calib", quiet=True)
+        meta = build("sdxl-tiny", config, tmp_path, BuildOptions(backend="tensorrt", dtype="fp16", quant=quant,
+                                                                 min_size=(128, 128), opt_size=(128, 128),
+                                                                 max_size=(128, 128)))
+        engine = str(Path(meta["engine"]).with_name("engine.json"))
+        session = Session(engine if toma else None, None if toma else engine, model="sdxl-tiny")
+        session.run([prompt], [0], 128, 128, 4, 5.0)                                   # warm-up
+        image = session.run([prompt], [0], 128, 128, 28, 5.0)[0]
+        images[mode] = image
+        figures[mode] = dict(step_ms=round(1000 * statistics.median(t for _, t in session.network.timings), 3),
+                             engine_bytes=meta["engine_bytes"])
+    model = judge.load()
+    reference = judge.features(model, [images["none"]])
+    for mode in modes:
+        diff = np.abs(np.asarray(images[mode], dtype=float) - np.asarray(images["none"], dtype=float)).mean()
+        figures[mode].update(mean_pixel_difference=round(float(diff), 2),
+                             judge_fidelity=round(judge.fidelity(judge.features(model, [images[mode]]), reference), 4),
+                             speedup=round(figures["none"]["step_ms"] / figures[mode]["step_ms"], 3))
+    record_property("quantized_engines", dict(toma=toma, **figures))
+    for mode in modes:
+        assert figures[mode]["judge_fidelity"] > 0.9 and figures[mode]["mean_pixel_difference"] < 40, figures

@@ -147,7 +147,7 @@ def test_reference_and_candidates_take_turns_in_memory(artifacts, monkeypatch):
         return obj
 
     real_graph, real_session = module._graph, module.onnxruntime_runner
-    monkeypatch.setattr(module, "_graph", lambda spec, config, dtype, loras=(): record(
+    monkeypatch.setattr(module, "_graph", lambda spec, config, dtype, loras=(), quant=None: record(
         f"torch-{'fp32' if dtype == torch.float32 else 'fp16'}", real_graph(spec, config, dtype, loras)))
     monkeypatch.setattr(module, "onnxruntime_runner",
                         lambda path: (record("onnxruntime", real_session(path)[0]), "CPUExecutionProvider"))

@@ -26,7 +26,7 @@ def table(doc: dict) -> str:
         lines.append(f"| {r['block']} | {r['backend']} | {method} | {r['ratio']:g} | {r['median_ms']:.1f} "
                      f"| {r['baseline_median_ms']:.1f} | {r['latency_ratio']:.3f}x | {r['speedup']:.2f}x "
                      f"| {share} | {rel} |")
-    lines += breakdown_table(doc) + amortised_table(doc)
+    lines += breakdown_table(doc) + amortised_table(doc) + four_way_table(doc)
     if doc["targets"]:
         lines += ["", "Targets (measured, not asserted):", ""]
         for t in doc["targets"]:
@@ -76,6 +76,22 @@ def amortised_table(doc: dict) -> list[str]:
         lines.append(f"| {a['block']} | {a['backend']} | {a['model']} ({a['groups']} / {a['patched_blocks']}) "
                      f"| {a['schedule']} | {a['merged_steps']} of {a['steps']} | {a['overhead_per_step_ms']:.1f} ms "
                      f"| {100 * a['overhead_share_per_step']:.2f} % | {100 * a['every_call_share']:.2f} % |")
+    return lines
+
+
+def four_way_table(doc: dict) -> list[str]:
+    """Whether 8-bit and ToMA multiply (`bench --quantize int8`)."""
+    rows = doc.get("four_way") or []
+    if not rows:
+        return []
+    lines = ["", "8-bit and ToMA together, one step's median (goal: both >= 0.9 x the product of the two alone):", "",
+             "| block | backend | ratio | unquantized ms | ToMA | 8-bit | 8-bit + ToMA | product | share of product |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['block']} | {r['backend']} | {r['ratio']:g} | {r['baseline_ms']:.1f} "
+                     f"| {r['toma_ms']:.1f} ms ({r['toma_speedup']:.2f}x) | {r['quant_ms']:.1f} ms, {r['mode']} "
+                     f"({r['quant_speedup']:.2f}x) | {r['both_ms']:.1f} ms ({r['both_speedup']:.2f}x) "
+                     f"| {r['product']:.2f}x | {r['share_of_product']:.2f}{'' if r['multiplies'] else ' (missed)'} |")
     return lines
 
 

@@ -65,6 +65,7 @@ class BenchOptions:
     device: str = "cpu"              # cpu | cuda (GPU mode: half-precision blocks, Triton selection, TensorRT)
     gpu_dtype: str = "fp16"          # fp16 | bf16: the blocks' and parts' dtype in GPU mode
     workdir: str | None = None       # where the ONNX files go (a temporary folder by default)
+    quantize: tuple = ()             # 8-bit modes timed four ways on ONNX Runtime (int8: its integer kernels)
 
 
 def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
@@ -81,6 +82,12 @@ def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
                          "onnxruntime")
     for r in options.ratios:
         ToMAConfig(ratio=r)                      # a bad ratio fails before anything is built
+    if set(options.quantize) - {"int8"}:
+        raise UsageError(f"bench --quantize takes int8 (ONNX Runtime's CPU integer kernels), got "
+                         f"{','.join(options.quantize)}; FP8 engines are timed by scripts/gpu_checks.sh")
+    if options.quantize and (options.device != "cpu" or "onnxruntime" not in options.backends):
+        raise UsageError("bench --quantize times the 8-bit graphs on ONNX Runtime on the CPU: keep onnxruntime in "
+                         "--backends and drop --device cuda")
     results, notes = [], []
     with tempfile.TemporaryDirectory(prefix="toma-bench-") as tmp:
         workdir = Path(options.workdir or tmp)
@@ -98,7 +105,7 @@ def run(options: BenchOptions = BenchOptions(), progress=None) -> dict:
             results += bench_engines(options, notes, progress)
     return dict(machine=machine(options), versions=versions(), command=command(),
                 options=asdict(options), results=results, amortised=amortised(results),
-                targets=check_targets(results), notes=notes)
+                targets=check_targets(results), four_way=four_way(results), notes=notes)
 
 
 def _cases(options: BenchOptions):
@@ -130,6 +137,12 @@ def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes:
     if peer:
         modules["tomesd@0.5"] = blocks.tomesd_net(case)
     inputs = tuple(case.inputs.values())
+    if backend == "onnxruntime":                      # the 8-bit variants: ONNX Runtime's integer kernels
+        for mode in options.quantize:
+            progress(f"[bench]   calibrating {mode} with modelopt (the block, then the block with ToMA)")
+            modules[mode] = _quantized(case.baseline(), mode, inputs)
+            for r in options.ratios:
+                modules[f"{mode}+toma@{r}"] = _quantized(case.toma(ToMAConfig(ratio=r)), mode, inputs)
     sync = None
     if options.device == "cuda":
         modules = {k: m.to("cuda", _dtype(options)) for k, m in modules.items()}
@@ -168,7 +181,44 @@ def bench_block(case, backend: str, options: BenchOptions, workdir: Path, notes:
     if "tomesd@0.5" in calls:
         rows.append(_row(case, label, "tomesd", 0.5, medians["tomesd@0.5"], base, medians.get("tomesd-overhead"),
                          _rel_l2(_output(calls["tomesd@0.5"]), reference)))
+    for mode in options.quantize if backend == "onnxruntime" else ():
+        rows.append(_row(case, label, mode, 0.0, medians[mode], base, None, _rel_l2(_output(calls[mode]), reference)))
+        for r in options.ratios:
+            rows.append(_row(case, label, f"{mode}+toma", r, medians[f"{mode}+toma@{r}"], base, None,
+                             _rel_l2(_output(calls[f"{mode}+toma@{r}"]), reference)))
     return rows
+
+
+def _quantized(module: torch.nn.Module, mode: str, inputs: tuple) -> torch.nn.Module:
+    """The module with its Linear / Conv2d layers 8-bit, calibrated by modelopt on the benchmark's inputs."""
+    from ..calibration import calibrate_module
+
+    calibrate_module(module, mode, lambda net: [net(*inputs) for _ in range(2)])
+    return module
+
+
+def four_way(results: list) -> list:
+    """Whether the speed-ups multiply: per block, backend, 8-bit mode and ratio, the step's speed-up from ToMA
+    alone, from 8-bit alone and from both, against the product of the first two (the goal: both >= 0.9 x
+    product)."""
+    out = []
+    for q in results:
+        if not q["method"].endswith("+toma"):
+            continue
+        mode = q["method"].removesuffix("+toma")
+        same = [r for r in results if r["block"] == q["block"] and r["backend"] == q["backend"]]
+        toma = next((r for r in same if r["method"] == "toma" and r["ratio"] == q["ratio"]), None)
+        alone = next((r for r in same if r["method"] == mode), None)
+        if toma is None or alone is None:
+            continue
+        product = toma["speedup"] * alone["speedup"]
+        out.append(dict(block=q["block"], backend=q["backend"], mode=mode, ratio=q["ratio"],
+                        baseline_ms=q["baseline_median_ms"], toma_ms=toma["median_ms"], quant_ms=alone["median_ms"],
+                        both_ms=q["median_ms"], toma_speedup=toma["speedup"], quant_speedup=alone["speedup"],
+                        both_speedup=q["speedup"], product=round(product, 3),
+                        share_of_product=round(q["speedup"] / product, 3),
+                        multiplies=q["speedup"] >= 0.9 * product))
+    return out
 
 
 def bench_parts(case, backend: str, config: ToMAConfig, options: BenchOptions, workdir: Path, progress) -> dict:

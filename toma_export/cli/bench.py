@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..errors import UsageError
-from .common import add_json, peak_memory, peak_memory_line, stdout_on_stderr
+from .common import add_json, peak_memory, peak_memory_line, quant_modes, stdout_on_stderr
 
 
 def _floats(text: str) -> tuple:
@@ -42,6 +42,9 @@ def add_parser(sub):
     p.add_argument("--readme", help="also put the table and plot into this markdown page between the bench markers "
                                    "(docs/bench.md; make bench passes it)")
     add_json(p, "the table")
+    p.add_argument("--quantize", type=quant_modes, default=("none",), metavar="MODES",
+                   help="none or int8: also time each block INT8 and INT8 + ToMA on ONNX Runtime's integer kernels "
+                        "(calibrated by modelopt), the four-way table of docs/quantize.md (none)")
     return p
 
 
@@ -61,7 +64,8 @@ def run(args) -> int:
     options = BenchOptions(ratios=_floats(args.ratios), blocks=split(args.blocks), backends=split(args.backends),
                            repeats=args.repeats, warmup=args.warmup, flux_width=args.flux_width, grid=args.grid,
                            text=args.text, peer=not args.no_peer, models=split(args.models), model_size=args.model_size,
-                           device=args.device, gpu_dtype=args.gpu_dtype)
+                           device=args.device, gpu_dtype=args.gpu_dtype,
+                           quantize=tuple(m for m in args.quantize if m != "none"))
     with stdout_on_stderr():            # TensorRT's logger writes to fd 1, which carries the --json object alone
         doc = run_bench(options)
     if args.out:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line,
-                     size, stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
+                     peak_memory_line, quantization, size, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -41,6 +41,7 @@ def add_parser(sub):
     add_lora(p)
     add_cache(p)
     add_json(p)
+    add_quantize(p)
     add_toma_options(p, defaults="recipe")
     return p
 
@@ -50,16 +51,17 @@ def run(args) -> int:
     from ..cache import check_family
     from ..lora import as_options
     from ..trt import BuildOptions, build, build_split, recipe
-    from ..trt.build import describe_selection
+    from ..trt.build import check_quant, describe_selection
 
     check_family(args.cache, models.get(args.model))
+    check_quant(args.quantize, args.backend, args.target)      # before calibrating
     defaults = recipe(args.model)
     config = None if args.no_toma else toma_config(args, defaults["toma"])
     options = BuildOptions(backend=args.backend, target=args.target, dtype=args.dtype, min_size=args.min_size,
                            opt_size=args.opt_size, max_size=args.max_size, static=args.static,
                            timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
                            ptx_version=args.ptx_version, text_len=args.text_len, weightless=args.weightless,
-                           loras=as_options(args.lora))
+                           loras=as_options(args.lora), quant=quantization(args, args.model, config))
     with stdout_on_stderr():
         meta = (build if args.cache is None else build_split)(args.model, config, args.output_dir, options,
                                                               force=args.force)
@@ -72,6 +74,9 @@ def run(args) -> int:
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")
     print(f"  selection: {describe_selection(meta['selection'], meta.get('selection_reason'))}")
     print(f"  onnx: {meta['onnx']}")
+    if meta.get("quantize"):
+        q = meta["quantize"]
+        print(f"  {q['mode']} level {q['level']}: {q['quantized_layers']} quantized layers (strongly typed Q/DQ)")
     if meta.get("head"):
         print(f"  First-Block Cache tail; its head engine: {Path(meta['engine']).parent.parent / meta['head']} (the "
               "threshold is chosen where the pair runs)")

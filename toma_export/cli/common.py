@@ -123,6 +123,56 @@ def lora_file(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def quant_modes(text: str) -> tuple:
+    """--quantize none,int8,fp8 (sweep, bench): a comma list of 8-bit modes."""
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in ("none", "int8", "fp8")]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"modes are none, int8 and fp8, comma-separated; got {text!r}")
+    return modes
+
+
+def add_quantize(p: argparse.ArgumentParser, many: bool = False) -> None:
+    group = p.add_argument_group("8-bit (docs/quantize.md)")
+    if many:
+        group.add_argument("--quantize", type=quant_modes, default=("none",), metavar="MODES",
+                           help="comma list of none, int8, fp8: each ratio runs in each mode, calibrated with ToMA "
+                                "at that ratio (none)")
+    else:
+        group.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
+                           help="quantize the network's Linear and Conv2d layers to int8 (SmoothQuant) or fp8 "
+                                "(E4M3), calibrated on the PyTorch model with ToMA on; ToMA itself stays in the "
+                                "network's precision (none)")
+    group.add_argument("--quant-level", default="3.0", metavar="LEVEL",
+                       help="which layers, as demo/Diffusion names them: 1.0 convolutions, 2.0 + feed-forward, "
+                            "2.5 + q/k/v, 3.0 + every other Linear (3.0)")
+    group.add_argument("--calib-prompts", metavar="FILE",
+                       help="calibration prompts, one per line (default: 8 built-in; the shapes captions for "
+                            "the tiny models)")
+    group.add_argument("--calib-steps", type=int, default=8, metavar="N", help="denoising steps per prompt (8)")
+
+
+def quantization(args, model: str, config):
+    """The calibrated quantization `args` ask for (calibrated now, or reused), or None for --quantize none;
+    what it cannot combine with (--lora, --cache, an old opset) is refused first."""
+    from pathlib import Path
+
+    from ..quantize import check_mode, check_opset, refuse
+
+    check_mode(args.quantize, args.quant_level)
+    refuse(args.quantize, getattr(args, "lora", ()), getattr(args, "cache", None))
+    if args.quantize == "none":
+        return None
+    if getattr(args, "opset", None) is not None:
+        check_opset(args.opset)
+    from ..calibration import CalibrationOptions, calibrate
+    from ..resources import default_output
+
+    options = CalibrationOptions(mode=args.quantize, level=args.quant_level, prompts=args.calib_prompts,
+                                 steps=args.calib_steps)
+    return calibrate(model, config, options, Path(args.output_dir or default_output()) / "calib", progress=progress)
+
+
 def add_json(p: argparse.ArgumentParser, instead: str = "the summary") -> None:
     p.add_argument("--json", action="store_true", help=f"print one JSON object instead of {instead}")
 

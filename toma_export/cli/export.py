@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, peak_memory, peak_memory_line, size,
-                     toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
+                     peak_memory_line, quantization, size, toma_config)
 
 
 def add_parser(sub):
@@ -24,7 +24,7 @@ def add_parser(sub):
     p.add_argument("--text-len", type=int, metavar="N",
                    help="text tokens: a static export's length, a dynamic one's opt (default: the model's; FLUX.1-dev "
                         "512, schnell 256)")
-    p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset, 17-22 (20; a quantized export 19 or later)")
     p.add_argument("--no-toma", action="store_true", help="export the network without ToMA (the baseline)")
     p.add_argument("--output-dir", help="exports go to keyed subfolders of its onnx/, where build, validate and "
                    "generate look (default: $TOMA_EXPORT_OUTPUT, engines/out in a checkout, else "
@@ -38,6 +38,7 @@ def add_parser(sub):
     add_lora(p)
     add_cache(p)
     add_json(p)
+    add_quantize(p)
     add_toma_options(p)
     return p
 
@@ -56,9 +57,11 @@ def run(args) -> int:
     check_family(args.cache, spec)
     if config is not None:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
+    quant = quantization(args, args.model, config)
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
-                            text_len=args.text_len, loras=as_options(args.lora), link_weights=args.link_weights)
+                            text_len=args.text_len, loras=as_options(args.lora), link_weights=args.link_weights,
+                            quant=quant)
     make = export if args.cache is None else export_split
     meta = make(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
     peak = peak_memory()
@@ -81,6 +84,10 @@ def run(args) -> int:
               f"{','.join(toma['sublayers'])}")
     else:
         print("  no ToMA (baseline)")
+    q = meta.get("quantize")
+    if q:
+        print(f"  {q['mode']} level {q['level']}: {q['quantized_layers']} layers through QuantizeLinear/DequantizeLinear, "
+              f"scales from {q['scales']}")
     w = meta["weights"]
     print(f"  weights: {w['tensors']} tensors, {w['bytes'] / 2**20:.1f} MiB in {w['file']}, from {w['source']}"
           f"{' (graph of ' + meta['graph_from'] + ')' if meta.get('graph_from') else ''}")

@@ -33,6 +33,9 @@ def add_parser(sub):
                    help="write a TensorRT-RTX engine anyway (Triton's TensorRT backend cannot load it)")
     add_cache(p)
     add_json(p)
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"],
+                   help="the 8-bit mode the file must have been exported or built with (a deployment check; the "
+                        "file carries its own: `export/build --quantize`)")
     return p
 
 
@@ -50,6 +53,8 @@ def run(args) -> int:
         raise RepositoryError(f"{err}; pass --max-steps N >= 1 and --max-seconds S > 0") from None
 
     result = {"repository": str(Path(args.out).expanduser().resolve())}
+    _check_quantize(Artifact.load(args.engine, "engine") if args.engine else Artifact.load(args.onnx, "onnx"),
+                    args.quantize)
     if args.engine:
         artifact = Artifact.load(args.engine, "engine")
         head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
@@ -86,3 +91,14 @@ def run(args) -> int:
               + (f"\n  head plan model: {result['head_plan_model']}" if "head_plan_model" in result else "")
               + f"\n  serve: toma-export serve --repo {result['repository']}")
     return 0
+
+
+def _check_quantize(artifact, wanted: str | None) -> None:
+    """--quantize MODE: refuse a file that was not made in that mode, before any folder is written."""
+    made = (artifact.meta.get("quantize") or {}).get("mode", "none")
+    if wanted is not None and wanted != made:
+        from ..errors import UsageError
+
+        kind = "build" if artifact.kind == "engine" else "export"
+        raise UsageError(f"{artifact.path} is {'not quantized' if made == 'none' else made}, not {wanted}: "
+                         f"{kind} it with --quantize {wanted}, or drop --quantize")

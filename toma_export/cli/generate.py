@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, SCHEDULE, add_cache, add_json, add_lora, add_toma_options, peak_memory,
-                     peak_memory_line, progress, size, stdout_on_stderr, toma_config, toma_options)
+from .common import (MODEL_HELP, SCHEDULE, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
+                     peak_memory_line, progress, quantization, size, stdout_on_stderr, toma_config, toma_options)
 
 
 def add_parser(sub):
@@ -34,6 +34,7 @@ def add_parser(sub):
     add_lora(p)
     add_cache(p)
     add_json(p, "the table")
+    add_quantize(p)
     add_toma_options(p)
     return p
 
@@ -48,12 +49,16 @@ def run(args) -> int:
         raise UsageError(f"--onnx/--engine files carry their own ToMA settings; only "
                          f"{', '.join('--' + n.replace('_', '-') for n in SCHEDULE)} can change (drop "
                          f"{', '.join('--' + n.replace('_', '-') for n in sorted(set(given) - set(SCHEDULE)))})")
+    if (args.onnx or args.engine) and args.quantize != "none":
+        raise UsageError("--onnx/--engine files carry their own quantization; drop --quantize")
+    config = None if args.no_toma else toma_config(args)
     request = GenerateRequest(
         model=args.model, prompt=args.prompt, out=args.out, steps=args.steps, size=args.size, seed=args.seed,
-        guidance=args.guidance, config=None if args.no_toma else toma_config(args),
+        guidance=args.guidance, config=config,
         schedule={k: v for k, v in given.items() if k in SCHEDULE} or None, onnx=args.onnx, engine=args.engine,
         baseline=args.baseline, backend=args.backend, share_weights=not args.no_share_weights,
-        output_dir=args.output_dir, force=args.force, loras=as_options(args.lora), cache=args.cache)
+        output_dir=args.output_dir, force=args.force, loras=as_options(args.lora), cache=args.cache,
+        quant=quantization(args, args.model, config))
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
     result = {**result, **peak_memory()}

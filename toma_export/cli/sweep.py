@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_cache, add_json, add_toma_options, progress, size, stdout_on_stderr, toma_options
+from .common import (MODEL_HELP, add_cache, add_json, add_quantize, add_toma_options, progress, size, stdout_on_stderr,
+                     toma_options)
 
 
 def ratios(text: str) -> tuple:
@@ -43,6 +44,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="folder for sweep.json, pareto.png, grid.png and report.html")
     add_cache(p, many=True)
     add_json(p, "the table")
+    add_quantize(p, many=True)
     add_toma_options(p)
     return p
 
@@ -64,7 +66,9 @@ def run(args) -> int:
     request = SweepRequest(model=args.model, ratios=args.ratios, backend=args.backend, prompts=prompts,
                            seeds=args.seeds, steps=args.steps, size=args.size, guidance=args.guidance,
                            metrics=args.metrics, clip=args.clip, dino=args.dino, toma=options,
-                           output_dir=args.output_dir, grid_prompts=args.grid_prompts, caches=args.cache)
+                           output_dir=args.output_dir, grid_prompts=args.grid_prompts, caches=args.cache,
+                           quantizes=args.quantize, quant_level=args.quant_level, calib_prompts=args.calib_prompts,
+                           calib_steps=args.calib_steps)
     with stdout_on_stderr():
         result = sweep(request, progress, quiet=args.json)
         files = write(result, Path(args.out), args.grid_prompts)

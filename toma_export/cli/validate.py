@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_toma_options, names, peak_memory,
-                     peak_memory_line, sizes, stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, names, peak_memory,
+                     peak_memory_line, quantization, sizes, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -37,6 +37,7 @@ def add_parser(sub):
     add_lora(p)
     add_cache(p)
     add_json(p, "the table")
+    add_quantize(p)
     add_toma_options(p)
     return p
 
@@ -47,12 +48,23 @@ def run(args) -> int:
     from ..lora import as_options
     from ..parity import ValidateOptions, table, validate, write_report
 
+    config = None if args.no_toma else toma_config(args)
+    if args.onnx:                      # the file's own quantization, if any (parity.validate reads it)
+        from ..artifacts import Artifact
+        from ..errors import UsageError
+
+        made = (Artifact.load(args.onnx, "onnx").meta.get("quantize") or {}).get("mode", "none")
+        if args.quantize not in ("none", made):
+            raise UsageError(f"{args.onnx} is {made if made != 'none' else 'not quantized'}; drop --quantize (the "
+                             "file's own is used) or pass another file")
+    quant = None if args.onnx else quantization(args, args.model, config)
     options = ValidateOptions(backends=args.backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
                               output_dir=args.output_dir, save_reference=args.save_reference,
-                              load_reference=args.load_reference, bisect=args.bisect, loras=as_options(args.lora))
+                              load_reference=args.load_reference, bisect=args.bisect, loras=as_options(args.lora),
+                              quant=quant)
     with stdout_on_stderr():
-        report = validate(args.model, None if args.no_toma else toma_config(args), options)
+        report = validate(args.model, config, options)
     if args.report:
         files = write_report(report, args.report)
         print(f"[validate] report written: {', '.join(files)}", file=sys.stderr)

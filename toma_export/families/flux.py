@@ -98,6 +98,9 @@ class FluxSpec(ModelSpec):
     # other graph. The tail runs the other blocks (with ToMA) and the output layers, and returns its residual.
     parts = ("head", "tail")
     head_block = "transformer_blocks.0"
+    # 8-bit: layers left in the network's precision, as NVIDIA's FLUX filter leaves them (the embedders, the
+    # AdaLN modulations that read the time embedding, the output layers)
+    quant_skip = ("time_text_embed", "context_embedder", "x_embedder", "norm", "proj_out")
 
     def part_axes(self, part: str) -> dict:
         grid = {0: ("batch", 1), 1: ("height", 1), 2: ("width", 1)}

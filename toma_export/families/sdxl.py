@@ -54,6 +54,10 @@ class SdxlSpec(ModelSpec):
     model_cls = UNet2DConditionModel
     pipeline_class = "StableDiffusionXLPipeline"
     default_guidance = 5.0
+    # 8-bit: layers left in the network's precision, as NVIDIA's SDXL filter leaves them (time and text
+    # embeddings, the first and last convolutions, the residual shortcuts, the transformers' output layers)
+    quant_skip = ("time_embedding", "time_emb_proj", "add_embedding", "conv_in", "conv_out", "conv_shortcut",
+                  "norm_out", "proj_out")
 
     def cfg_batch(self, guidance: float) -> int:
         return 2 if guidance > 1 else 1

@@ -50,6 +50,7 @@ class ModelSpec:
     # block the head ends with
     parts = ()
     head_block = ""
+    quant_skip = ()        # 8-bit: name fragments of the layers left unquantized (quantize.layers)
 
     def cfg_batch(self, guidance: float) -> int:
         """How many samples one image puts through the network (2 where guidance runs CFG)."""

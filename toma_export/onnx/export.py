@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .. import lora, models
+from .. import lora, models, quantize
 from ..artifacts import (DTYPES, EXPORT_FORMAT, EXPORT_META, Artifact, cache_key, claimed, source_digest,
                          staged_dir, toma_section, versions, writable_dir)
 from ..errors import ArtifactError, UsageError
 from ..lora import LoRA
+from ..quantize import Quantization
 from ..toma import ToMAConfig, apply_toma
 from ..toma.tiles import destinations_per_tile
 from .graph import ToMAGraph
@@ -50,6 +51,7 @@ class ExportOptions:
     link_weights: bool = False     # point into the folder's safetensors files (hard links) where no conversion is
                                    # needed, instead of copying; onnx.load refuses hard-linked external data
     part: str | None = None        # one graph of the network split for First-Block Cache (FLUX: head, tail)
+    quant: Quantization | None = None  # 8-bit Q/DQ on the calibrated layers, the scales placed as data
 
 
 def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -74,7 +76,7 @@ def export(model_name: str, config: ToMAConfig | None, output_dir, options: Expo
                                  _pairing(model_name, output_dir, options))
         progress(f"[export 1/4] building {spec.name} ({options.dtype}) on the meta device, no weights in memory"
                  f"{', applying ToMA' if config else ', no ToMA'}")
-        model = spec.skeleton(DTYPES[options.dtype])
+        model = quantize.apply(spec.skeleton(DTYPES[options.dtype]), options.quant)
         report = apply_toma(model, config) if config else None
         if options.part and report and spec.head_block in report.blocks:
             raise UsageError(f"ToMA merges {spec.head_block}, which First-Block Cache runs on every step as its head "
@@ -140,6 +142,7 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
     shapes, opset, versions) and the weights' (the folder's fingerprint, the LoRAs' digests and scales), so
     exports that differ only in weights share one traced graph."""
     spec = models.get(model_name)
+    quant = options.quant
     options = replace(options, dtype=options.dtype or spec.default_dtype)
     if options.dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
@@ -148,6 +151,9 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                          f"builds reject), got {options.opset}")
     if options.batch < 1:
         raise UsageError(f"batch must be >= 1, got {options.batch}")
+    if quant:
+        quantize.check_opset(options.opset)
+    quantize.refuse(quant and quant.mode, options.loras, options.part)
     if options.part is not None:
         from ..cache import check_split
 
@@ -164,26 +170,36 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                                dtype=options.dtype, opset=options.opset, dynamic=options.dynamic,
                                batch=None if options.dynamic else options.batch, size=(height, width),
                                text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers,
-                               **({"part": options.part} if options.part else {})))
+                               **({"part": options.part} if options.part else {}),
+                               **({"quant": _quant_layout(quant)} if quant else {})))
     loras = [dict(file=path, sha256=LoRA(path).digest(), scale=scale) for path, scale in lora.as_options(options.loras)]
     base = spec.base_label()
     weights_key = cache_key(dict(base=base, fingerprint=spec.weights_fingerprint(), dtype=options.dtype,
-                                 loras=[(x["sha256"], x["scale"]) for x in loras], linked=options.link_weights))
+                                 loras=[(x["sha256"], x["scale"]) for x in loras], linked=options.link_weights,
+                                 **({"scales": quant.digest} if quant else {})))
     keys = dict(graph=graph_key, weights=weights_key, whole=f"{graph_key}-{weights_key}", versions=vers,
                 weights_meta=dict(key=weights_key, base=base, loras=loras))
     part = f"-{options.part}" if options.part else ""
-    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}{part}-{keys['whole']}"
+    mode = f"-{quant.mode}" if quant else ""
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}{part}{mode}-{keys['whole']}"
     return spec, options, final, keys, (height, width), ranges
 
 
 def _weight_source(spec, options: ExportOptions, progress=None):
     """The network's weights, tensor by tensor, with the LoRAs fused in (refused here, before any work, when they
     do not fit)."""
-    source = spec.weight_source()
+    source = quantize.with_scales(spec.weight_source(), options.quant)
     if not options.loras:
         return source
     changes = lora.terms(options.loras, spec.family, source.shapes(), spec.name, progress)
     return lora.fused(source, changes, "+ " + ", ".join(LoRA(*x).describe() for x in lora.as_options(options.loras)))
+
+
+def _quant_layout(quant: Quantization) -> dict:
+    """What of a calibration shapes the graph: the mode, the level and which layers hold which scales (the
+    scales' values are data, in the weights' key)."""
+    scales, _ = quantize.load_scales(quant.scales)
+    return dict(mode=quant.mode, level=quant.level, layout=cache_key(sorted(scales)))
 
 
 def _same_graph(root: Path, graph_key: str) -> tuple[Path, dict] | None:
@@ -379,6 +395,7 @@ def write_model(program, path: Path, opset: int, source, prefix: str = "", progr
     model = ir.serde.serialize_model(program.model)
     streamed = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     _constants_as_nodes(model, streamed)
+    _zero_points(model)
     attach(model, opset)
     model.ir_version = IR_VERSION
     onnx.save(model, str(path))
@@ -398,6 +415,40 @@ def _constants_as_nodes(model, weights: set) -> None:
     nodes += list(model.graph.node)
     del model.graph.initializer[:], model.graph.node[:]
     model.graph.initializer.extend(keep)
+    model.graph.node.extend(nodes)
+
+
+def _zero_points(model) -> None:
+    """Give every QuantizeLinear / DequantizeLinear the trace left without one a zero point: a Constant of zeros
+    in the quantized type (int8 or float8 E4M3), shaped like its scale. The type travels in the trace as
+    QuantizeLinear's output_dtype, which opsets below 21 lack; and ONNX Runtime fuses Q/DQ around a MatMul or
+    Conv into its integer kernels only where the zero point is a constant."""
+    import onnx
+
+    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not n.domain
+             and len(n.input) == 2]
+    if not nodes:
+        return
+    scale_dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    kind = {}
+    for n in nodes:
+        if n.op_type == "QuantizeLinear":
+            attr = next(a for a in n.attribute if a.name == "output_dtype")
+            kind[n.output[0]] = attr.i
+            n.attribute.remove(attr)
+    made, constants = {}, []
+    for n in nodes:
+        dtype = kind[n.output[0] if n.op_type == "QuantizeLinear" else n.input[0]]
+        dims = scale_dims[n.input[1]]
+        key = (dtype, tuple(dims))
+        if key not in made:
+            made[key] = f"zero_point_{onnx.helper.tensor_dtype_to_string(dtype).split('.')[-1].lower()}_" + \
+                        ("x".join(map(str, dims)) or "scalar")
+            value = onnx.helper.make_tensor("value", dtype, dims, [0] * max(1, math.prod(dims)))
+            constants.append(onnx.helper.make_node("Constant", [], [made[key]], name=made[key], value=value))
+        n.input.append(made[key])
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
     model.graph.node.extend(nodes)
 
 
@@ -439,5 +490,9 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
                   groups={g: dict(blocks=report.groups[g], downsample=report.downsample[g],
                                   input=f"toma_dst.{g}", output=f"toma_dst_out.{g}") for g in report.groups},
                   selection_nodes=sum(n.domain == "toma" for n in model.graph.node)) if config else None,
+        quantize=dict(mode=options.quant.mode, level=options.quant.level, scales=options.quant.scales,
+                      digest=options.quant.digest,
+                      quantized_layers=sum(n.op_type == "QuantizeLinear" for n in model.graph.node) // 2)
+        if options.quant else None,
         versions=keys["versions"], export_seconds=round(seconds, 1),
     )

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..onnx import ToMAGraph
+from ..quantize import disabled
 from ..onnx.graph import RECOMPUTE, dst_output
 from ..toma import apply_toma, remove_toma
 from .metrics import compare, selection_agreement, tolerance
@@ -17,13 +18,18 @@ MIN_OBJECTIVE_RATIO = 0.999   # a candidate's own picks may differ on near-ties,
 
 
 def _entry(kind, backend, size, step, output, ref, cand, options) -> dict:
-    atol, rtol = tolerance(kind, options.dtype, options.atol, options.rtol)
+    atol, rtol = tolerance(kind, options.dtype, options.atol, options.rtol, _mode(options))
     stats = compare(ref, cand, atol, rtol)
     ref_bad = int((~np.isfinite(np.asarray(ref, dtype=np.float64))).sum())
     if ref_bad:                      # NaN/Inf in the reference: the inputs are bad, not the candidate
         stats.update(passed=False, reference_nonfinite=ref_bad)
     return dict(kind=kind, backends=["torch-fp32", backend], size=f"{size[0]}x{size[1]}", step=step, output=output,
                 **stats)
+
+
+def _mode(options) -> str | None:
+    quant = getattr(options, "quant", None)
+    return quant.mode if quant else None
 
 
 def compare_step(record: dict, candidates: dict, options, size) -> list:
@@ -44,7 +50,7 @@ def bisect_step(reference, onnx_path, record, options, size, step_entries) -> li
     failed = [e for e in step_entries if not e["passed"] and e["backends"][1] == "onnxruntime"]
     if not failed or onnx_path is None:
         return []
-    _, rtol = tolerance("step", options.dtype, options.atol, options.rtol)
+    _, rtol = tolerance("step", options.dtype, options.atol, options.rtol, _mode(options))
     feeds = cast_feeds(forced_feeds(record["feeds"], record["step"]), options.dtype, None)
     result = bisect(reference, onnx_path, feeds, rtol)
     return [dict(result, backend="onnxruntime", size=f"{size[0]}x{size[1]}")]
@@ -93,3 +99,28 @@ def fidelity(spec, ref_runner, record, options, size, config) -> dict:
                 max_abs=final["max_abs"], cosine=final["cosine"],
                 relative_l2=float(np.linalg.norm(record["latents"][-1] - base[-1]) /
                                   max(np.linalg.norm(base[-1]), 1e-30)))
+
+
+def quantization_cost(spec, ref_runner, record, options, size, config) -> dict:
+    """What 8-bit itself costs: the fake-quantized reference against the same network unquantized, one step with
+    the same destinations and, under --steps, the final latents of the loop. Reported, not judged."""
+    name = next(iter(record["step"]))
+    with disabled(ref_runner.graph.model):
+        out = ref_runner.infer(forced_feeds(record["feeds"], record["step"]), check_inputs=False)
+        step = compare(record["step"][name], out[name], 0.0, 0.0)
+        entry = dict(size=f"{size[0]}x{size[1]}", compared="torch fake-quantized vs torch unquantized",
+                     step_max_abs=step["max_abs"], step_cosine=step["cosine"],
+                     step_relative_l2=_rel_l2(record["step"][name], out[name]))
+        if options.steps:
+            base, _ = run_loop(spec, ref_runner, record["feeds"], options.steps, config, "fp32",
+                               forced=record["used"])
+            final = compare(base[-1], record["latents"][-1], 0.0, 0.0)
+            entry.update(steps=options.steps, loop_max_abs=final["max_abs"], loop_cosine=final["cosine"],
+                         loop_relative_l2=_rel_l2(record["latents"][-1], base[-1]))
+    return entry
+
+
+def _rel_l2(a, b) -> float:
+    """|a - b| / |b|."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

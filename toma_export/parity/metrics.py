@@ -15,11 +15,20 @@ TOLERANCES = {
     "step": {"fp32": (0.0, 1e-4), "fp16": (0.0, 2e-2), "bf16": (0.0, 5e-2)},
     "loop": {"fp32": (0.0, 1e-3), "fp16": (0.0, 5e-2), "bf16": (0.0, 1e-1)},
 }
+# An 8-bit graph against the fake-quantized reference with the same scales: the Q/DQ arithmetic is identical
+# (tests/test_quantize.py), but a last-bit difference upstream moves a value across a rounding boundary now and
+# then, which costs a whole int8 step or an E4M3 mantissa step (1/8) there, and later layers spread it. Measured
+# on the tiny models at 128 px (docs/quantize.md), max error over the output's scale, per step: int8 1.5e-3
+# (FLUX) and 6e-3 to 1.0e-2 (SDXL, by calibration), fp8 9e-3 (FLUX); after 4 steps int8 up to 2.9e-2, fp8
+# 5.8e-2. The tolerances leave about twice that.
+QUANT_RTOL = {"step": {"int8": 2e-2, "fp8": 3e-2}, "loop": {"int8": 5e-2, "fp8": 1e-1}}
 
 
 def tolerance(kind: str, dtype: str | None, atol: float | None = None,
-              rtol: float | None = None) -> tuple[float, float]:
+              rtol: float | None = None, quant: str | None = None) -> tuple[float, float]:
     a, r = TOLERANCES[kind][dtype or "fp32"]               # None: the candidate dtype was left at its default
+    if quant:
+        r = max(r, QUANT_RTOL[kind][quant])
     return (a if atol is None else atol), (r if rtol is None else rtol)
 
 

@@ -23,6 +23,11 @@ def table(report: dict) -> str:
     for f in report["fidelity"]:
         lines.append(f"ToMA fidelity {f['size']}, {f['steps']} steps: final latents {f['relative_l2']:.2%} relative L2 "
                      f"from the model without ToMA (cosine {f['cosine']:.4f}); reported, not judged")
+    for q in report.get("quantization") or []:
+        loop = (f"; after {q['steps']} steps {q['loop_relative_l2']:.2%} (cosine {q['loop_cosine']:.4f})"
+                if "steps" in q else "")
+        lines.append(f"{report['quantize']['mode']} cost {q['size']}: one step {q['step_relative_l2']:.2%} relative L2 "
+                     f"from the unquantized network{loop}; reported, not judged")
     for b in report.get("bisect", []):
         lines.append(f"bisect {b['backend']} {b['size']}: first block out of tolerance: "
                      f"{b['first_failing_block'] or 'none (the error comes after the transformer blocks)'}")

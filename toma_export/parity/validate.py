@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import models, quantize
 from ..artifacts import DTYPES, Artifact, config_from_section, toma_section
 from ..errors import ArtifactError, UsageError
 from ..onnx import ExportOptions, ToMAGraph, export_in_child
 from ..resources import default_output
 from ..toma import ToMAConfig, apply_toma
-from .compare import bisect_step, compare_loop, compare_step, fidelity, selection_step
+from .compare import bisect_step, compare_loop, compare_step, fidelity, quantization_cost, selection_step
 from .record import RECORD_FORMAT, load_records, make_record, save_records
 from .runners import EngineRunnerAdapter, TorchRunner, onnxruntime_provider, onnxruntime_runner
 
@@ -52,6 +52,7 @@ class ValidateOptions:
     load_reference: str | None = None  # take the reference from such a file instead of running PyTorch
     bisect: bool = False               # on a failing ONNX Runtime step, name the first block out of tolerance
     loras: tuple = ()                  # ((path, scale), ...): the reference loads them with diffusers itself
+    quant: quantize.Quantization | None = None   # 8-bit: the reference is the fake-quantized network (same scales)
 
 
 def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = ValidateOptions(),
@@ -74,6 +75,9 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
         config, options = _from_stored(stored["meta"], options)
     elif options.onnx:
         config, options, spec = _from_export(options.onnx, spec, options)
+    if options.quant and (options.loras or stored):
+        raise UsageError(f"validate --quantize takes {'no --lora' if options.loras else 'no --load-reference'}: the "
+                         "fake-quantized reference is made here from the calibrated scales")
     if options.loras and not stored:        # refused here (family, keys, shapes), before any model is loaded
         from ..lora import terms
 
@@ -87,7 +91,10 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     sizes = list(options.sizes or [spec.size(None, None)])
     report = dict(model=spec.name, dtype=options.dtype, providers={}, skipped={}, comparisons=[], selection=[],
                   fidelity=[], toma=toma_section(config), loras=[dict(file=p, scale=s) for p, s in options.loras],
-                  reference="loaded from " + options.load_reference if stored else "torch fp32")
+                  reference="loaded from " + options.load_reference if stored else
+                  f"torch fp32, {options.quant.mode} fake-quantized" if options.quant else "torch fp32",
+                  quantize=dict(mode=options.quant.mode, level=options.quant.level, scales=options.quant.scales)
+                  if options.quant else None, quantization=[])
     if dtype_note:
         report["dtype_reason"] = dtype_note[1]
 
@@ -161,8 +168,13 @@ def _from_export(onnx_path: str, spec, options: ValidateOptions):
     if options.dtype not in (None, artifact.meta["dtype"]):
         raise UsageError(f"{onnx_path} is a {artifact.meta['dtype']} export; drop --dtype {options.dtype} or pass an "
                          f"export in {options.dtype}")
+    made = artifact.meta.get("quantize")
+    quant = made and quantize.Quantization(made["mode"], made["level"], made["scales"], made["digest"])
+    if options.quant not in (None, quant):
+        raise UsageError(f"{onnx_path} is {quant.label() if quant else 'not quantized'}; validate it with its own "
+                         "(no --quantize)")
     return artifact.config, replace(options, onnx=str(artifact.path), dtype=artifact.meta["dtype"],
-                                    loras=_loras_of(artifact, options.loras)), spec
+                                    loras=_loras_of(artifact, options.loras), quant=quant), spec
 
 
 def _loras_of(artifact: Artifact, given: tuple) -> tuple:
@@ -187,7 +199,7 @@ def _loras_of(artifact: Artifact, given: tuple) -> tuple:
 def _reference_phase(spec, config, options, sizes, report, progress) -> list:
     """Every size's record, and the ToMA fidelity under --steps, from the fp32 reference, which is then
     released: a full-size reference and a candidate need not fit in memory together."""
-    reference = TorchRunner(_graph(spec, config, torch.float32, options.loras), name="torch-fp32")
+    reference = TorchRunner(_graph(spec, config, torch.float32, options.loras, options.quant), name="torch-fp32")
     records = []
     with reference:
         for size in sizes:
@@ -196,6 +208,8 @@ def _reference_phase(spec, config, options, sizes, report, progress) -> list:
             records.append(make_record(spec, reference, config, options, size))
             if options.steps and config:
                 report["fidelity"].append(fidelity(spec, reference, records[-1], options, size, config))
+            if options.quant:
+                report["quantization"].append(quantization_cost(spec, reference, records[-1], options, size, config))
     del reference
     gc.collect()
     return records
@@ -225,7 +239,8 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
     plans = {}
     if "torch" in options.backends and options.dtype != "fp32":
         name = f"torch-{options.dtype}"
-        plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype], options.loras), name=name)
+        plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype], options.loras, options.quant),
+                                          name=name)
     if "onnxruntime" in options.backends:
         if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before exporting
             raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
@@ -234,7 +249,8 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
         def onnxruntime():
             path = options.onnx or export_in_child(
                 model, config, Path(options.output_dir or default_output()) / "onnx",
-                ExportOptions(dynamic=True, dtype=options.dtype, loras=options.loras), progress=progress)["onnx"]
+                ExportOptions(dynamic=True, dtype=options.dtype, loras=options.loras, quant=options.quant),
+                progress=progress)["onnx"]
             runner, provider = onnxruntime_runner(path)
             report["providers"]["onnxruntime"] = provider
             report["onnx"] = path
@@ -253,10 +269,11 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
     return plans
 
 
-def _graph(spec, config, dtype, loras=()):
+def _graph(spec, config, dtype, loras=(), quant=None):
     """The PyTorch graph, on the GPU when there is one (an fp32 FLUX.1-dev needs about 48 GB), with the LoRAs
-    loaded and fused by diffusers itself, so that the reference is not the export's own fusion code."""
-    model = spec.load(dtype)
+    loaded and fused by diffusers itself, so that the reference is not the export's own fusion code, and with
+    `quant` the calibrated layers fake-quantized."""
+    model = quantize.apply(spec.load(dtype), quant)
     if loras:
         from ..lora import load_with_diffusers
 

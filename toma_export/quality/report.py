@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLUMNS = (("ratio", "ratio", "{:.2f}"), ("cache", "cache", "{}"), ("step_ms", "network ms/step (median)", "{:.2f}"),
+COLUMNS = (("ratio", "ratio", "{:.2f}"), ("cache", "cache", "{}"), ("quantize", "8-bit", "{}"), ("step_ms", "network ms/step (median)", "{:.2f}"),
            ("speedup", "speed-up per step", "{:.2f}x"), ("computed_steps", "steps computed", "{:.1f}"),
            ("cached_ms", "network ms per cached step", "{:.2f}"),
            ("network_ms", "network ms/image", "{:.1f}"), ("network_speedup", "network speed-up per image", "{:.2f}x"),
@@ -32,9 +32,9 @@ def columns(rows: list) -> list:
 
 
 def row_label(row: dict) -> str:
-    """'ratio 0.5', or 'ratio 0.5 + fbcache:0.1' in a sweep with caches."""
-    cache = row.get("cache")
-    return f"ratio {row['ratio']:g}" + (f" + {cache}" if cache and cache != "none" else "")
+    """'ratio 0.5', or 'ratio 0.5 + fbcache:0.1 + int8' in a sweep with caches or 8-bit rows."""
+    extras = [row.get(k) for k in ("cache", "quantize")]
+    return f"ratio {row['ratio']:g}" + "".join(f" + {e}" for e in extras if e and e != "none")
 
 
 def speed_axis(result: dict) -> tuple[str, str]:
@@ -64,7 +64,7 @@ def pareto(result: dict, path: Path) -> None:
     speed = speed_axis(result)
     xs = [r[speed[0]] for r in rows]
     ys = [r[axis[0]] for r in rows] if axis else [r["image_speedup"] for r in rows]
-    ax.plot(xs, ys, "o" if "cache" in rows[0] else "-o", color="#3060c0")
+    ax.plot(xs, ys, "o" if "cache" in rows[0] or "quantize" in rows[0] else "-o", color="#3060c0")
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(row_label(r).removeprefix("ratio "), (x, y), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
@@ -81,12 +81,12 @@ def pareto(result: dict, path: Path) -> None:
 
 def grid(result: dict, path: Path, max_prompts: int = 8) -> None:
     """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each); columns: the sweep's
-    rows (ratios, x caches)."""
+    rows (ratios, x caches, x 8-bit modes)."""
     rows = result["rows"]
     firsts = [i for i, (_, seed) in enumerate(result["jobs"]) if seed == 0]
     if len(firsts) > max_prompts:
         firsts = [firsts[round(k * (len(firsts) - 1) / max(1, max_prompts - 1))] for k in range(max_prompts)]
-    cell = 128 if "cache" not in rows[0] else 96
+    cell = 96 if "cache" in rows[0] or "quantize" in rows[0] else 128
     label_w, head = 260, 36
     sheet = Image.new("RGB", (label_w + len(rows) * (cell + 4), head + len(firsts) * (cell + 4)), "white")
     pen = ImageDraw.Draw(sheet)

@@ -1,10 +1,15 @@
-"""`toma-export sweep`: quality and speed at each merge ratio (and step cache), in one run, on one backend.
+"""`toma-export sweep`: quality and speed at each merge ratio (and step cache, and 8-bit mode), in one run, on one
+backend.
 
 Why: choosing a ratio is a trade-off between time saved and what the image loses. Every ratio draws the same
 prompts from the same seeds; ratio 0 without a cache is the unmerged network and the reference of every quality
 figure, so its fidelity is 1 by construction. Times are the whole network's median per denoising step (what ToMA
 changes), its total per image (what a step cache changes too) and the end-to-end pipeline call per image (what a
-user waits for). With caches, every ratio runs with each of them: the rows are ratios x caches.
+user waits for). With caches, every ratio runs with each of them: the rows are ratios x caches. With 8-bit
+modes (`--quantize none,int8`), each mode is calibrated with ToMA at the row's ratio, as `export --quantize`
+would be, and the rows are ratios x caches x modes; the unquantized ratio 0 stays the reference. On the torch
+backend a quantized row is fake-quantized (its quality is the graph's, its time is not); onnxruntime and
+tensorrt run the 8-bit graphs.
 """
 from __future__ import annotations
 
@@ -48,6 +53,10 @@ class SweepRequest:
     dino: str | None = None
     toma: dict = field(default_factory=dict)   # ToMA options besides the ratio (levels, blocks, tile, ...)
     caches: tuple = (None,)                # CacheConfig or None (no cache) per column of the sweep
+    quantizes: tuple = ("none",)           # 8-bit modes: none, int8, fp8 (quantize.MODES)
+    quant_level: str = "3.0"
+    calib_prompts: str | None = None
+    calib_steps: int = 8
     output_dir: str | None = None
     grid_prompts: int = 8                  # rows of grid.png
 
@@ -69,6 +78,14 @@ def check(req: SweepRequest, spec) -> str:
 
     for c in req.caches:
         cache.check_family(c, spec)
+    from .. import quantize
+
+    for mode in req.quantizes:
+        quantize.check_mode(mode, req.quant_level)
+        quantize.refuse(mode, cache=next((c for c in req.caches if c is not None), None))
+    if any(m != "none" for m in req.quantizes) and not has_pipeline(spec):
+        raise UsageError(f"{spec.name} holds only the {spec.family} network: calibrating --quantize runs the whole "
+                         "pipeline; pass a pipeline folder")
     from ..toma import ToMAConfig
 
     ToMAConfig(ratio=0.5, **req.toma)                 # the pass-through options, checked before any image
@@ -119,15 +136,18 @@ class _Patched:
 
         net.forward = timed
 
-    def set_variant(self, ratio: float, cache):
-        """ToMA at `ratio` (0: none), then diffusers' First-Block Cache (its hooks wrap the patched blocks)."""
+    def set_variant(self, ratio: float, cache, quant=None):
+        """The layers fake-quantized with `quant`'s scales (None: unquantized), ToMA at `ratio` (0: none), then
+        diffusers' First-Block Cache (its hooks wrap the patched blocks)."""
         from ..cache import TorchCache
+        from ..quantize import switch
         from ..toma import ToMAConfig, apply_toma, remove_toma
 
         if self.cache is not None:
             self.cache.disable()
             self.cache = None
         remove_toma(self.net)
+        switch(self.net, quant)
         if ratio > 0:
             apply_toma(self.net, ToMAConfig(ratio=ratio, **self.toma))
         if cache is not None:
@@ -188,7 +208,7 @@ class _ServedRunner:
         self.args = model, backend, toma, size, batch, output_dir, progress
         self.session = None
 
-    def set_variant(self, ratio: float, cache):
+    def set_variant(self, ratio: float, cache, quant=None):
         from ..serve.generate import Session
         from ..serve.pipeline import serving_artifacts
         from ..toma import ToMAConfig
@@ -196,7 +216,7 @@ class _ServedRunner:
         model, backend, toma, size, batch, output_dir, progress = self.args
         config = ToMAConfig(ratio=ratio, **toma) if ratio > 0 else None
         toma_path, base_path = serving_artifacts(model, config, size, batch, backend, output_dir, progress=progress,
-                                                 cache=cache)
+                                                 cache=cache, quant=quant)
         self.session = Session(toma_path, base_path, model=model, cache=cache)
         self.session.pipe.set_progress_bar_config(disable=True)
 
@@ -225,7 +245,8 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
     prompts = req.prompts or default_prompts(spec)
     ratios = sorted(set(float(r) for r in req.ratios) | {0.0})          # ratio 0: every figure's reference
     caches = [None] + [c for c in dict.fromkeys(req.caches) if c is not None]     # no cache: the reference
-    variants = [(r, c) for r in ratios for c in caches]
+    modes = ["none"] + [m for m in dict.fromkeys(req.quantizes) if m != "none"]    # unquantized: the reference
+    variants = [(r, c, m) for m in modes for r in ratios for c in caches]
     scorer = _scorer(metrics, req)
     jobs = [(p, s) for p in prompts for s in range(req.seeds)]
     if req.backend == "torch" and not has_pipeline(spec):
@@ -238,9 +259,10 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
     kwargs = spec.pipeline_kwargs()
     images, rows = [], []
     with tqdm(total=len(variants) * len(jobs), desc=f"sweep {spec.name}", disable=quiet, dynamic_ncols=True) as bar:
-        for ratio, cache in variants:
-            bar.set_postfix(ratio=ratio, **({"cache": str(cache)} if cache else {}))
-            runner.set_variant(ratio, cache)
+        for ratio, cache, mode in variants:
+            bar.set_postfix(ratio=ratio, **({"cache": str(cache)} if cache else {}),
+                            **({"quantize": mode} if mode != "none" else {}))
+            runner.set_variant(ratio, cache, _calibrated(req, mode, ratio, progress, quiet))
             runner.run(jobs[0][0], jobs[0][1], height, width, 1, guidance, kwargs)     # warm-up: one step
             image_times, network_times, computed, drawn = [], [], [], []
             split = {True: [], False: []}          # call times where the whole network ran / the cache served
@@ -259,6 +281,8 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
             # with a cache, a step's time is a computed step's (cached steps cost the head only: cached_ms)
             row = dict(ratio=ratio, step_ms=1000 * statistics.median(split[True]),
                        image_s=statistics.median(image_times), images=len(drawn))
+            if len(modes) > 1:
+                row.update(quantize=mode)
             if len(caches) > 1:
                 row.update(cache=label(cache), network_ms=1000 * statistics.median(network_times),
                            computed_steps=statistics.mean(computed),
@@ -267,6 +291,7 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
     base = dict(rows[0])
     for i, row in enumerate(rows):
         rows[i] = dict(ratio=row["ratio"], **({"cache": row["cache"]} if "cache" in row else {}),
+                       **({"quantize": row["quantize"]} if "quantize" in row else {}),
                        step_ms=row["step_ms"], speedup=base["step_ms"] / row["step_ms"],
                        image_s=row["image_s"], image_speedup=base["image_s"] / row["image_s"], images=row["images"])
         if "cache" in row:
@@ -277,8 +302,23 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
                 guidance=guidance, seeds=req.seeds, prompts=list(prompts), metrics=metrics,
                 metric_names={k: v for k, v in METRIC_NAMES.items() if k in rows[0]},
                 toma={k: list(v) if isinstance(v, tuple) else v for k, v in req.toma.items()},
-                caches=[label(c) for c in caches],
+                caches=[label(c) for c in caches], quantize=modes,
                 rows=rows, images=images, jobs=jobs)
+
+
+def _calibrated(req: SweepRequest, mode: str, ratio: float, progress, quiet: bool):
+    """The scales of `mode` calibrated with ToMA at `ratio`, as an export at that ratio would have them (reused
+    from the calibration cache); None for none."""
+    if mode == "none":
+        return None
+    from ..calibration import CalibrationOptions, calibrate
+    from ..resources import default_output
+    from ..toma import ToMAConfig
+
+    config = ToMAConfig(ratio=ratio, **req.toma) if ratio > 0 else None
+    options = CalibrationOptions(mode=mode, level=req.quant_level, prompts=req.calib_prompts, steps=req.calib_steps)
+    return calibrate(req.model, config, options, Path(req.output_dir or default_output()) / "calib",
+                     progress=progress, quiet=quiet)
 
 
 def _scorer(metrics: str, req: SweepRequest):

@@ -40,6 +40,7 @@ class GenerateRequest:
     force: bool = False
     loras: tuple = ()                      # ((path, scale), ...) fused into the exported weights
     cache: object = None                   # toma_export.cache.CacheConfig: First-Block Cache (FLUX), or None
+    quant: object = None                   # toma_export.quantize.Quantization: serve the 8-bit graph
 
 
 def generate(args: GenerateRequest, progress) -> dict:
@@ -82,7 +83,7 @@ def generate(args: GenerateRequest, progress) -> dict:
     else:
         toma_path, base_path = serving_artifacts(args.model, args.config, (height, width), cfg_batch, backend,
                                                  args.output_dir, args.force, progress, loras=args.loras,
-                                                 cache=args.cache)
+                                                 cache=args.cache, quant=args.quant)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
                       model=args.model, cache=args.cache)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import models, quantize
 from ..errors import ModelNotAvailable, UsageError
 from ..toma import ToMAConfig
 
@@ -94,17 +94,19 @@ def needs_baseline(config: ToMAConfig | None) -> bool:
 
 def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, int], batch: int, backend: str,
                       output_dir=None, force: bool = False, progress=None,
-                      loras: tuple = (), cache=None) -> tuple[str | None, str | None]:
+                      loras: tuple = (), cache=None, quant=None) -> tuple[str | None, str | None]:
     """(ToMA artifact, baseline artifact) for `backend`, exported or built, or reused from the cache.
 
     ONNX Runtime gets static exports at `size` and `batch`; TensorRT gets engines whose profile is pinned to
     `size` (batch and text length stay ranges, so CFG batches fit). With a First-Block Cache the network is
-    exported as its head and tail, and the tail (ToMA's, or the baseline's without ToMA) is returned."""
+    exported as its head and tail, and the tail (ToMA's, or the baseline's without ToMA) is returned. `quant`
+    (quantize.Quantization): both graphs 8-bit, with the same scales."""
     from ..resources import default_output
 
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(output_dir or default_output())
     if cache is not None:
+        quantize.refuse(quant and quant.mode, loras, cache)
         return _split_artifacts(model, config, size, batch, backend, out, force, progress, loras, cache)
     wanted = ([config] if config is not None else []) + ([None] if config is None or needs_baseline(config) else [])
     paths = {}
@@ -112,14 +114,14 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
         if backend == "onnxruntime":
             from ..onnx import ExportOptions, export_in_child      # the pipeline loads next: keep its peak low
 
-            options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
+            options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras, quant=quant)
             meta = export_in_child(model, cfg, out / "onnx", options, force=force, progress=progress)
             paths[cfg is not None] = meta["onnx"]
         elif backend == "tensorrt":
             from ..trt import BuildOptions, build
 
             meta = build(model, cfg, out, BuildOptions(backend="tensorrt", min_size=size, opt_size=size,
-                                                       max_size=size, loras=loras), force=force,
+                                                       max_size=size, loras=loras, quant=quant), force=force,
                          progress=progress)
             paths[cfg is not None] = str(Path(meta["engine"]).with_name("engine.json"))
         else:

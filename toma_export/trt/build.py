@@ -68,6 +68,7 @@ class BuildOptions:
     weightless: str | None = None  # None | refit | identical: a weight-stripped plan, refitted at load
     loras: tuple = ()              # ((absolute path, scale), ...) fused into the export's weights
     part: str | None = None        # one graph of a First-Block Cache split (build_split builds both)
+    quant: object = None           # quantize.Quantization: an 8-bit Q/DQ export, built strongly typed
 
 
 def describe_selection(selection: str, reason: str | None) -> str:
@@ -172,12 +173,14 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
         raise UsageError("--ptx-version applies to the plugin only; drop it, or use --selection plugin/auto")
     if options.weightless is not None:
         check_weightless(name, trt, options.weightless)         # before the export: a refusal costs nothing
+    if options.quant is not None:
+        check_quant(options.quant.mode, name, target)
 
     # in a child process: the traced model would otherwise stay in this one's heap while TensorRT builds
     export_options = ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"],
-        text_len=options.text_len, loras=options.loras, part=options.part)
+        text_len=options.text_len, loras=options.loras, part=options.part, quant=options.quant)
     onnx_meta = export_in_child(model, toma, out_root / "onnx", export_options, force=force, progress=progress)
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
@@ -198,7 +201,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
                     selection=selection, selection_reason=why, dtype=dtype,
                     dynamic=onnx_meta["dynamic"], text_len=onnx_meta.get("text_len"),
                     profiles=onnx_meta["profiles"], inputs=onnx_meta["inputs"], outputs=onnx_meta["outputs"],
-                    toma=onnx_meta["toma"], plan=str(final / "engine.plan"), weights=onnx_meta["onnx"])
+                    toma=onnx_meta["toma"], plan=str(final / "engine.plan"), weights=onnx_meta["onnx"],
+                    quantize=onnx_meta.get("quantize"))
         if options.weightless:
             meta.update(builder_flags=list(WEIGHTLESS[options.weightless]), plan_reused=False)
         kind = f"weightless plan ({' + '.join(meta['builder_flags'])})" if options.weightless else "engine"
@@ -318,6 +322,22 @@ def _reuse(final: Path, trt, progress) -> dict:
     meta = check_engine(final / ENGINE_META, trt_module=trt)
     progress(f"[build] reusing {final} (selection: {meta['selection']})")
     return meta
+
+
+def check_quant(mode: str, backend: str, target: str | None) -> None:
+    """FP8 tensor cores begin with Ada (sm89); refuse an FP8 engine for an older GPU before exporting."""
+    if mode != "fp8":
+        return
+    if backend == "tensorrt":
+        import torch
+
+        if not torch.cuda.is_available():
+            return                        # the build itself says there is no GPU
+        major, minor = torch.cuda.get_device_capability()
+        target = f"sm{major}{minor}"
+    if target and int(target[2:]) < 89:
+        raise UsageError(f"--quantize fp8 needs a GPU with FP8 tensor cores (Ada, sm89, or later); this build targets "
+                         f"{target}: use --quantize int8, or build for sm89 or later")
 
 
 def _target(name: str, trt, target: str | None) -> str | None:
