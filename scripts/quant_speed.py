@@ -34,10 +34,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up (3)")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--work", type=Path, help="folder for the model folder and exports (default: a temporary one)")
-    p.add_argument("--time", nargs=2, metavar=("ONNX", "VARIANT"), help=argparse.SUPPRESS)   # the child's job
+    p.add_argument("--time", nargs=2, metavar=("ONNX", "VARIANT"), help=argparse.SUPPRESS)   # children's jobs
+    p.add_argument("--prepare", type=Path, metavar="WORK", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.time:
         print(json.dumps(_time(args.time[0], args)))
+        return 0
+    if args.prepare:
+        print(json.dumps(_prepare(args, args.prepare)))
         return 0
     from toma_export.bench.run import cpu_name
 
@@ -45,14 +49,21 @@ def main() -> int:
                   calib_size=args.calib_size, ratio=args.ratio, repeats=args.repeats, runs=[])
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         work = Path(work)
-        folder, quant = _prepare(args, work)
+        common = ["--out", str(args.out), "--size", str(args.size), "--batch", str(args.batch), "--repeats",
+                  str(args.repeats), "--model", args.model, "--calib-size", str(args.calib_size), "--ratio",
+                  str(args.ratio)]
+        # each heavy step in its own process: a 10 GB fp32 UNet held by this one would not leave room for the next
+        done = subprocess.run([sys.executable, __file__, *common, "--prepare", str(work)], stdout=subprocess.PIPE,
+                              text=True, check=True)
+        prepared = json.loads(done.stdout)
+        from toma_export.quantize import Quantization
+
+        folder, quant = Path(prepared["folder"]), Quantization(**prepared["quant"])
         for variant in VARIANTS:
             path = _export(args, folder, work, variant, quant)
             _say(f"timing {variant} ({args.repeats} steps after a warm-up, in its own process)")
-            done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--time", path, variant,
-                                   "--size", str(args.size), "--batch", str(args.batch), "--repeats",
-                                   str(args.repeats), "--model", args.model], stdout=subprocess.PIPE, text=True,
-                                  check=True)
+            done = subprocess.run([sys.executable, __file__, *common, "--time", path, variant],
+                                  stdout=subprocess.PIPE, text=True, check=True)
             result["runs"].append(dict(variant=variant, **json.loads(done.stdout)))
     base = result["runs"][0]["step_s"]
     speed = {r["variant"]: base / r["step_s"] for r in result["runs"]}
@@ -70,8 +81,9 @@ def _say(msg: str) -> None:
     print(f"[quant_speed] {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare(args, work: Path):
-    """The random-weight folder and its INT8 scales (calibrated with ToMA on), as a quantize.Quantization."""
+def _prepare(args, work: Path) -> dict:
+    """In a fresh process: the random-weight folder and its INT8 scales (calibrated with ToMA on), as the
+    fields of a quantize.Quantization."""
     import hashlib
 
     import torch
@@ -97,7 +109,9 @@ def _prepare(args, work: Path):
     path = work / "scales.safetensors"
     save_file(scales, str(path), metadata=dict(mode="int8", level="3.0", model=spec.name))
     _say(f"calibrated {sum(k.endswith('.input_scale') for k in scales)} layers in {time.perf_counter() - t0:.0f} s")
-    return folder, Quantization("int8", "3.0", str(path), hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    quant = Quantization("int8", "3.0", str(path), hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    return dict(folder=str(folder), quant=dict(mode=quant.mode, level=quant.level, scales=quant.scales,
+                                               digest=quant.digest))
 
 
 def _export(args, folder: Path, work: Path, variant: str, quant) -> str:
@@ -106,7 +120,7 @@ def _export(args, folder: Path, work: Path, variant: str, quant) -> str:
 
     _say(f"exporting {variant}")
     config = ToMAConfig(ratio=args.ratio) if "toma" in variant else None
-    options = ExportOptions(height=args.size, width=args.size, batch=args.batch,
+    options = ExportOptions(height=args.size, width=args.size, batch=args.batch, dtype="fp32",
                             quant=quant if variant.startswith("int8") else None)
     meta = export_in_child(str(folder), config, work / "onnx", options, progress=lambda m: None)
     return meta["onnx"]
@@ -118,7 +132,6 @@ def _time(path: str, args) -> dict:
     import statistics
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from toma_export.artifacts import Artifact
@@ -147,7 +160,6 @@ def _time(path: str, args) -> dict:
         times.append(time.perf_counter() - t0)
     import resource
 
-    del ort
     return dict(onnx=path, load_s=round(load_s, 1), step_s=round(statistics.median(times), 3),
                 steps_s=[round(t, 3) for t in times],
                 peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -233,16 +233,18 @@ def _scales(net, chosen: dict, mode: str) -> dict:
 
 
 class _quiet_modelopt:
-    """modelopt warns about untested transformers versions and prints its quantizer counts: kept off stdout."""
+    """modelopt warns about untested transformers versions and prints its quantizer counts ("Inserted 446
+    quantizers"): neither says anything to a user of this toolkit, whose own progress lines say what runs."""
 
     def __enter__(self):
         import contextlib
+        import io
         import warnings
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        self._stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         return self
 
     def __exit__(self, *exc):
