@@ -3,7 +3,7 @@ provider, timed four ways: unquantized, ToMA (ratio 0.5, destinations selected o
 SmoothQuant and percentile recipe, ONNX Runtime's integer kernels) and INT8 + ToMA. Says whether the speed-ups
 multiply (the goal: INT8 + ToMA >= 0.9 x INT8's x ToMA's). Prints one JSON object and writes it to --out.
 
-    python scripts/quant_speed.py --out docs/quantize/sdxl-base-four-way.json     # about 40 minutes, 2 cores
+    python scripts/quant_speed.py --out docs/quantize/sdxl-base-four-way.json     # about 25 minutes, 2 cores
 
 The folder has no text encoders or VAE, so the scales are calibrated on the network alone: modelopt runs the
 ToMA-patched UNet on the family's smooth sample inputs (--calib-size, smaller than the timed size to save
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="pixel side timed (1024)")
     p.add_argument("--calib-size", type=int, default=512, help="pixel side the scales are calibrated at (512)")
     p.add_argument("--batch", type=int, default=1, help="batch of the timed step (1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up (3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant after one warm-up (5)")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--work", type=Path, help="folder for the model folder and exports (default: a temporary one)")
     p.add_argument("--time", nargs=2, metavar=("ONNX", "VARIANT"), help=argparse.SUPPRESS)   # children's jobs
