@@ -288,3 +288,19 @@ def test_export_repo_checks_the_files_mode(quantized, tmp_path, cli_here):
     res = cli_here("export-repo", "--onnx", meta["onnx"], "--out", tmp_path / "repo", "--quantize", "int8", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "repo" / "flux-tiny" / "config.pbtxt").is_file()
+
+
+def test_generate_quantize_reuses_the_calibration_and_export(quantized, artifacts, tmp_path, cli_here):
+    """`generate --quantize int8` with the fixture's calibration settings finds its scales and its export
+    (nothing calibrated or traced again) and says what it served."""
+    import json
+
+    _, meta = quantized("flux-tiny", "int8")
+    res = cli_here("generate", "--model", "flux-tiny", "--quantize", "int8", "--calib-steps", STEPS, "--prompt",
+                   "a red circle on a white background", "--out", tmp_path / "q.png", "--output-dir", artifacts,
+                   "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[calibrate] reusing" in res.stderr and "[export] reusing" in res.stderr
+    result = json.loads(res.stdout)
+    assert result["onnx_or_engine"] == meta["onnx"] and result["quantize"]["mode"] == "int8"
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

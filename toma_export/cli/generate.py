@@ -78,6 +78,9 @@ def _table(r: dict) -> str:
                      f"call(s) ({r['calls']['recompute']} selecting), {r['calls']['baseline']} unmerged")
     if r["cache"] != "none":
         lines.append(f"  {r['cache']}: {r['computed_steps']} step(s) computed, {r['cached_steps']} from the cache")
+    if r.get("quantize"):
+        q = r["quantize"]
+        lines.append(f"  {q['mode']} level {q['level']}: {q['quantized_layers']} layers through Q/DQ")
     if r["weights_shared"]:
         lines.append(f"  weights: {r['weights_shared']}")
     lines.append(f"  {'stage':<26}{'ms':>10}")
