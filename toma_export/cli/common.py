@@ -173,6 +173,16 @@ def quantization(args, model: str, config):
     return calibrate(model, config, options, Path(args.output_dir or default_output()) / "calib", progress=progress)
 
 
+def check_file_quantize(artifact, wanted: str | None, fix: str) -> None:
+    """Refuse an --onnx/--engine file that was not made in the 8-bit mode `wanted` (None: no mode asked for),
+    before any work; `fix` ends the message."""
+    made = (artifact.meta.get("quantize") or {}).get("mode", "none")
+    if wanted not in (None, made):
+        from ..errors import UsageError
+
+        raise UsageError(f"{artifact.path} is {'not quantized' if made == 'none' else made}, not {wanted}: {fix}")
+
+
 def add_json(p: argparse.ArgumentParser, instead: str = "the summary") -> None:
     p.add_argument("--json", action="store_true", help=f"print one JSON object instead of {instead}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_cache, add_json
+from .common import add_cache, add_json, check_file_quantize
 
 
 def add_parser(sub):
@@ -53,10 +53,10 @@ def run(args) -> int:
         raise RepositoryError(f"{err}; pass --max-steps N >= 1 and --max-seconds S > 0") from None
 
     result = {"repository": str(Path(args.out).expanduser().resolve())}
-    _check_quantize(Artifact.load(args.engine, "engine") if args.engine else Artifact.load(args.onnx, "onnx"),
-                    args.quantize)
+    artifact = Artifact.load(args.engine, "engine") if args.engine else Artifact.load(args.onnx, "onnx")
+    check_file_quantize(artifact, args.quantize, f"{'build' if args.engine else 'export'} it with --quantize "
+                        f"{args.quantize}, or drop --quantize")
     if args.engine:
-        artifact = Artifact.load(args.engine, "engine")
         head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
         name = args.name or Path(artifact.model).name
         pipeline = f"{name}-pipeline"
@@ -78,7 +78,6 @@ def run(args) -> int:
                         baseline=args.baseline, limits=limits, cache=args.cache)
         result.update(plan_model=final.name, pipeline_model=pipeline, network="tensorrt")
     else:
-        artifact = Artifact.load(args.onnx, "onnx")
         name = args.name or Path(artifact.model).name
         final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
                                 baseline=args.baseline, limits=limits, cache=args.cache)
@@ -92,13 +91,3 @@ def run(args) -> int:
               + f"\n  serve: toma-export serve --repo {result['repository']}")
     return 0
 
-
-def _check_quantize(artifact, wanted: str | None) -> None:
-    """--quantize MODE: refuse a file that was not made in that mode, before any folder is written."""
-    made = (artifact.meta.get("quantize") or {}).get("mode", "none")
-    if wanted is not None and wanted != made:
-        from ..errors import UsageError
-
-        kind = "build" if artifact.kind == "engine" else "export"
-        raise UsageError(f"{artifact.path} is {'not quantized' if made == 'none' else made}, not {wanted}: "
-                         f"{kind} it with --quantize {wanted}, or drop --quantize")

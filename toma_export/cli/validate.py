@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, names, peak_memory,
-                     peak_memory_line, quantization, sizes, stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, check_file_quantize,
+                     names, peak_memory, peak_memory_line, quantization, sizes, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -51,12 +51,9 @@ def run(args) -> int:
     config = None if args.no_toma else toma_config(args)
     if args.onnx:                      # the file's own quantization, if any (parity.validate reads it)
         from ..artifacts import Artifact
-        from ..errors import UsageError
 
-        made = (Artifact.load(args.onnx, "onnx").meta.get("quantize") or {}).get("mode", "none")
-        if args.quantize not in ("none", made):
-            raise UsageError(f"{args.onnx} is {made if made != 'none' else 'not quantized'}; drop --quantize (the "
-                             "file's own is used) or pass another file")
+        check_file_quantize(Artifact.load(args.onnx, "onnx"), None if args.quantize == "none" else args.quantize,
+                            "drop --quantize (the file's own is used) or pass another file")
     quant = None if args.onnx else quantization(args, args.model, config)
     options = ValidateOptions(backends=args.backends, dtype=args.dtype, sizes=args.sizes, steps=args.steps,
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,

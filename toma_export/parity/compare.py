@@ -96,9 +96,7 @@ def fidelity(spec, ref_runner, record, options, size, config) -> dict:
         apply_toma(model, config)
     final = compare(base[-1], record["latents"][-1], 0.0, 0.0)
     return dict(size=f"{size[0]}x{size[1]}", steps=options.steps, compared="torch ToMA vs torch without ToMA",
-                max_abs=final["max_abs"], cosine=final["cosine"],
-                relative_l2=float(np.linalg.norm(record["latents"][-1] - base[-1]) /
-                                  max(np.linalg.norm(base[-1]), 1e-30)))
+                max_abs=final["max_abs"], cosine=final["cosine"], relative_l2=_rel_l2(record["latents"][-1], base[-1]))
 
 
 def quantization_cost(spec, ref_runner, record, options, size, config) -> dict:
