@@ -56,10 +56,11 @@ def test_the_judge_metrics():
     assert judge.frechet(feats[:judge.FEATURES], feats[:judge.FEATURES]) is None     # too few for a covariance
 
 
-# What the committed weights draw at generate's defaults (28 steps, 128x128), 8 captions spread over the grammar,
-# seed 0, PyTorch; floors a little under what they scored when trained (docs/quality.md has the sweeps).
+# What the committed weights draw at generate's defaults (28 steps, the model's size: flux-tiny 256x256, sdxl-tiny
+# 128x128), 8 captions spread over the grammar, seed 0, PyTorch; floors a little under what they scored when trained
+# (docs/quality.md has the sweeps).
 DRAWS = {("flux-tiny", False): dict(accuracy=0.75, colour=0.85, background=0.85),
-         ("flux-tiny", True): dict(accuracy=0.5, colour=0.85, background=0.85),   # ToMA at 64 tokens costs shapes
+         ("flux-tiny", True): dict(accuracy=0.375, colour=0.85, background=0.85),  # ToMA 0.5 every step costs shapes
          ("sdxl-tiny", False): dict(accuracy=0.5, colour=0.85, background=0.85)}
 
 
@@ -167,7 +168,7 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     from toma_export.quality import train
 
     few = ["--images", "64", "--flux-steps", "2", "--sdxl-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
-           "--threads", "2", "--quiet"]
+           "--images-256", "40", "--flux-steps-256", "2", "--threads", "2", "--quiet"]
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)                   # a caller with a setting of its own keeps it
     try:
@@ -186,8 +187,19 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     assert record["threads"] == 2 and "minutes (flux-tiny alone)" in record
     for name in ("flux-tiny", "sdxl-tiny"):
         assert set(record[name]["prompt_accuracy"]) == {"baseline", "toma"} and record[name]["threads"] == 1
+    assert [(p["size"], p["images"]) for p in record["flux-tiny"]["phases"]] == [(128, 64), (256, 40)]
+    assert [p["size"] for p in record["sdxl-tiny"]["phases"]] == [128]
     from safetensors.torch import load_file
 
     flux = load_file(str(tmp_path / "flux-tiny.safetensors"))
     assert all(v.dtype == torch.float16 for v in flux.values())         # half the bytes in the wheel
     assert set(flux) == set(te.models.get("flux-tiny").load().state_dict())
+    # the 256-px phase alone, from given 128-px weights: how the shipped flux-tiny was made from the previous one's
+    start = tmp_path / "start.safetensors"
+    start.write_bytes(together)
+    assert train.main(["--out", str(tmp_path), "--only", "flux-tiny", "--flux-start", str(start), *few]) == 0
+    record = json.loads((tmp_path / "training.json").read_text())["flux-tiny"]
+    assert [p["size"] for p in record["phases"]] == [256] and record["start"] == str(start)
+    assert (tmp_path / "flux-tiny.safetensors").read_bytes() != together
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main(["--out", str(tmp_path), "--only", "flux-tiny", "--flux-start", str(tmp_path / "none"), *few])

@@ -2,7 +2,7 @@
 
 Why: the tiny models must draw something a judge can check, so that ToMA's cost in quality can be measured.
 Each network keeps its architecture and learns with its family's objective, in the latent space of a small VAE
-trained first: flow matching (FlowMatchEulerDiscreteScheduler's sigmas, velocity noise - x0) for FLUX,
+trained first (flux-tiny in two phases, as real FLUX trains at rising resolution: 128 px, then 256 px, its default): flow matching (FlowMatchEulerDiscreteScheduler's sigmas, velocity noise - x0) for FLUX,
 epsilon prediction on the SDXL scheduler's betas (min-SNR weighted) for SDXL, with captions dropped to zeros
 one time in ten so SDXL's classifier-free guidance has an unconditional model. Text goes through the pipelines'
 own frozen random text encoders (`encode_prompt`), computed once per caption. Everything follows from the seed.
@@ -22,7 +22,9 @@ from .fitting import images, progress_bar, update
 
 OFFSET_NOISE = 0.3       # SDXL: per-channel noise offset, several times the 16x16 latent's own mean noise
 MIN_SNR = 5.0            # SDXL: min-SNR-gamma loss weighting (Hang et al. 2023); with lr 2e-3 it learns shapes
-SIZE = 128               # the tiny models' default size: 64 FLUX tokens (a measured run found 256 too many)
+SIZE = 128               # the VAE's and sdxl-tiny's size, and flux-tiny's first phase: 64 FLUX tokens (8x8)
+FLUX_LR_256 = 3e-3       # flux-tiny's second phase (1e-3 drew the same unmerged, 6 points worse with ToMA)
+FLUX_SIZE = 256          # flux-tiny's second phase and default size: 256 tokens (16x16), where a 4x4 tile is 1/16
 
 
 class EMA:
@@ -81,6 +83,21 @@ def encode(vae, x: torch.Tensor, quiet: bool = False) -> torch.Tensor:
             out.append(vae.encode(x[i:i + 128]).latent_dist.mean)
             bar.update(len(out[-1]))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def encoded_images(vae, seed: int, count: int, size: int, quiet: bool = False):
+    """Raw latents and captions of images 0..count of the shapes world at `size`, drawn and encoded 1,000 at a
+    time: 12,000 images at 256 px are 9 GB of pixels but 200 MB of latents."""
+    from .. import shapes
+
+    out, captions = [], []
+    with progress_bar(count, f"drawing and encoding {count} shapes at {size} px", quiet) as bar:
+        for start in range(0, count, 1000):
+            x, c, _ = shapes.batch(seed, start, min(1000, count - start), size)
+            out.append(encode(vae, x, quiet=True)), captions.extend(c)
+            bar.update(len(c))
+    return torch.cat(out), captions
 
 
 def normalise(raw: torch.Tensor, vae) -> torch.Tensor:
@@ -233,6 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--flux-steps", type=int, default=4000)
     p.add_argument("--sdxl-steps", type=int, default=2000)
     p.add_argument("--flux-lr", type=float, default=3e-3)
+    p.add_argument("--flux-steps-256", type=int, default=2000, help="flux-tiny's second phase, at 256 px (2000)")
+    p.add_argument("--flux-lr-256", type=float, default=FLUX_LR_256)
+    p.add_argument("--images-256", type=int, default=12000, help="training images of flux-tiny's 256-px phase")
+    p.add_argument("--flux-start", type=Path,
+                   help="flux-tiny weights at 128 px (a safetensors file) to start the 256-px phase from, instead "
+                        "of training the first phase")
     p.add_argument("--sdxl-lr", type=float, default=2e-3)
     p.add_argument("--judge-steps", type=int, default=2000)
     p.add_argument("--eval-seeds", type=int, default=2, help="seeds per caption for the final judge figures (2)")
@@ -295,19 +318,31 @@ def _train(args) -> int:
         record["vae"] = dict(steps=args.vae_steps, latents=stats)
         print(f"vae: latents mean {stats['mean']:.3f} std {stats['std']:.3f} ({elapsed(start)})", flush=True)
 
-    x, captions, _ = images(args.seed + 4, args.images, SIZE, quiet)
-    raw = encode(vae, x, quiet=quiet)
-    del x
+    flux = args.only != "sdxl-tiny"
+    if flux and args.flux_start is not None and not args.flux_start.is_file():
+        raise SystemExit(f"--flux-start {args.flux_start}: no such file; give flux-tiny weights at 128 px "
+                         "(a .safetensors file) or leave it out to train the first phase")
+    if args.only != "flux-tiny" or args.flux_start is None:
+        x, captions, _ = images(args.seed + 4, args.images, SIZE, quiet)
+        small = dict(size=SIZE, raw=encode(vae, x, quiet=quiet), captions=captions)
+        del x
+    if flux:      # on every thread before the networks split them; the same images as the first phase, larger
+        large = dict(size=FLUX_SIZE, **dict(zip(("raw", "captions"), encoded_images(
+            vae, args.seed + 4, args.images_256, FLUX_SIZE, quiet))))
     # Each network trains on half the threads, alone (--only) or beside the other, so its weights are the same
     # either way. Together they take about three quarters of the time of one after the other on every thread:
     # a step on two threads is only 1.5x as fast as on one (Intel Xeon), and two processes barely slow each other.
     threads, together = max(1, args.threads // 2), not args.only and args.threads > 1
-    networks = (("flux-tiny", "flux", args.flux_steps, args.flux_lr),
-                ("sdxl-tiny", "sdxl", args.sdxl_steps, args.sdxl_lr))
-    jobs = [dict(model=model, family=family, steps=steps, lr=lr, raw=raw, captions=captions, seed=args.seed,
-                 vae=vae.state_dict(), stats=stats, out=args.out, threads=threads,
+    networks = []
+    if flux:
+        first = [] if args.flux_start else [dict(small, steps=args.flux_steps, lr=args.flux_lr)]
+        networks.append(("flux-tiny", "flux", first + [dict(large, steps=args.flux_steps_256, lr=args.flux_lr_256)]))
+    if args.only != "flux-tiny":
+        networks.append(("sdxl-tiny", "sdxl", [dict(small, steps=args.sdxl_steps, lr=args.sdxl_lr)]))
+    jobs = [dict(model=model, family=family, phases=phases, seed=args.seed, vae=vae.state_dict(), stats=stats,
+                 start=args.flux_start if family == "flux" else None, out=args.out, threads=threads,
                  eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, quiet=quiet, row=row if together else 0)
-            for row, (model, family, steps, lr) in enumerate(networks) if not args.only or model == args.only]
+            for row, (model, family, phases) in enumerate(networks)]
     if together:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -330,6 +365,7 @@ def _train(args) -> int:
 def train_and_judge(job: dict) -> dict:
     """Train one network (`job` from _train), store it, and judge its draws with and without ToMA: run in a
     process of its own when both networks train at once, so it takes everything as plain tensors."""
+    from .. import models
     from . import judge as judge_module
 
     fitting.BAR_ROW = job["row"]
@@ -338,20 +374,31 @@ def train_and_judge(job: dict) -> dict:
     vae = untrained_vae(job["seed"])
     vae.load_state_dict(job["vae"])
     judge = judge_module.load(job["out"] / "judge.safetensors")     # written in full precision before the jobs
-    pipe = pipeline(model, vae, job["stats"])
-    t0 = time.monotonic()
-    net = train_network(pipe, family, normalise(job["raw"], pipe.vae), job["captions"], job["seed"] + 5,
-                        job["steps"], lr=job["lr"], quiet=job["quiet"])
+    t0, start = time.monotonic(), job["start"]
+    net = None if start is None else _weights_into(models.get(model).load(trained=False), _load(start))
+    phases = []
+    for phase in job["phases"]:     # flux-tiny: 128 px, then 256 px from the first phase's weights as stored
+        pipe = pipeline(model, vae, job["stats"], net)
+        net = train_network(pipe, family, normalise(phase["raw"], pipe.vae), phase["captions"], job["seed"] + 5,
+                            phase["steps"], lr=phase["lr"], quiet=job["quiet"])
+        net = _weights_into(net, {k: v.half() for k, v in net.state_dict().items()})
+        phases.append(dict(size=phase["size"], steps=phase["steps"], lr=phase["lr"], images=len(phase["captions"]),
+                           minutes=(time.monotonic() - t0) / 60 - sum(p["minutes"] for p in phases)))
     path = job["out"] / f"{model}.safetensors"
     save(net.state_dict(), path)
-    net.load_state_dict({k: v.float() for k, v in _load(path).items()})
     pipe = pipeline(model, vae, job["stats"], net)        # judged as stored: fp16-rounded
     figures = {}
     for toma in (False, True):
         drawn, texts = draws(pipe, model, job["eval_seeds"], toma, job["eval_steps"], job["quiet"])
         figures["toma" if toma else "baseline"] = judge_module.prompt_accuracy(judge, drawn, texts)
-    return dict(steps=job["steps"], lr=job["lr"], minutes=(time.monotonic() - t0) / 60, prompt_accuracy=figures,
-                images=len(job["captions"]), threads=job["threads"], draws=len(texts))
+    return dict(phases=phases, start=str(start) if start else None, minutes=(time.monotonic() - t0) / 60,
+                prompt_accuracy=figures, threads=job["threads"], draws=len(texts))
+
+
+def _weights_into(net, state: dict):
+    """`net` holding `state` in fp32 (stored weights are fp16)."""
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net
 
 
 def untrained_vae(seed: int):
