@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/toma-export build --model flux-tiny
 	$(VENV)/bin/toma-export generate --model flux-tiny --no-toma --prompt "a red circle on a white background" --out out/demo.png
 	$(VENV)/bin/toma-export generate --model flux-tiny --prompt "a red circle on a white background" --out out/demo-toma.png
+	$(VENV)/bin/toma-export generate --model flux-tiny --merge-steps 3 --prompt "a red circle on a white background" --out out/demo-toma-every-3rd.png
 
 # One pytest worker per core (pytest-xdist). A test module runs whole on one worker, so its module fixtures
 # (a tritonserver, a bench run) start once; exports and engines are made once per run and shared by both
@@ -51,9 +52,9 @@ bench: $(STAMP)
 triton-load: $(STAMP)
 	$(PY) scripts/triton_load.py --out docs/triton_load.json
 
-# The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, then flux-tiny and sdxl-tiny
-# side by side (two processes, half the threads each), trained from seed 0 on this machine's CPUs (34 minutes on
-# 2 cores, Intel Xeon); ends with the judge's figures.
+# The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, then flux-tiny (128 px, then
+# 256 px) and sdxl-tiny side by side (two processes, half the threads each), trained from seed 0 on this machine's
+# CPUs (about 85 minutes on 2 cores, added up from its parts: docs/quality.md); ends with the judge's figures.
 train-tiny: $(STAMP)
 	$(PY) -m toma_export.quality.train
 

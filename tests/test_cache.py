@@ -95,7 +95,8 @@ def test_the_served_split_skips_where_diffusers_hook_does(artifacts, toma):
     import numpy as np
 
     config = te.ToMAConfig() if toma else None
-    meta = export_split("flux-tiny", config, artifacts / "onnx", ExportOptions(), progress=lambda m: None)
+    meta = export_split("flux-tiny", config, artifacts / "onnx", ExportOptions(height=SIZE, width=SIZE),
+                        progress=lambda m: None)
     assert meta["part"] == "tail" and (artifacts / "onnx" / meta["head"] / "model.onnx").is_file()
     reference, reference_image = _torch_decisions(config)
     session = Session(meta["onnx"] if toma else None, None if toma else meta["onnx"], model="flux-tiny",
@@ -118,7 +119,8 @@ def test_generate_reports_computed_and_cached_steps(cli_here, artifacts, tmp_pat
     """The served loop through the CLI: the split export (reused from the test above when it ran first) on ONNX
     Runtime, the pipeline's own image, and the step counts in --json."""
     done = cli_here("generate", "--model", "flux-tiny", "--prompt", PROMPT, "--steps", SHORT, "--cache",
-                    f"fbcache:{SHORT_THRESHOLD}", "--out", tmp_path / "x.png", "--output-dir", artifacts, "--json")
+                    f"fbcache:{SHORT_THRESHOLD}", "--size", f"{SIZE}x{SIZE}", "--out", tmp_path / "x.png", "--output-dir",
+                    artifacts, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["cache"] == f"fbcache:{SHORT_THRESHOLD}" and result["backend"] == "onnxruntime"
@@ -132,7 +134,7 @@ def test_sweep_rows_cross_ratios_and_caches(tmp_path):
     from toma_export.quality.sweep import SweepRequest, sweep, write
 
     steps, label = SHORT, f"fbcache:{SHORT_THRESHOLD}"
-    result = sweep(SweepRequest(model="flux-tiny", ratios=(0.5,), prompts=(PROMPT,), steps=steps,
+    result = sweep(SweepRequest(model="flux-tiny", ratios=(0.5,), prompts=(PROMPT,), steps=steps, size=(SIZE, SIZE),
                                 caches=(cache.CacheConfig(SHORT_THRESHOLD),)), quiet=True)
     rows = result["rows"]
     assert [(r["ratio"], r["cache"]) for r in rows] == [(0.0, "none"), (0.0, label), (0.5, "none"), (0.5, label)]
@@ -156,7 +158,7 @@ def test_validate_cache_checks_every_step_against_diffusers_hook(cli_here, artif
     """validate --cache: each step's decision side by side and, where they agree, the output within the fp32 step
     tolerance; the split export is the one the tests above made."""
     done = cli_here("validate", "--model", "flux-tiny", "--cache", f"fbcache:{SHORT_THRESHOLD}", "--steps", SHORT,
-                    "--output-dir", artifacts, "--json")
+                    "--sizes", f"{SIZE}x{SIZE}", "--output-dir", artifacts, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] and len(report["rows"]) == SHORT and report["toma"]
@@ -217,7 +219,8 @@ def test_sweep_on_onnxruntime_serves_every_row(artifacts):
     from toma_export.quality.sweep import SweepRequest, sweep
 
     result = sweep(SweepRequest(model="flux-tiny", ratios=(0.5,), backend="onnxruntime", prompts=(PROMPT,),
-                                steps=SHORT, caches=(cache.CacheConfig(SHORT_THRESHOLD),), output_dir=str(artifacts)),
+                                steps=SHORT, size=(SIZE, SIZE), caches=(cache.CacheConfig(SHORT_THRESHOLD),),
+                                output_dir=str(artifacts)),
                    quiet=True)
     rows = result["rows"]
     assert [(r["ratio"], r["cache"]) for r in rows] == [(0.0, "none"), (0.0, f"fbcache:{SHORT_THRESHOLD}"),

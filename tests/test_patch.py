@@ -166,7 +166,7 @@ def test_tile_not_dividing_the_grid_is_a_clear_error(tiny, name):
     model = tiny(name)
     te.apply_toma(model, te.ToMAConfig(tile=(3, 3)))
     with pytest.raises(ValueError, match=r"tile 3x3 does not divide the 8x8 token grid"):
-        run(model, te.models.get(name).sample_inputs())
+        run(model, te.models.get(name).sample_inputs(height=128, width=128))
     te.remove_toma(model)
 
 

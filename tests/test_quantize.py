@@ -266,7 +266,7 @@ def test_sweep_runs_each_ratio_in_each_mode(tmp_path):
     from toma_export.quality.sweep import SweepRequest, sweep, write
 
     req = SweepRequest(model="flux-tiny", ratios=(0.0, 0.5), prompts=("a red circle on a white background",),
-                       steps=4, quantizes=("none", "int8"), calib_steps=1, output_dir=str(tmp_path))
+                       steps=4, size=(SIZE, SIZE), quantizes=("none", "int8"), calib_steps=1, output_dir=str(tmp_path))
     result = sweep(req, quiet=True, **quiet)
     rows = result["rows"]
     assert [(r["ratio"], r["quantize"]) for r in rows] == [(0.0, "none"), (0.5, "none"), (0.0, "int8"),
@@ -297,8 +297,8 @@ def test_generate_quantize_reuses_the_calibration_and_export(quantized, artifact
 
     _, meta = quantized("flux-tiny", "int8")
     res = cli_here("generate", "--model", "flux-tiny", "--quantize", "int8", "--calib-steps", STEPS, "--prompt",
-                   "a red circle on a white background", "--out", tmp_path / "q.png", "--output-dir", artifacts,
-                   "--json")
+                   "a red circle on a white background", "--size", f"{SIZE}x{SIZE}", "--out", tmp_path / "q.png",
+                   "--output-dir", artifacts, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[calibrate] reusing" in res.stderr and "[export] reusing" in res.stderr
     result = json.loads(res.stdout)

@@ -3,8 +3,8 @@ draws, for a prompt and seed, what `load_pipeline` draws in PyTorch (up to the b
 
 Real layers: the trained tiny models, the `generate` command (run in this process), the `sweep` runner on ONNX
 Runtime, ONNX Runtime itself and the shapes judge. The Triton path is held to the same reference in
-test_triton_server.py. Unmerged (ratio 0), 28 steps at 128x128 px: the settings of the sweep's reference row,
-whose accuracy docs/quality/<model>/sweep.json records.
+test_triton_server.py. Unmerged (ratio 0), 28 steps at each model's default size (flux-tiny 256x256, sdxl-tiny
+128x128): the settings of the sweep's reference row, whose accuracy docs/quality/<model>/sweep.json records.
 """
 import json
 import math
@@ -20,7 +20,8 @@ from toma_export.quality import judge
 
 SEEDS = range(6)
 PER_SEED = 2                      # captions per seed, a different pair at each seed
-STEPS, SIZE = 28, 128
+STEPS = 28
+SIZE = {"flux-tiny": 256, "sdxl-tiny": 128}     # the models' default sizes, as the sweeps drew
 PIXEL_TOLERANCE = 4               # uint8 levels: ONNX Runtime against PyTorch over 28 steps (measured max 1)
 SWEEPS = Path(__file__).resolve().parent.parent / "docs" / "quality"
 
@@ -41,7 +42,7 @@ def reference():
         if model not in cache:
             pipe = load_pipeline(model)
             pipe.set_progress_bar_config(disable=True)
-            cache[model] = [pipeline_image(pipe, model, prompt, seed, SIZE, STEPS) for seed, prompt in draws()]
+            cache[model] = [pipeline_image(pipe, model, prompt, seed, SIZE[model], STEPS) for seed, prompt in draws()]
         return cache[model]
 
     return get
@@ -53,7 +54,7 @@ def sweep_reference_row(model) -> dict:
 
 
 def assert_same_image(served, expected, path, seed, prompt):
-    assert served.shape == expected.shape == (SIZE, SIZE, 3)
+    assert served.shape == expected.shape and served.shape[2] == 3
     diff = np.abs(served.astype(int) - expected.astype(int)).max()
     assert diff <= PIXEL_TOLERANCE, f"{path}: seed {seed}, {prompt!r}: {diff} levels from load_pipeline's image"
 
@@ -67,7 +68,7 @@ def test_generate_draws_what_the_pipeline_draws_at_every_seed(model, reference, 
     for i, (seed, prompt) in enumerate(draws()):
         out = tmp_path / f"{i}.png"
         done = cli_here("generate", "--model", model, "--no-toma", "--prompt", prompt, "--seed", seed, "--steps",
-                        STEPS, "--size", f"{SIZE}x{SIZE}", "--output-dir", artifacts, "--out", out)
+                        STEPS, "--size", f"{SIZE[model]}x{SIZE[model]}", "--output-dir", artifacts, "--out", out)
         assert done.returncode == 0, done.stderr
         served.append(np.asarray(Image.open(out).convert("RGB")))
     for (seed, prompt), a, b in zip(draws(), served, reference(model)):
@@ -89,7 +90,7 @@ def test_the_sweep_on_onnxruntime_draws_what_the_pipeline_draws(reference, artif
     picked = [(s, p) for s, p in draws() if s < seeds]
     prompts = tuple(dict.fromkeys(p for _, p in picked))
     result = sweep(SweepRequest(model, ratios=(0.0,), backend="onnxruntime", prompts=prompts, seeds=seeds,
-                                steps=STEPS, size=(SIZE, SIZE), metrics="none", output_dir=str(artifacts)),
+                                steps=STEPS, size=(SIZE[model], SIZE[model]), metrics="none", output_dir=str(artifacts)),
                    progress=lambda m: None, quiet=True)
     drawn = {(s, p): np.asarray(im.convert("RGB")) for (p, s), im in zip(result["jobs"], result["images"][0])}
     expected = dict(zip(draws(), reference(model)))

@@ -61,7 +61,8 @@ def repo(dynamic_export, artifacts, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("triton") / "repo"
     names = {}
-    tail = export_split("flux-tiny", ToMAConfig(), artifacts / "onnx", ExportOptions(), progress=lambda m: None)
+    tail = export_split("flux-tiny", ToMAConfig(), artifacts / "onnx", ExportOptions(height=SIZE[0], width=SIZE[1]),
+                        progress=lambda m: None)
     names["flux-tiny-fbcache"] = export_repo("--onnx", tail["onnx"], "--name", "flux-tiny-fbcache", "--cache",
                                              CACHE)["pipeline_model"]
     names["flux-tiny-fbcache-tail"] = tail["onnx"]

@@ -252,8 +252,9 @@ def raster_grid(img_ids, n: int) -> tuple[int, int]:
 
 def specs() -> dict:
     return {
-        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (128, 128), text_len=16,
-                              size_range=((128, 128), (128, 128), (512, 512)), text_range=(1, 16, 32)),
+        # trained at 128 then 256 px; 256 (a 16x16 token grid) is its default, where a 4x4 tile is 1/16 of it
+        "flux-tiny": FluxSpec("flux-tiny", None, TINY, (256, 256), text_len=16,
+                              size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
         "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
                          size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
     }
