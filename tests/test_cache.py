@@ -119,8 +119,8 @@ def test_generate_reports_computed_and_cached_steps(cli_here, artifacts, tmp_pat
     """The served loop through the CLI: the split export (reused from the test above when it ran first) on ONNX
     Runtime, the pipeline's own image, and the step counts in --json."""
     done = cli_here("generate", "--model", "flux-tiny", "--prompt", PROMPT, "--steps", SHORT, "--cache",
-                    f"fbcache:{SHORT_THRESHOLD}", "--size", f"{SIZE}x{SIZE}", "--out", tmp_path / "x.png", "--output-dir",
-                    artifacts, "--json")
+                    f"fbcache:{SHORT_THRESHOLD}", "--size", f"{SIZE}x{SIZE}", "--out", tmp_path / "x.png",
+                    "--output-dir", artifacts, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["cache"] == f"fbcache:{SHORT_THRESHOLD}" and result["backend"] == "onnxruntime"

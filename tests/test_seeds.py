@@ -90,7 +90,8 @@ def test_the_sweep_on_onnxruntime_draws_what_the_pipeline_draws(reference, artif
     picked = [(s, p) for s, p in draws() if s < seeds]
     prompts = tuple(dict.fromkeys(p for _, p in picked))
     result = sweep(SweepRequest(model, ratios=(0.0,), backend="onnxruntime", prompts=prompts, seeds=seeds,
-                                steps=STEPS, size=(SIZE[model], SIZE[model]), metrics="none", output_dir=str(artifacts)),
+                                steps=STEPS, size=(SIZE[model], SIZE[model]), metrics="none",
+                                output_dir=str(artifacts)),
                    progress=lambda m: None, quiet=True)
     drawn = {(s, p): np.asarray(im.convert("RGB")) for (p, s), im in zip(result["jobs"], result["images"][0])}
     expected = dict(zip(draws(), reference(model)))

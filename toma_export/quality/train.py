@@ -2,7 +2,8 @@
 
 Why: the tiny models must draw something a judge can check, so that ToMA's cost in quality can be measured.
 Each network keeps its architecture and learns with its family's objective, in the latent space of a small VAE
-trained first (flux-tiny in two phases, as real FLUX trains at rising resolution: 128 px, then 256 px, its default): flow matching (FlowMatchEulerDiscreteScheduler's sigmas, velocity noise - x0) for FLUX,
+trained first (flux-tiny in two phases, as real FLUX trains at rising resolution: 128 px, then 256 px, its
+default): flow matching (FlowMatchEulerDiscreteScheduler's sigmas, velocity noise - x0) for FLUX,
 epsilon prediction on the SDXL scheduler's betas (min-SNR weighted) for SDXL, with captions dropped to zeros
 one time in ten so SDXL's classifier-free guidance has an unconditional model. Text goes through the pipelines'
 own frozen random text encoders (`encode_prompt`), computed once per caption. Everything follows from the seed.
