@@ -15,13 +15,14 @@ import pytest
 from conftest import pipeline_image
 from PIL import Image
 
+import toma_export as te
 from toma_export import shapes
 from toma_export.quality import judge
 
 SEEDS = range(6)
 PER_SEED = 2                      # captions per seed, a different pair at each seed
 STEPS = 28
-SIZE = {"flux-tiny": 256, "sdxl-tiny": 128}     # the models' default sizes, as the sweeps drew
+SIZE = {m: te.models.get(m).default_size[0] for m in ("flux-tiny", "sdxl-tiny")}   # as the sweeps drew (256, 128)
 PIXEL_TOLERANCE = 4               # uint8 levels: ONNX Runtime against PyTorch over 28 steps (measured max 1)
 SWEEPS = Path(__file__).resolve().parent.parent / "docs" / "quality"
 

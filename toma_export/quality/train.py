@@ -25,7 +25,6 @@ OFFSET_NOISE = 0.3       # SDXL: per-channel noise offset, several times the 16x
 MIN_SNR = 5.0            # SDXL: min-SNR-gamma loss weighting (Hang et al. 2023); with lr 2e-3 it learns shapes
 SIZE = 128               # the VAE's and sdxl-tiny's size, and flux-tiny's first phase: 64 FLUX tokens (8x8)
 FLUX_LR_256 = 3e-3       # flux-tiny's second phase (1e-3 drew the same unmerged, 6 points worse with ToMA)
-FLUX_SIZE = 256          # flux-tiny's second phase and default size: 256 tokens (16x16), where a 4x4 tile is 1/16
 
 
 class EMA:
@@ -327,9 +326,12 @@ def _train(args) -> int:
         x, captions, _ = images(args.seed + 4, args.images, SIZE, quiet)
         small = dict(size=SIZE, raw=encode(vae, x, quiet=quiet), captions=captions)
         del x
-    if flux:      # on every thread before the networks split them; the same images as the first phase, larger
-        large = dict(size=FLUX_SIZE, **dict(zip(("raw", "captions"), encoded_images(
-            vae, args.seed + 4, args.images_256, FLUX_SIZE, quiet))))
+    if flux:      # on every thread before the networks split them; the same images as the first phase, at the
+        from .. import models   # second phase's size, flux-tiny's default (256 px: 16x16 tokens)
+
+        size = models.get("flux-tiny").default_size[0]
+        large = dict(size=size, **dict(zip(("raw", "captions"), encoded_images(
+            vae, args.seed + 4, args.images_256, size, quiet))))
     # Each network trains on half the threads, alone (--only) or beside the other, so its weights are the same
     # either way. Together they take about three quarters of the time of one after the other on every thread:
     # a step on two threads is only 1.5x as fast as on one (Intel Xeon), and two processes barely slow each other.
@@ -379,12 +381,13 @@ def train_and_judge(job: dict) -> dict:
     net = None if start is None else _weights_into(models.get(model).load(trained=False), _load(start))
     phases = []
     for phase in job["phases"]:     # flux-tiny: 128 px, then 256 px from the first phase's weights as stored
+        began = time.monotonic()
         pipe = pipeline(model, vae, job["stats"], net)
         net = train_network(pipe, family, normalise(phase["raw"], pipe.vae), phase["captions"], job["seed"] + 5,
                             phase["steps"], lr=phase["lr"], quiet=job["quiet"])
         net = _weights_into(net, {k: v.half() for k, v in net.state_dict().items()})
         phases.append(dict(size=phase["size"], steps=phase["steps"], lr=phase["lr"], images=len(phase["captions"]),
-                           minutes=(time.monotonic() - t0) / 60 - sum(p["minutes"] for p in phases)))
+                           minutes=(time.monotonic() - began) / 60))
     path = job["out"] / f"{model}.safetensors"
     save(net.state_dict(), path)
     pipe = pipeline(model, vae, job["stats"], net)        # judged as stored: fp16-rounded
