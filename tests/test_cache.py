@@ -180,7 +180,7 @@ def test_build_makes_the_pair_of_engines_under_one_key(artifacts, cli_here, tmp_
     from toma_export.serve.network import head_of, load_network
     from toma_export.trt import BuildOptions, build_split
 
-    options = BuildOptions(backend="tensorrt-rtx", static=True)
+    options = BuildOptions(backend="tensorrt-rtx", static=True, opt_size=(SIZE, SIZE))     # the exports' size
     meta = build_split("flux-tiny", te.ToMAConfig(), artifacts, options, progress=lambda m: None)
     tail = Artifact.load(Path(meta["engine"]).with_name("engine.json"))
     head = head_of(tail, cache.CacheConfig(0.1))

@@ -197,7 +197,7 @@ def test_tensorrt_rtx_builds_a_quantized_graph_strongly_typed(quantized, artifac
     pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
     quant, _ = quantized("flux-tiny", "int8")
     meta = build("flux-tiny", te.ToMAConfig(), artifacts, BuildOptions(backend="tensorrt-rtx", static=True,
-                                                                       quant=quant), **quiet)
+                                                                       opt_size=(SIZE, SIZE), quant=quant), **quiet)
     assert meta["quantize"]["mode"] == "int8" and meta["engine_bytes"] > 100_000
     assert open(meta["engine"], "rb").read(4) and meta["selection"] == "inlined ONNX body"
     onnx_meta = te.artifacts.Artifact.load(meta["onnx"], "onnx").meta if hasattr(te, "artifacts") else None

@@ -136,8 +136,9 @@ def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifact
 def test_reference_and_candidates_take_turns_in_memory(artifacts, monkeypatch):
     """A full-size fp32 reference and an fp16 candidate need not fit in memory together. Every model load and
     runtime session validate makes is recorded with what was still alive then (weak references to what the
-    earlier ones returned): the reference must be gone before the first candidate exists, and each candidate
-    before the next."""
+    earlier ones returned): the reference must be gone before the candidate exists, and the candidate released at
+    the end. At fp32 the candidate is the run's shared dynamic export: an fp16 candidate would need an fp16 export
+    of its own (54 s), and the turns do not depend on the dtype (test_artifacts covers validate --dtype fp16)."""
     module = importlib.import_module("toma_export.parity.validate")   # the package's `validate` is the function
     loads, alive = [], []
 
@@ -152,12 +153,12 @@ def test_reference_and_candidates_take_turns_in_memory(artifacts, monkeypatch):
     monkeypatch.setattr(module, "onnxruntime_runner",
                         lambda path: (record("onnxruntime", real_session(path)[0]), "CPUExecutionProvider"))
     report = validate("flux-tiny", te.ToMAConfig(), ValidateOptions(
-        backends=("torch", "onnxruntime"), dtype="fp16", sizes=((256, 256), (128, 128)), steps=2,
+        backends=("torch", "onnxruntime"), dtype="fp32", sizes=((256, 256), (128, 128)), steps=2,
         output_dir=str(artifacts)), progress=lambda m: None)
-    assert loads == [("torch-fp32", []), ("torch-fp16", []), ("onnxruntime", [])]
+    assert loads == [("torch-fp32", []), ("onnxruntime", [])]
     assert [name for name, ref in alive if ref() is not None] == []             # the last one released too
     assert report["passed"] and len(report["fidelity"]) == 2                   # fidelity from the reference phase
     # the report keeps its order: by size, the steps of every candidate, then their loops
     assert [(c["kind"], c["size"], c["backends"][1]) for c in report["comparisons"]] == [
         (kind, size, backend) for size in ("256x256", "128x128")
-        for kind, n in (("step", 1), ("loop", 2)) for backend in ("torch-fp16", "onnxruntime") for _ in range(n)]
+        for kind, n in (("step", 1), ("loop", 2)) for backend in ("onnxruntime",) for _ in range(n)]

@@ -100,7 +100,8 @@ def held_out_accuracy(judge: Judge, count: int = 1200, size: int = INPUT) -> dic
     """Accuracy per head and on all three at once, on the fixed held-out set (seed HELD_OUT_SEED)."""
     x, _, y = shapes.batch(HELD_OUT_SEED, 0, count, size)
     with torch.no_grad():
-        pred = {k: judge(x)[k].argmax(1) for k in HEADS}
+        logits = judge(x)
+    pred = {k: logits[k].argmax(1) for k in HEADS}
     right = torch.stack([pred[k] == y[:, j] for j, k in enumerate(HEADS)], 1)
     return {**{k: float(right[:, j].float().mean()) for j, k in enumerate(HEADS)},
             "all": float(right.all(1).float().mean()), "images": count}
