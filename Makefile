@@ -54,7 +54,7 @@ triton-load: $(STAMP)
 
 # The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, then flux-tiny (128 px, then
 # 256 px) and sdxl-tiny side by side (two processes, half the threads each), trained from seed 0 on this machine's
-# CPUs (about 85 minutes on 2 cores, added up from its parts: docs/quality.md); ends with the judge's figures.
+# CPUs (87 minutes end to end on 2 cores, AMD EPYC, 10.3 GB peak: docs/quality.md); ends with the judge's figures.
 train-tiny: $(STAMP)
 	$(PY) -m toma_export.quality.train
 
