@@ -54,8 +54,8 @@ def sweep_reference_row(model) -> dict:
     return next(r for r in rows if r["ratio"] == 0 and not r.get("cache"))
 
 
-def assert_same_image(served, expected, path, seed, prompt):
-    assert served.shape == expected.shape and served.shape[2] == 3
+def assert_same_image(served, expected, model, path, seed, prompt):
+    assert served.shape == expected.shape == (SIZE[model], SIZE[model], 3)
     diff = np.abs(served.astype(int) - expected.astype(int)).max()
     assert diff <= PIXEL_TOLERANCE, f"{path}: seed {seed}, {prompt!r}: {diff} levels from load_pipeline's image"
 
@@ -73,7 +73,7 @@ def test_generate_draws_what_the_pipeline_draws_at_every_seed(model, reference, 
         assert done.returncode == 0, done.stderr
         served.append(np.asarray(Image.open(out).convert("RGB")))
     for (seed, prompt), a, b in zip(draws(), served, reference(model)):
-        assert_same_image(a, b, "generate", seed, prompt)
+        assert_same_image(a, b, model, "generate", seed, prompt)
 
     row = sweep_reference_row(model)
     found = judge.scores(judge.load(), [Image.fromarray(a) for a in served], [p for _, p in draws()])
@@ -97,4 +97,4 @@ def test_the_sweep_on_onnxruntime_draws_what_the_pipeline_draws(reference, artif
     drawn = {(s, p): np.asarray(im.convert("RGB")) for (p, s), im in zip(result["jobs"], result["images"][0])}
     expected = dict(zip(draws(), reference(model)))
     for seed, prompt in picked:
-        assert_same_image(drawn[seed, prompt], expected[seed, prompt], "sweep", seed, prompt)
+        assert_same_image(drawn[seed, prompt], expected[seed, prompt], model, "sweep", seed, prompt)

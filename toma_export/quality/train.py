@@ -318,20 +318,22 @@ def _train(args) -> int:
         record["vae"] = dict(steps=args.vae_steps, latents=stats)
         print(f"vae: latents mean {stats['mean']:.3f} std {stats['std']:.3f} ({elapsed(start)})", flush=True)
 
-    flux = args.only != "sdxl-tiny"
+    flux, sdxl = args.only != "sdxl-tiny", args.only != "flux-tiny"
     if flux and args.flux_start is not None and not args.flux_start.is_file():
         raise SystemExit(f"--flux-start {args.flux_start}: no such file; give flux-tiny weights at 128 px "
                          "(a .safetensors file) or leave it out to train the first phase")
-    if args.only != "flux-tiny" or args.flux_start is None:
+    if sdxl or args.flux_start is None:          # the 128-px images: sdxl-tiny's, and flux-tiny's first phase
         x, captions, _ = images(args.seed + 4, args.images, SIZE, quiet)
         small = dict(size=SIZE, raw=encode(vae, x, quiet=quiet), captions=captions)
         del x
-    if flux:      # on every thread before the networks split them; the same images as the first phase, at the
-        from .. import models   # second phase's size, flux-tiny's default (256 px: 16x16 tokens)
+    if flux:
+        # on every thread before the networks split them: the same world as the first phase, at the second phase's
+        # size, flux-tiny's default (256 px: 16x16 tokens)
+        from .. import models
 
         size = models.get("flux-tiny").default_size[0]
-        large = dict(size=size, **dict(zip(("raw", "captions"), encoded_images(
-            vae, args.seed + 4, args.images_256, size, quiet))))
+        raw, captions_256 = encoded_images(vae, args.seed + 4, args.images_256, size, quiet)
+        large = dict(size=size, raw=raw, captions=captions_256)
     # Each network trains on half the threads, alone (--only) or beside the other, so its weights are the same
     # either way. Together they take about three quarters of the time of one after the other on every thread:
     # a step on two threads is only 1.5x as fast as on one (Intel Xeon), and two processes barely slow each other.
@@ -340,7 +342,7 @@ def _train(args) -> int:
     if flux:
         first = [] if args.flux_start else [dict(small, steps=args.flux_steps, lr=args.flux_lr)]
         networks.append(("flux-tiny", "flux", first + [dict(large, steps=args.flux_steps_256, lr=args.flux_lr_256)]))
-    if args.only != "flux-tiny":
+    if sdxl:
         networks.append(("sdxl-tiny", "sdxl", [dict(small, steps=args.sdxl_steps, lr=args.sdxl_lr)]))
     jobs = [dict(model=model, family=family, phases=phases, seed=args.seed, vae=vae.state_dict(), stats=stats,
                  start=args.flux_start if family == "flux" else None, out=args.out, threads=threads,
