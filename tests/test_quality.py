@@ -1,15 +1,18 @@
 """The trained tiny models, the shapes judge and `toma-export sweep`: the committed weights load by default and
-draw their captions, the judge is as accurate as its figure says, and a small sweep writes its files. Real
-layers throughout: diffusers pipelines, the committed safetensors, the judge network, matplotlib."""
+draw their captions, the judge is as accurate as its figure says, a small sweep writes its files, and the
+control measure finds where a shape was drawn. Real layers throughout: diffusers pipelines, the committed
+safetensors, the judge network, matplotlib."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 import toma_export as te
 from toma_export.families import tiny
@@ -203,3 +206,49 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     assert (tmp_path / "flux-tiny.safetensors").read_bytes() != together
     with pytest.raises(SystemExit, match="no such file"):
         train.main(["--out", str(tmp_path), "--only", "flux-tiny", "--flux-start", str(tmp_path / "none"), *few])
+
+
+# The control measure: no network, only the drawn pixels against the control's mask.
+
+def test_the_control_measure_finds_a_drawn_shape_on_its_own_mask():
+    rng = np.random.default_rng(0)
+    for i, text in enumerate(shapes.grammar() * 2):                    # every colour, shape and background
+        s = shapes.sample(9, i, 64, *shapes.parse(text))
+        found = judge.control_scores(s.image, s.mask(), s.caption)
+        assert found["iou"] > 0.9 and found["centroid"] < 0.02, (text, found)
+        assert judge.control_scores(np.asarray(s.image), s.mask()) == found      # the corners tell the background
+        soft = np.asarray(s.image.filter(ImageFilter.GaussianBlur(1)), dtype=float) + rng.normal(0, 20, (64, 64, 3))
+        soft = judge.control_scores(np.clip(soft, 0, 255).astype(np.uint8), s.mask())     # as a model draws
+        assert soft["iou"] > 0.8 and soft["centroid"] < 0.02, (text, soft)
+
+
+def test_the_control_measure_scores_a_misplaced_shape_low():
+    colour, background = shapes.COLOURS["red"], shapes.BACKGROUNDS["white"]
+    mask = shapes.filled("square", (46.0, 46.0), 10.0, 64)
+    far = judge.control_scores(shapes.draw("square", colour, background, (18.0, 18.0), 10.0, 64), mask)
+    assert far["iou"] == 0 and far["centroid"] == pytest.approx(28 * 2 ** 0.5 / 64, abs=0.01)
+    near = judge.control_scores(shapes.draw("square", colour, background, (40.0, 46.0), 10.0, 64), mask)
+    assert 0.2 < near["iou"] < 0.7 and near["centroid"] == pytest.approx(6 / 64, abs=0.01)     # graded, not all or none
+
+
+@pytest.mark.parametrize("background", ["black", "white"])
+def test_an_all_background_image_scores_no_control(background):
+    mask = shapes.sample(3, 0, 64).mask()
+    empty = Image.new("RGB", (64, 64), shapes.BACKGROUNDS[background])
+    assert judge.control_scores(empty, mask) == {"iou": 0.0, "centroid": None}
+    s = shapes.sample(3, 1, 64)
+    mean = judge.mean_control_scores([s.image, empty], [s.mask(), mask])
+    one = judge.control_scores(s.image, s.mask())
+    assert mean == {"iou": pytest.approx(one["iou"] / 2), "centroid": one["centroid"], "images": 2, "missing": 1}
+
+
+def test_the_control_measure_refuses_what_it_cannot_compare():
+    s = shapes.sample(3, 0, 64)
+    for args, message in [((s.image, shapes.sample(3, 0, 32).mask()), "the image is 64x64 but its mask 32x32"),
+                          ((s.image, s.mask().astype(np.uint8)), "the mask must be a 2-D bool array, got uint8"),
+                          ((s.image, np.zeros((64, 64), bool)), "the mask covers no pixel"),
+                          ((np.asarray(s.image) / 255, s.mask()), "a (height, width, 3) uint8 array, got float64")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            judge.control_scores(*args)
+    with pytest.raises(ValueError, match="got 1 images, 2 masks, 1 captions"):
+        judge.mean_control_scores([s.image], [s.mask(), s.mask()], [s.caption])

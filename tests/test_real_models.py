@@ -241,3 +241,32 @@ def test_an_export_key_changes_with_the_folders_contents(real, tmp_path):
     shutil.rmtree(folder)
     real_configs.write("flux-schnell", folder, blocks=(1, 2))
     assert _plan(str(folder), None, tmp_path / "onnx", ExportOptions(height=256, width=256))[3] != key
+
+
+@pytest.mark.parametrize("name,cut,size,kind,outputs", [
+    ("sdxl-controlnet-canny", dict(transformer_depths=(1, 1, 1)), 256, "SdxlControlNetSpec", 10),
+    ("flux-controlnet-union", dict(blocks=(1, 1)), 256, "FluxControlNetSpec", 2),
+    ("flux-canny-dev", dict(blocks=(1, 1)), 256, "FluxSpec", 1),
+])
+def test_real_controlnet_configs_are_detected_and_export_with_their_peak(tmp_path, cli_here, name, cut, size, kind,
+                                                                         outputs):
+    """The real SDXL ControlNet canny, FLUX.1 ControlNet (Union: 10 modes) and FLUX.1-Canny-dev (128 input
+    channels) configurations at real width, cut in depth, random weights in the hub's dtype: detected from the
+    folder, exported alone in that dtype, the export's peak memory in its JSON."""
+    folder = real_configs.write(name, tmp_path / name, **cut)
+    spec = te.models.get(str(folder))
+    assert type(spec).__name__ == kind
+    res = cli_here("export", "--model", folder, "--height", str(size), "--width", str(size), "--text-len", "32",
+                   "--output-dir", tmp_path / "out", "--json")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout)
+    names = [i["name"] for i in meta["inputs"]]
+    assert len([o for o in meta["outputs"] if not o["name"].startswith("toma")]) == outputs
+    assert meta["dtype"] == {"sdxl": "fp16", "flux": "bf16"}[spec.family] and 0 < meta["peak_rss_gb"] < 8
+    if name == "flux-canny-dev":
+        assert spec.pipeline_class == "FluxControlPipeline" and spec.variant == "dev-control"
+        assert next(i for i in meta["inputs"] if i["name"] == "hidden_states")["shape"][-1] == 128
+        assert next(o for o in meta["outputs"] if o["name"] == "noise_pred")["shape"][-1] == 64
+    else:
+        assert "controlnet_cond" in names and "conditioning_scale" in names and meta["residuals"]
+        assert ("controlnet_mode" in names) == (name == "flux-controlnet-union")

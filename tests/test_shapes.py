@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 import toma_export as te
 from toma_export import shapes
@@ -80,3 +81,68 @@ def test_no_caption_of_the_grammar_is_cut_by_the_tiny_tokenizers(model):
             ids = tokenizer(text, max_length=length, truncation=True).input_ids
             assert tokenizer.decode(ids, skip_special_tokens=True) == text, (name, text)
             assert len(ids) <= 9                                 # <bos>, 7 words, <eos>
+
+
+def test_a_sample_keeps_the_geometry_it_was_drawn_from():
+    for i in range(60):
+        s = shapes.sample(2, i, 48)
+        again = shapes.draw(s.shape, shapes.COLOURS[s.colour], shapes.BACKGROUNDS[s.background], s.centre, s.radius,
+                            48, s.turn)
+        assert np.array_equal(np.asarray(again), np.asarray(s.image)), s.caption
+        assert (s.turn != 0) == (s.shape == "triangle"), s          # only a triangle turns
+    built = shapes.Sample(s.image, s.caption, s.colour, s.shape, s.background, s.centre, s.radius)
+    assert built.turn == 0.0                                          # callers that predate the turn still build
+
+
+def _boundary(mask):
+    """Pixels whose 4-neighbourhood crosses the mask's edge, on either side."""
+    padded = np.pad(mask, 1, mode="edge")
+    differs = np.zeros_like(mask)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        differs |= padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]] != mask
+    return np.argwhere(differs)
+
+
+def _distances(points, to):
+    return np.sqrt(((points[:, None, :] - to[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+@pytest.mark.parametrize("shape,perimeter", [("circle", 2 * math.pi), ("square", 4 * math.sqrt(2)),
+                                             ("triangle", 3 * math.sqrt(3))])
+def test_the_control_image_outlines_the_drawn_shape(shape, perimeter):
+    for i in range(6):
+        s = shapes.sample(4, i, 64, shape=shape)
+        control = np.asarray(s.control())
+        assert control.shape == (64, 64, 3) and (control == control[..., :1]).all()      # RGB, grey
+        lines = control[..., 0].astype(float) / 255
+        assert lines.max() == 1 and lines[[0, 0, -1, -1], [0, -1, 0, -1]].sum() == 0    # white on black
+        border = _boundary(s.mask())
+        lit, bright = np.argwhere(lines > 0), np.argwhere(lines >= 0.5)
+        assert _distances(bright, border).max() <= 1, s           # the line lies on the shape's border,
+        assert _distances(lit, border).max() <= 2.5, s            # its faint fringe too (a sharp tip's reaches 2.2)
+        assert _distances(border, bright).max() <= 1.5, s         # and it runs all the way round
+        assert lines.sum() / (perimeter * s.radius) == pytest.approx(shapes.OUTLINE, rel=0.1), s    # 1-2 px wide
+
+
+@pytest.mark.parametrize("shape,area", [("circle", math.pi), ("square", 2.0), ("triangle", 3 * math.sqrt(3) / 4)])
+def test_the_mask_is_the_region_the_image_covers(shape, area):
+    for turn in (0.0, 0.4, 1.9):
+        mask = shapes.filled(shape, (30.6, 33.2), 14.3, 64, turn)
+        red = np.asarray(shapes.draw(shape, (255, 0, 0), (0, 0, 0), (30.6, 33.2), 14.3, 64, turn))[..., 0]
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        assert np.array_equal(mask, red >= 128)                   # the pixels the shape covers at least half
+        assert mask.sum() == pytest.approx(area * 14.3 ** 2, rel=0.1)        # an edge along a row rounds as one
+    with pytest.raises(ValueError, match="shape must be one of circle, square, triangle, got 'star'"):
+        shapes.filled("star", (30.0, 30.0), 10.0, 64)
+
+
+def test_a_control_batch_pairs_each_image_with_its_control_and_mask():
+    images, controls, captions, masks = shapes.control_batch(seed=1, start=10, count=5, size=32)
+    plain, plain_captions, _ = shapes.batch(seed=1, start=10, count=5, size=32)
+    assert torch.equal(images, plain) and captions == plain_captions
+    assert tuple(controls.shape) == (5, 3, 32, 32) and controls.min() == 0 and controls.max() == 1
+    assert masks.shape == (5, 32, 32) and masks.dtype == bool
+    for j, i in enumerate(range(10, 15)):
+        s = shapes.sample(1, i, 32)
+        assert np.array_equal(np.rint(controls[j].permute(1, 2, 0).numpy() * 255), np.asarray(s.control()))
+        assert np.array_equal(masks[j], s.mask())

@@ -4,6 +4,8 @@ One shape per image (circle, square or triangle) in one colour (red, green, blue
 white background, at a random position and size, with the caption `a {colour} {shape} on a {background}
 background`. Every image follows from (seed, index) alone, drawn with PIL at 4x and reduced (smooth edges),
 so a training run, a test and a judge on another machine see the same pictures, and nothing is downloaded.
+For ControlNet each sample also has a control image (its outline, as a canny detector would draw it) and a mask
+(the region it covers), both from the geometry the image is drawn from, so a judge can check where a model drew.
 
     python -m toma_export.shapes docs/shapes/samples.png     # one image per caption of the grammar
 """
@@ -21,6 +23,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 RADIUS = (0.16, 0.31)        # the shape's radius (centre to corner), as a share of the image side
 SUPERSAMPLE = 4
+OUTLINE = 1.5                # the control image's line width in image pixels: 1-2 px lines, as canny gives
 
 
 def caption(colour: str, shape: str, background: str) -> str:
@@ -51,6 +54,15 @@ class Sample:
     background: str
     centre: tuple             # (x, y) in pixels
     radius: float             # pixels
+    turn: float = 0.0         # radians, triangles only; last and defaulted so Samples built without it still work
+
+    def control(self) -> Image.Image:
+        """The ControlNet control image of this sample (see `outline`)."""
+        return outline(self.shape, self.centre, self.radius, self.image.width, self.turn)
+
+    def mask(self) -> np.ndarray:
+        """The region this sample's shape covers (see `filled`)."""
+        return filled(self.shape, self.centre, self.radius, self.image.width, self.turn)
 
 
 def sample(seed: int, index: int, size: int = 64, colour: str | None = None, shape: str | None = None,
@@ -65,7 +77,7 @@ def sample(seed: int, index: int, size: int = 64, colour: str | None = None, sha
     centre = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
     turn = rng.uniform(0, 2 * np.pi / 3) if shape == "triangle" else 0.0
     image = draw(shape, COLOURS[colour], BACKGROUNDS[background], centre, radius, size, turn)
-    return Sample(image, caption(colour, shape, background), colour, shape, background, centre, radius)
+    return Sample(image, caption(colour, shape, background), colour, shape, background, centre, radius, turn)
 
 
 def draw(shape: str, colour, background, centre, radius: float, size: int, turn: float = 0.0) -> Image.Image:
@@ -73,19 +85,63 @@ def draw(shape: str, colour, background, centre, radius: float, size: int, turn:
     equilateral triangle whose corners lie at `radius` (turned by `turn` radians)."""
     k = SUPERSAMPLE
     big = Image.new("RGB", (size * k, size * k), background)
-    pen = ImageDraw.Draw(big)
+    _fill(ImageDraw.Draw(big), shape, centre, radius, turn, colour)
+    return big.resize((size, size), Image.Resampling.BOX)
+
+
+def _fill(pen: ImageDraw.ImageDraw, shape: str, centre, radius: float, turn: float, fill) -> None:
+    """The shape at SUPERSAMPLE: the one geometry the image, its outline and its mask are all drawn from."""
+    k = SUPERSAMPLE
     x, y, r = centre[0] * k, centre[1] * k, radius * k
     if shape == "circle":                  # PIL's boxes include their far edge: one fine pixel less
-        pen.ellipse([x - r, y - r, x + r - 1, y + r - 1], fill=colour)
+        pen.ellipse([x - r, y - r, x + r - 1, y + r - 1], fill=fill)
     elif shape == "square":
         half = r / np.sqrt(2)
-        pen.rectangle([x - half, y - half, x + half - 1, y + half - 1], fill=colour)
+        pen.rectangle([x - half, y - half, x + half - 1, y + half - 1], fill=fill)
     elif shape == "triangle":
         corners = [(x + r * np.sin(turn + a), y - r * np.cos(turn + a)) for a in (0, 2 * np.pi / 3, 4 * np.pi / 3)]
-        pen.polygon(corners, fill=colour)
+        pen.polygon(corners, fill=fill)
     else:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
-    return big.resize((size, size), Image.Resampling.BOX)
+
+
+def _fine(shape: str, centre, radius: float, size: int, turn: float) -> np.ndarray:
+    """The fine pixels `draw` fills, as a boolean array (size * SUPERSAMPLE square)."""
+    big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    _fill(ImageDraw.Draw(big), shape, centre, radius, turn, 255)
+    return np.asarray(big) > 0
+
+
+def _near(mask: np.ndarray, reach: float) -> np.ndarray:
+    """Pixels within `reach` (a disc, so lines keep their width at every slant) of a True pixel of `mask`."""
+    r = int(reach)
+    h, w = mask.shape
+    padded = np.pad(mask, r)
+    out = np.zeros_like(mask)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dx * dx + dy * dy <= reach * reach:
+                out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
+    return out
+
+
+def outline(shape: str, centre, radius: float, size: int, turn: float = 0.0) -> Image.Image:
+    """The ControlNet control image of a shape: its border as white lines OUTLINE px wide on black, RGB, size x
+    size, as canny would find it in the drawn image. The line is a band centred on the border of the very fine
+    pixels `draw` fills, reduced the same way, so it lies exactly on the drawn shape's edge."""
+    inside = _fine(shape, centre, radius, size, turn)
+    reach = OUTLINE * SUPERSAMPLE / 2
+    band = _near(inside, reach) & _near(~inside, reach)          # fine pixels within reach of both sides
+    big = Image.fromarray(band.astype(np.uint8) * 255, mode="L")
+    return big.resize((size, size), Image.Resampling.BOX).convert("RGB")
+
+
+def filled(shape: str, centre, radius: float, size: int, turn: float = 0.0) -> np.ndarray:
+    """The region a shape covers, (size, size) bool: the pixels `draw` covers at least half, which a judge
+    compares with where a model drew."""
+    inside = _fine(shape, centre, radius, size, turn)
+    k = SUPERSAMPLE
+    return inside.reshape(size, k, size, k).sum((1, 3)) * 2 >= k * k
 
 
 def batch(seed: int, start: int, count: int, size: int = 64):
@@ -98,6 +154,20 @@ def batch(seed: int, start: int, count: int, size: int = 64):
     labels = torch.tensor([(list(COLOURS).index(s.colour), SHAPES.index(s.shape),
                             list(BACKGROUNDS).index(s.background)) for s in samples])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [s.caption for s in samples], labels
+
+
+def control_batch(seed: int, start: int, count: int, size: int = 64):
+    """`batch`'s images (float, [-1, 1], (count, 3, size, size)) with what ControlNet training and its judge need:
+    the control images as float in [0, 1] (diffusers' convention for conditioning images), the captions, and the
+    masks as a (count, size, size) bool array."""
+    import torch
+
+    samples = [sample(seed, i, size) for i in range(start, start + count)]
+    pixels = np.stack([np.asarray(s.image) for s in samples]).astype(np.float32) / 127.5 - 1
+    controls = np.stack([np.asarray(s.control()) for s in samples]).astype(np.float32) / 255
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(controls).permute(0, 3, 1, 2).contiguous(),
+            [s.caption for s in samples], np.stack([s.mask() for s in samples]))
 
 
 def contact_sheet(seed: int = 0, size: int = 64, scale: int = 2) -> Image.Image:

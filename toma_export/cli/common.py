@@ -114,6 +114,33 @@ def add_lora(p: argparse.ArgumentParser) -> None:
                         "repeatable. The traced graph is reused: only the weights are written again")
 
 
+def add_controlnet(p: argparse.ArgumentParser, images: bool = False) -> None:
+    group = p.add_argument_group("ControlNet (docs/controlnet.md)")
+    group.add_argument("--controlnet", action="append", type=controlnet, default=[], metavar="NAME|FOLDER[:SCALE]",
+                       help="a ControlNet (sdxl-tiny-controlnet, flux-tiny-controlnet, a ControlNetModel or "
+                            "FluxControlNetModel folder) at conditioning SCALE (1); repeatable: their residuals are "
+                            "summed. Each exports as its own graph; the network's graph takes the residuals")
+    group.add_argument("--controlnet-unmerged", action="store_true",
+                       help="leave the ControlNets' own blocks without ToMA (default: merged as the network's are)")
+    if images:
+        group.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                           help="the control image of each --controlnet, in order (PNG or JPEG)")
+
+
+def controlnet(text: str) -> tuple[str, float]:
+    """'NAME[:SCALE]' -> (name, scale); a folder path may hold colons of its own, so only a numeric tail is a scale."""
+    name, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not name:
+            raise argparse.ArgumentTypeError(f"--controlnet needs a name or folder before :SCALE, got {text!r}")
+        return name, scale
+    return text, 1.0
+
+
 def lora_file(text: str):
     from ..lora import LoRAError, parse
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
-                     peak_memory_line, quantization, size, toma_config)
+from .common import (MODEL_HELP, add_cache, add_controlnet, add_json, add_lora, add_quantize, add_toma_options,
+                     peak_memory, peak_memory_line, quantization, size, toma_config)
 
 
 def add_parser(sub):
@@ -36,6 +36,7 @@ def add_parser(sub):
                         "LoRA export in seconds. Same filesystem only (else copied); onnx.load refuses hard links "
                         "(ONNX Runtime and TensorRT-RTX's parser read them)")
     add_lora(p)
+    add_controlnet(p)
     add_cache(p)
     add_json(p)
     add_quantize(p)
@@ -45,9 +46,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import models
+    from ..errors import UsageError
     from ..cache import check_family
     from ..onnx import ExportOptions, export
-    from ..onnx.export import export_split
+    from ..onnx.export import export_controlled, export_split
     from ..lora import as_options
     from ..resources import default_output
     from ..toma.tiles import check_tiling
@@ -57,17 +59,33 @@ def run(args) -> int:
     check_family(args.cache, spec)
     if config is not None:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
+    if args.controlnet and args.quantize != "none":
+        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
     quant = quantization(args, args.model, config)
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
                             text_len=args.text_len, loras=as_options(args.lora), link_weights=args.link_weights,
                             quant=quant)
-    make = export if args.cache is None else export_split
-    meta = make(args.model, config, Path(args.output_dir or default_output()) / "onnx", options, force=args.force)
+    out = Path(args.output_dir or default_output()) / "onnx"
+    controlnets = []
+    if args.controlnet:
+        if args.cache is not None:
+            raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
+                             "--cache none with --controlnet")
+        both = export_controlled(args.model, [name for name, _ in args.controlnet], config, out, options,
+                                 controlnet_toma=not args.controlnet_unmerged, force=args.force)
+        meta, controlnets = both["network"], both["controlnets"]
+    else:
+        make = export if args.cache is None else export_split
+        meta = make(args.model, config, out, options, force=args.force)
     peak = peak_memory()
     if args.json:
-        print(json.dumps({**meta, **peak}))
+        print(json.dumps({**meta, **peak, **({"controlnets": controlnets} if controlnets else {})}))
         return 0
+    for cn in controlnets:
+        print(f"{cn['onnx']}\n  ControlNet {cn['model']}: {len(cn['outputs'])} outputs, "
+              f"{'ToMA ratio ' + str(cn['toma']['ratio']) if cn['toma'] else 'no ToMA'}"
+              f"{' (graph of ' + cn['graph_from'] + ')' if cn.get('graph_from') else ''}")
     kind = (f"dynamic: batch {meta['ranges']['batch'][0]}-{meta['ranges']['batch'][2]}, sizes "
             f"{'x'.join(map(str, meta['ranges']['sizes'][0]))} to {'x'.join(map(str, meta['ranges']['sizes'][2]))} px"
             if meta["dynamic"] else

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .common import (MODEL_HELP, SCHEDULE, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
-                     peak_memory_line, progress, quantization, size, stdout_on_stderr, toma_config, toma_options)
+from .common import (MODEL_HELP, SCHEDULE, add_cache, add_controlnet, add_json, add_lora, add_quantize,
+                     add_toma_options, peak_memory, peak_memory_line, progress, quantization, size, stdout_on_stderr,
+                     toma_config, toma_options)
 
 
 def add_parser(sub):
@@ -32,6 +33,7 @@ def add_parser(sub):
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export or build again even if cached")
     add_lora(p)
+    add_controlnet(p, images=True)
     add_cache(p)
     add_json(p, "the table")
     add_quantize(p)
@@ -51,6 +53,8 @@ def run(args) -> int:
                          f"{', '.join('--' + n.replace('_', '-') for n in sorted(set(given) - set(SCHEDULE)))})")
     if (args.onnx or args.engine) and args.quantize != "none":
         raise UsageError("--onnx/--engine files carry their own quantization; drop --quantize")
+    if args.controlnet and args.quantize != "none":
+        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
     config = None if args.no_toma else toma_config(args)
     request = GenerateRequest(
         model=args.model, prompt=args.prompt, out=args.out, steps=args.steps, size=args.size, seed=args.seed,
@@ -58,7 +62,8 @@ def run(args) -> int:
         schedule={k: v for k, v in given.items() if k in SCHEDULE} or None, onnx=args.onnx, engine=args.engine,
         baseline=args.baseline, backend=args.backend, share_weights=not args.no_share_weights,
         output_dir=args.output_dir, force=args.force, loras=as_options(args.lora), cache=args.cache,
-        quant=quantization(args, args.model, config))
+        quant=quantization(args, args.model, config), controlnets=tuple(args.controlnet),
+        control_images=tuple(args.control_image), controlnet_toma=not args.controlnet_unmerged)
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
     result = {**result, **peak_memory()}
@@ -76,6 +81,8 @@ def _table(r: dict) -> str:
         lines.append(f"  ToMA ratio {toma['ratio']}, tile {toma['tile'][0]}x{toma['tile'][1]}, merge_steps "
                      f"{toma['merge_steps'] or 'all'}, dst_every {toma['dst_every']}: {r['calls']['toma']} merged "
                      f"call(s) ({r['calls']['recompute']} selecting), {r['calls']['baseline']} unmerged")
+    for c in r.get("controlnets") or ():
+        lines.append(f"  ControlNet {c['model']} at scale {c['scale']:g}: {c['onnx_or_engine'] or c['baseline']}")
     if r["cache"] != "none":
         lines.append(f"  {r['cache']}: {r['computed_steps']} step(s) computed, {r['cached_steps']} from the cache")
     if r.get("quantize"):

@@ -11,8 +11,11 @@ for _name, _module in FAMILIES.items():
 
 
 def specs() -> dict:
-    """Every registered model name -> its spec."""
-    return {name: spec for module in FAMILIES.values() for name, spec in module.specs().items()}
+    """Every registered model name -> its spec: the networks, then their ControlNets."""
+    from . import controlnet
+
+    networks = {name: spec for module in FAMILIES.values() for name, spec in module.specs().items()}
+    return {**networks, **controlnet.specs(networks)}
 
 
 __all__ = ["FAMILIES", "ModelSpec", "read_config", "specs"]

@@ -24,7 +24,7 @@ from .spec import ModelSpec, model_output, noise, per_sample, refuse, smooth_tok
 
 NETWORK_CLASS, LABEL = "FluxTransformer2DModel", "FLUX transformer"
 # config fields the spec relies on, read from a local folder's config.json
-CONFIG_KEYS = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+CONFIG_KEYS = ("in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
 FLUX_WIDTH = 3072          # FLUX.1's real width (24 heads of 128)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=16,
@@ -43,8 +43,35 @@ class FluxSpec(ModelSpec):
     pixels_per_cell = 16    # the graph's spatial input is the token grid
     grid_is_input = True
     model_cls = FluxTransformer2DModel
-    pipeline_class = "FluxPipeline"
     default_guidance = 3.5
+
+    @property
+    def channel_control(self) -> bool:
+        """A control model that concatenates the control image's latents as input channels (BFL's FLUX.1
+        Canny/Depth: 128 in, 64 out), served through FluxControlPipeline."""
+        c = self.config
+        return c["in_channels"] > (c.get("out_channels") or c["in_channels"])
+
+    @property
+    def pipeline_class(self) -> str:
+        return "FluxControlPipeline" if self.channel_control else "FluxPipeline"
+
+    controlnet_pipeline_class = "FluxControlNetPipeline"
+
+    def control_kwargs(self, images: list, scales: list[float]) -> dict:
+        """The pipeline call's arguments for its control images (one per ControlNet, or the channel-concat model's)."""
+        if self.channel_control:
+            return dict(control_image=images[0])
+        one = len(images) == 1
+        return dict(control_image=images[0] if one else list(images),
+                    controlnet_conditioning_scale=scales[0] if one else list(scales))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the packed image latent (the VAE's, times 4): the output's; a channel-concat control model
+        takes twice as many."""
+        c = self.config
+        return c.get("out_channels") or c["in_channels"]
 
     def sample_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         rows, cols = self.token_grid(height, width)
@@ -67,7 +94,9 @@ class FluxSpec(ModelSpec):
         return inputs
 
     # Graph layout: the packed latent as (B, H, W, C) so that H and W are axes of their own (img_ids are
-    # rebuilt in the graph from them); everything else as the transformer takes it.
+    # rebuilt in the graph from them); everything else as the transformer takes it. With ControlNet residuals,
+    # one (B, H, W, width) input per ControlNet block (control_block.i, control_single.i); the graph applies
+    # diffusers' interval rule.
     def input_axes(self) -> dict:
         batch, text = ("batch", 1), ("text", 1)
         axes = dict(hidden_states={0: batch, 1: ("height", 1), 2: ("width", 1)},
@@ -75,21 +104,41 @@ class FluxSpec(ModelSpec):
                     txt_ids={0: text})
         if self.config.get("guidance_embeds"):
             axes["guidance"] = {0: batch}
-        return axes
+        grid = {0: batch, 1: ("height", 1), 2: ("width", 1)}
+        return {**axes, **{name: grid for name in residual_names(self.control)}}
 
     def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         x = self.sample_inputs(batch, height, width, seed, dtype, smooth)
         rows, cols = self.token_grid(height, width)
         x["hidden_states"] = x["hidden_states"].reshape(batch, rows, cols, -1)
         del x["img_ids"]
+        x.update(self.extra_inputs(x, seed))
         return {name: x[name] for name in self.input_axes()}
 
-    def graph_call(self, model, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids,
-                   guidance=None):
-        b, h, w, c = hidden_states.shape
-        return model(hidden_states=hidden_states.reshape(b, h * w, c), encoder_hidden_states=encoder_hidden_states,
-                     pooled_projections=pooled_projections, timestep=timestep, img_ids=image_ids(h, w, txt_ids),
-                     txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+    def extra_inputs(self, x: dict, seed: int) -> dict:
+        """Sample inputs beyond the transformer call's (given the others, `x`): ControlNet residuals (small random
+        values) where it takes them."""
+        g = torch.Generator().manual_seed(seed + 1)
+        b, rows, cols, _ = x["hidden_states"].shape
+        return {name: (0.1 * torch.randn(b, rows, cols, self.inner_width(), generator=g)).to(x["hidden_states"].dtype)
+                for name in residual_names(self.control)}
+
+    def check_control(self, layout: tuple) -> None:
+        if layout[0] != "flux" or len(layout) != 4:
+            raise UsageError(f"{self.name} is a FLUX transformer; this ControlNet gives {layout[0]} residuals")
+
+    def graph_call(self, model, *inputs):
+        x = dict(zip(self.input_axes(), inputs))
+        b, h, w, c = x["hidden_states"].shape
+        flat = lambda t: t.reshape(b, h * w, t.shape[-1])  # noqa: E731
+        double, single = residual_names(self.control, "block"), residual_names(self.control, "single")
+        control = dict(controlnet_block_samples=[flat(x[n]) for n in double] or None,
+                       controlnet_single_block_samples=[flat(x[n]) for n in single] or None,
+                       controlnet_blocks_repeat=bool(self.control[3])) if self.control else {}
+        return model(hidden_states=flat(x["hidden_states"]), encoder_hidden_states=x["encoder_hidden_states"],
+                     pooled_projections=x["pooled_projections"], timestep=x["timestep"],
+                     img_ids=image_ids(h, w, x["txt_ids"]), txt_ids=x["txt_ids"], guidance=x.get("guidance"),
+                     return_dict=False, **control)[0]
 
 
     # First-Block Cache: the network as two graphs that share only hidden states. The head embeds and runs the
@@ -157,7 +206,7 @@ class FluxSpec(ModelSpec):
         c, seed = self.config, tiny.ENCODER_SEED
         return dict(text_encoder=tiny.clip(c["pooled_projection_dim"], seed + 1), tokenizer=tiny.tokenizer(),
                     text_encoder_2=tiny.t5(c["joint_attention_dim"], seed + 2), tokenizer_2=tiny.tokenizer(self.text_len),
-                    vae=tiny.vae(c["in_channels"] // 4, seed + 3, "flux"))
+                    vae=tiny.vae(self.latent_channels // 4, seed + 3, "flux"))
 
     # Serving: FluxPipeline packs the latent as (B, H*W, C) tokens with img_ids; the graph takes (B, H, W, C)
     # and rebuilds img_ids itself, so the grid is read off img_ids and checked.
@@ -165,8 +214,7 @@ class FluxSpec(ModelSpec):
                     timestep=None, img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None,
                     controlnet_block_samples=None, controlnet_single_block_samples=None, return_dict: bool = True,
                     controlnet_blocks_repeat=False):
-        refuse(joint_attention_kwargs=joint_attention_kwargs, controlnet_block_samples=controlnet_block_samples,
-               controlnet_single_block_samples=controlnet_single_block_samples)
+        refuse(joint_attention_kwargs=joint_attention_kwargs)
         b, n, c = hidden_states.shape
         rows, cols = raster_grid(img_ids, n)
         if txt_ids.ndim == 3:                      # deprecated batched ids: every row is the same
@@ -177,12 +225,41 @@ class FluxSpec(ModelSpec):
             if guidance is None:
                 raise UsageError("this FLUX graph embeds guidance: the call must pass guidance")
             net["guidance"] = per_sample(guidance, b)
+        net.update(self._served_residuals(controlnet_block_samples, controlnet_single_block_samples,
+                                          controlnet_blocks_repeat, rows, cols))
 
         def finish(out):
             out = out.reshape(b, n, -1).to(hidden_states.dtype)
             return model_output(out, return_dict, "diffusers.models.modeling_outputs", "Transformer2DModelOutput")
 
         return net, timestep, (rows * self.pixels_per_token, cols * self.pixels_per_token), finish
+
+
+    def _served_residuals(self, double, single, repeat, rows: int, cols: int) -> dict:
+        """A pipeline's ControlNet residuals as the graph's inputs, checked against the layout it was exported for."""
+        given = double is not None or single is not None
+        if given != bool(self.control):
+            raise UsageError("this FLUX graph takes ControlNet residuals: serve it with its ControlNets" if self.control
+                             else "this FLUX graph takes no ControlNet residuals: export it with --controlnet")
+        if not given:
+            return {}
+        found = ("flux", len(double or ()), len(single or ()), int(bool(repeat)))
+        if found != self.control:
+            raise UsageError(f"the FLUX graph takes ControlNet residuals laid out as {self.control[1:]} (double, "
+                             f"single, repeat), the call passed {found[1:]}: export it with this ControlNet")
+        values = [*(double or ()), *(single or ())]
+        return {name: v.reshape(v.shape[0], rows, cols, -1) for name, v in zip(residual_names(self.control), values)}
+
+
+def residual_names(control: tuple, kind: str | None = None) -> list[str]:
+    """The graph's ControlNet residual inputs for a layout ("flux", double blocks, single blocks, repeat):
+    control_block.i, then control_single.i; `kind` "block" or "single" picks one."""
+    if not control:
+        return []
+    _, double, single, _ = control
+    names = {"block": [f"control_block.{i}" for i in range(double)],
+             "single": [f"control_single.{i}" for i in range(single)]}
+    return names[kind] if kind else names["block"] + names["single"]
 
 
 # the graphs' names for what passes between head and tail (see FluxSpec.parts)
@@ -224,10 +301,13 @@ def _tail(model, fbcache_hidden, fbcache_text, fbcache_temb, txt_ids):
 
 def variant(config: dict, pipeline: dict) -> tuple[str, dict]:
     """dev embeds the guidance scale and takes 512 text tokens; schnell embeds none and its pipelines
-    default to 256 (the length its T5 was distilled with)."""
+    default to 256 (the length its T5 was distilled with). A model taking more input channels than it gives
+    concatenates a control image's latents (FLUX.1 Canny/Depth): "-control"."""
+    given = config.get("in_channels", 64)
+    concat = "-control" if given > (config.get("out_channels") or given) else ""
     if config.get("guidance_embeds"):
-        return "dev", dict(text_len=512, text_range=(1, 512, 512))
-    return "schnell", dict(text_len=256, text_range=(1, 256, 512))
+        return "dev" + concat, dict(text_len=512, text_range=(1, 512, 512))
+    return "schnell" + concat, dict(text_len=256, text_range=(1, 256, 512))
 
 
 def image_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -257,6 +337,11 @@ def specs() -> dict:
                               size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
         "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
                          size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
+        # BFL's control model: the Canny edge map's latents concatenated as 64 more input channels
+        "flux-canny": FluxSpec("flux-canny", "black-forest-labs/FLUX.1-Canny-dev",
+                               dict(DEV, in_channels=128, out_channels=64), (1024, 1024), text_len=512,
+                               size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512),
+                               variant="dev-control"),
     }
 
 
@@ -267,7 +352,9 @@ _SKIP = {DOUBLE: 5 / 19, SINGLE: 5 / 38}
 
 
 def supports(model) -> bool:
-    return isinstance(model, FluxTransformer2DModel)
+    from diffusers.models.controlnets.controlnet_flux import FluxControlNetModel
+
+    return isinstance(model, (FluxTransformer2DModel, FluxControlNetModel))
 
 
 def candidates(model, config):
@@ -302,7 +389,13 @@ def install_hooks(model, state, groups):
 
 
 def _bind(module, args, kwargs) -> dict:
-    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids")
+    """The call's arguments by name, positional ones named by the class's own forward (the transformer and the
+    ControlNet order them differently; a wrapper such as 8-bit calibration's may replace the instance's)."""
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    names = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
     return {**dict(zip(names, args)), **kwargs}
 
 

@@ -53,6 +53,7 @@ class SdxlSpec(ModelSpec):
     pixels_per_cell = 8     # the graph's spatial input is the latent
     model_cls = UNet2DConditionModel
     pipeline_class = "StableDiffusionXLPipeline"
+    controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
     default_guidance = 5.0
     # 8-bit: layers left in the network's precision, as NVIDIA's SDXL filter leaves them (time and text
     # embeddings, the first and last convolutions, the residual shortcuts, the transformers' output layers)
@@ -61,6 +62,12 @@ class SdxlSpec(ModelSpec):
 
     def cfg_batch(self, guidance: float) -> int:
         return 2 if guidance > 1 else 1
+
+    def control_kwargs(self, images: list, scales: list[float]) -> dict:
+        """The pipeline call's arguments for its control images, one per ControlNet."""
+        one = len(images) == 1
+        return dict(image=images[0] if one else list(images),
+                    controlnet_conditioning_scale=scales[0] if one else list(scales))
 
     def tiny_parts(self) -> dict:
         from . import tiny
@@ -98,16 +105,31 @@ class SdxlSpec(ModelSpec):
     def cell_multiple(self) -> int:
         return 2 ** (len(self.config.get("down_block_types", (0, 0, 0))) - 1)
 
-    # Graph layout: added_cond_kwargs flattened into text_embeds and time_ids.
+    # Graph layout: added_cond_kwargs flattened into text_embeds and time_ids; with ControlNet residuals, one
+    # input per down residual (control_down.i) and the mid one (control_mid), as ControlNetModel returns them.
     def input_axes(self) -> dict:
         batch = ("batch", 1)
-        return dict(sample={0: batch, 2: ("height", 1), 3: ("width", 1)}, timestep={0: batch},
+        axes = dict(sample={0: batch, 2: ("height", 1), 3: ("width", 1)}, timestep={0: batch},
                     encoder_hidden_states={0: batch, 1: ("text", 1)}, text_embeds={0: batch}, time_ids={0: batch})
+        if self.control:
+            axes.update(residual_axes(self.architecture()))
+        return axes
 
     def graph_inputs(self, batch=1, height=None, width=None, seed=0, dtype=torch.float32, smooth=False) -> dict:
         x = self.sample_inputs(batch, height, width, seed, dtype, smooth)
         x.update(x.pop("added_cond_kwargs"))
+        x.update(self.extra_inputs(x, seed))
         return {name: x[name] for name in self.input_axes()}
+
+    def extra_inputs(self, x: dict, seed: int) -> dict:
+        """Sample inputs beyond the UNet call's (given the others, `x`): ControlNet residuals where it takes them."""
+        return sample_residuals(self.architecture(), x["sample"], seed) if self.control else {}
+
+    def check_control(self, layout: tuple) -> None:
+        own = len(residual_levels(self.architecture())[0])
+        if layout != ("sdxl", own):
+            raise UsageError(f"{self.name} takes a ControlNet with {own} down residuals (an SDXL ControlNetModel made "
+                             f"from it); this one gives {layout[1:]} ({layout[0]} layout)")
 
     # Denoising loop (parity checks, serving): SDXL's Euler scheduler, scaled model input.
     latent_input = "sample"
@@ -121,11 +143,14 @@ class SdxlSpec(ModelSpec):
         batch = latent.shape[0]
         return dict(inputs, sample=scheduler.scale_model_input(latent, t), timestep=t.expand(batch).to(latent.dtype))
 
-    def graph_call(self, model, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def graph_call(self, model, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         # The UNet concatenates text_embeds with fp32 time embeddings, which eager torch promotes to fp32;
         # the ONNX exporter emits that Concat without a Cast (invalid in fp16), so promote explicitly.
         cond = dict(text_embeds=text_embeds.float(), time_ids=time_ids)
-        return model(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+        control = dict(down_block_additional_residuals=list(residuals[:-1]),
+                       mid_block_additional_residual=residuals[-1]) if residuals else {}
+        return model(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False,
+                     **control)[0]
 
     # Serving: UNet2DConditionModel's call, added_cond_kwargs flattened, the timestep broadcast to the batch.
     def served_call(self, config, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
@@ -134,8 +159,6 @@ class SdxlSpec(ModelSpec):
                     down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict: bool = True):
         refuse(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
                cross_attention_kwargs=cross_attention_kwargs,
-               down_block_additional_residuals=down_block_additional_residuals,
-               mid_block_additional_residual=mid_block_additional_residual,
                down_intrablock_additional_residuals=down_intrablock_additional_residuals,
                encoder_attention_mask=encoder_attention_mask)
         cond = added_cond_kwargs or {}
@@ -144,6 +167,17 @@ class SdxlSpec(ModelSpec):
         b = sample.shape[0]
         net = dict(sample=sample, timestep=per_sample(timestep, b), encoder_hidden_states=encoder_hidden_states,
                    text_embeds=cond["text_embeds"], time_ids=cond["time_ids"])
+        given = down_block_additional_residuals is not None or mid_block_additional_residual is not None
+        if given != bool(self.control):
+            raise UsageError("this UNet graph takes ControlNet residuals: serve it with its ControlNets" if self.control
+                             else "this UNet graph takes no ControlNet residuals: export it with --controlnet")
+        if given:
+            names = residual_names(self.architecture())
+            found = [*down_block_additional_residuals, mid_block_additional_residual]
+            if len(found) != len(names):
+                raise UsageError(f"the UNet graph takes {len(names)} ControlNet residuals, the call passed "
+                                 f"{len(found)}")
+            net.update(zip(names, found))
 
         def finish(out):
             return model_output(out.to(sample.dtype), return_dict, "diffusers.models.unets.unet_2d_condition",
@@ -155,6 +189,37 @@ class SdxlSpec(ModelSpec):
         # StableDiffusionXLPipeline._get_add_time_ids checks its time ids against this width
         width = config["projection_class_embeddings_input_dim"]
         return dict(add_embedding=SimpleNamespace(linear_1=SimpleNamespace(in_features=width)))
+
+
+def residual_levels(config: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(channels, level) of each down residual a ControlNetModel of this UNet config returns (conv_in, every
+    resnet, every down-sampler but the last level's), and of its mid residual."""
+    channels, n = list(config["block_out_channels"]), len(config["block_out_channels"])
+    layers = config.get("layers_per_block", 2)
+    layers = [layers] * n if isinstance(layers, int) else list(layers)
+    down = [(channels[0], 0)]
+    for level, (ch, k) in enumerate(zip(channels, layers)):
+        down += [(ch, level)] * k + ([(ch, level + 1)] if level < n - 1 else [])
+    return down, (channels[-1], n - 1)
+
+
+def residual_names(config: dict) -> list[str]:
+    return [f"control_down.{i}" for i in range(len(residual_levels(config)[0]))] + ["control_mid"]
+
+
+def residual_axes(config: dict) -> dict:
+    down, mid = residual_levels(config)
+    return {name: {0: ("batch", 1), 2: ("height", 2 ** level), 3: ("width", 2 ** level)}
+            for name, (_, level) in zip(residual_names(config), [*down, mid])}
+
+
+def sample_residuals(config: dict, sample: torch.Tensor, seed: int) -> dict:
+    """Residuals as a ControlNet of this UNet would give for `sample` (small random values)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    b, _, h, w = sample.shape
+    down, mid = residual_levels(config)
+    return {name: (0.1 * torch.randn(b, ch, h // 2 ** level, w // 2 ** level, generator=g)).to(sample.dtype)
+            for name, (ch, level) in zip(residual_names(config), [*down, mid])}
 
 
 def specs() -> dict:
@@ -178,7 +243,9 @@ def variant(config: dict, pipeline: dict) -> tuple[str, dict]:
 
 # -- ToMA patch hooks (toma_export.toma.patch drives them) --
 def supports(model) -> bool:
-    return isinstance(model, UNet2DConditionModel)
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    return isinstance(model, (UNet2DConditionModel, ControlNetModel))
 
 
 def _level(name: str, n_levels: int) -> int:

@@ -31,6 +31,9 @@ class ModelSpec:
     weights_dtype: str | None = None
     weights_variant: str | None = None
     hub_id: str | None = None
+    # ControlNet residuals the network graph takes as inputs (empty: none): the layout of the ControlNets'
+    # outputs (`ControlNetSpec.residual_layout`), part of the graph, since it sets the inputs
+    control: tuple = ()
 
     family = ""          # "flux" | "sdxl"
     model_cls = None     # the diffusers network class
@@ -55,6 +58,25 @@ class ModelSpec:
     def cfg_batch(self, guidance: float) -> int:
         """How many samples one image puts through the network (2 where guidance runs CFG)."""
         return 1
+
+    def output_names(self) -> list[str]:
+        """The exported graph's outputs besides ToMA's (a network: its prediction; a ControlNet: its residuals)."""
+        return [self.output_name]
+
+    def with_control(self, layout: tuple | None) -> "ModelSpec":
+        """The network whose graph also takes a ControlNet's residuals (`layout`: their `residual_layout`), added
+        where diffusers adds them; refused where this network cannot take them."""
+        if not layout:
+            return self
+        self.check_control(tuple(layout))
+        return replace(self, control=tuple(layout))
+
+    def check_control(self, layout: tuple) -> None:
+        raise UsageError(f"{self.name} takes no ControlNet residuals")
+
+    def residual_layout(self) -> tuple:
+        """What a ControlNet gives (a network: nothing): the `control` of the network graph that takes it."""
+        return ()
 
     def pipeline_kwargs(self) -> dict:
         """Extra arguments of the pipeline call that the exported graph fixes."""
@@ -117,7 +139,10 @@ class ModelSpec:
         bookkeeping (_name_or_path, _diffusers_version): what an exported graph depends on, and a fine-tune
         of the same architecture shares."""
         config = self.config if self.source is None else self.model_cls.load_config(str(self._folder()))
-        return {k: v for k, v in config.items() if not k.startswith("_")}
+        # with the class's defaults filled in and tuples as lists, as config.json has them, so that a tiny model's
+        # config and a folder saved from it are one architecture
+        full = {**init_defaults(self.model_cls), **config}
+        return json.loads(json.dumps({k: v for k, v in full.items() if not k.startswith("_")}))
 
     def weight_source(self, seed: int = 0):
         """Where an export reads the weights from, tensor by tensor: the folder's weight files, else (tiny
@@ -248,6 +273,14 @@ class ModelSpec:
                 shape[axis] = sizes[symbol] // divisor
             shapes[name] = tuple(shape)
         return shapes
+
+
+def init_defaults(cls) -> dict:
+    """The default of each constructor argument of a diffusers model class."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def noise(shape, generator, smooth: bool, dtype) -> torch.Tensor:

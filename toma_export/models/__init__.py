@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..errors import ModelNotAvailable
 from ..families import FAMILIES, ModelSpec, read_config, specs
+from ..families.controlnet import FOLDER_CLASSES, of_network
 from ..families.spec import network_folder
 from ..weightfiles import safetensors_header, weight_files
 
@@ -66,6 +67,9 @@ def from_folder(path: Path, name: str | None = None, hub_id: str | None = None) 
         return replace(base, name=name or str(path), source=str(path), config={**base.config, **dims},
                        variant=variant, weights_dtype=weights_dtype, weights_variant=weights_variant,
                        hub_id=hub_id, **overrides)
+    found = read_config(path, "controlnet")
+    if found and found.get("_class_name") in FOLDER_CLASSES:
+        return _controlnet(path, found, name, hub_id)
     found = read_config(path, "")
     if found and "_class_name" in found:
         known = " or ".join(m.NETWORK_CLASS for m in FAMILIES.values())
@@ -74,6 +78,19 @@ def from_folder(path: Path, name: str | None = None, hub_id: str | None = None) 
     expected = " or ".join(f"{_SPECS[f].subfolder}/config.json" for f in FAMILIES)
     raise UsageError(f"{path}: no {' or '.join(m.LABEL for m in FAMILIES.values())} config found (expected "
                      f"{expected} in a diffusers folder, or config.json in the network's own folder)")
+
+
+def _controlnet(path: Path, config: dict, name: str | None, hub_id: str | None) -> ModelSpec:
+    """The spec of a ControlNet folder: its family's network sizes, its own config whole (it is the architecture)."""
+    family, cls = FOLDER_CLASSES[config["_class_name"]]
+    network = _SPECS[family]
+    folder = network_folder(path, cls.subfolder)
+    weights_variant, weights_dtype = _weights(folder)
+    _, overrides = FAMILIES[family].variant(config, {})     # its text length; dev/schnell is the network's own
+    arch = {k: v for k, v in config.items() if not k.startswith("_")}
+    return of_network(cls, network, name=name or str(path), source=str(path), config=arch, variant="",
+                      weights_dtype=weights_dtype, weights_variant=weights_variant, hub_id=hub_id,
+                      **overrides)
 
 
 def _weights(folder: Path) -> tuple[str | None, str]:

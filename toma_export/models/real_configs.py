@@ -1,4 +1,5 @@
-"""The real FLUX.1 and SDXL network configurations, and random-weight diffusers folders built from them.
+"""The real FLUX.1 and SDXL network configurations (and their ControlNets and FLUX.1-Canny-dev), and random-weight
+diffusers folders built from them.
 
 No weights can be downloaded where the tests and the large-model measurements run, so they load folders
 written here: the real config.json (depth reducible: FLUX at real width with 1+2, 2+4 ... blocks), random
@@ -31,14 +32,26 @@ SDXL_REFINER = dict(SDXL_BASE, block_out_channels=(384, 768, 1536, 1536), attent
                     transformer_layers_per_block=4, cross_attention_dim=1280,
                     projection_class_embeddings_input_dim=2560)
 
-# name -> (config, network folder, pipeline class, extra model_index.json entries, hub dtype)
+# SDXL ControlNet canny (diffusers/controlnet-canny-sdxl-1.0): the base UNet's down half and mid block
+SDXL_CONTROLNET = {k: v for k, v in SDXL_BASE.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+# FLUX.1 ControlNet in the InstantX/Union layout: 5 double and 10 single blocks at FLUX.1's width, 10 modes
+FLUX_CONTROLNET_UNION = dict(FLUX_DEV, num_layers=5, num_single_layers=10, num_mode=10)
+# FLUX.1-Canny-dev: FLUX.1-dev taking the edge map's packed latents as 64 more input channels
+FLUX_CANNY_DEV = dict(FLUX_DEV, in_channels=128, out_channels=64)
+
+# name -> (config, network folder ("": a bare network folder, as the hub keeps ControlNets), pipeline class,
+# extra model_index.json entries, hub dtype)
 MODELS = {
     "flux-dev": (FLUX_DEV, "transformer", "FluxPipeline", {}, "bf16"),
     "flux-schnell": (FLUX_SCHNELL, "transformer", "FluxPipeline", {}, "bf16"),
     "sdxl-base": (SDXL_BASE, "unet", "StableDiffusionXLPipeline", {"force_zeros_for_empty_prompt": True}, "fp16"),
     "sdxl-refiner": (SDXL_REFINER, "unet", "StableDiffusionXLImg2ImgPipeline", {"requires_aesthetics_score": True},
                      "fp16"),
+    "flux-canny-dev": (FLUX_CANNY_DEV, "transformer", "FluxControlPipeline", {}, "bf16"),
+    "sdxl-controlnet-canny": (SDXL_CONTROLNET, "", None, {}, "fp16"),
+    "flux-controlnet-union": (FLUX_CONTROLNET_UNION, "", None, {}, "bf16"),
 }
+CLASSES = {"sdxl-controlnet-canny": "ControlNetModel", "flux-controlnet-union": "FluxControlNetModel"}
 
 
 def config(name: str, blocks: tuple[int, int] | None = None, transformer_depths=None) -> dict:
@@ -72,8 +85,9 @@ def write(name: str, folder, blocks=None, transformer_depths=None, dtype: str | 
         torch.manual_seed(seed)
         model = cls(**config(name, blocks, transformer_depths))
     model.save_pretrained(folder / sub, max_shard_size=max_shard_size, variant=file_variant)
-    index = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if pipeline:
+        index = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
@@ -94,7 +108,7 @@ def write_streamed(name: str, folder, blocks=None, transformer_depths=None, dtyp
     with torch.device("meta"):
         model = cls(**config(name, blocks, transformer_depths))
     net = Path(folder) / sub
-    net.mkdir(parents=True)
+    net.mkdir(parents=True, exist_ok=not sub)
     model.save_config(net)
     dtype_ = DTYPES[dtype or hub_dtype]
     generator = torch.Generator().manual_seed(seed)
@@ -114,8 +128,9 @@ def write_streamed(name: str, folder, blocks=None, transformer_depths=None, dtyp
         total += nbytes
     index = dict(metadata=dict(total_size=total), weight_map=weight_map)
     (net / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    pipe = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
-    (Path(folder) / "model_index.json").write_text(json.dumps(pipe, indent=2))
+    if pipeline:
+        pipe = {"_class_name": pipeline, "_diffusers_version": __version__, **extra, sub: ["diffusers", cls.__name__]}
+        (Path(folder) / "model_index.json").write_text(json.dumps(pipe, indent=2))
     return Path(folder)
 
 
@@ -153,6 +168,7 @@ def parameters(name: str, blocks=None, transformer_depths=None) -> int:
 
 
 def _network_class(name: str):
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    return FluxTransformer2DModel if MODELS[name][1] == "transformer" else UNet2DConditionModel
+    default = "FluxTransformer2DModel" if MODELS[name][1] == "transformer" else "UNet2DConditionModel"
+    return getattr(diffusers, CLASSES.get(name, default))

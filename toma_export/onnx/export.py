@@ -52,6 +52,7 @@ class ExportOptions:
                                    # needed, instead of copying; onnx.load refuses hard-linked external data
     part: str | None = None        # one graph of the network split for First-Block Cache (FLUX: head, tail)
     quant: Quantization | None = None  # 8-bit Q/DQ on the calibrated layers, the scales placed as data
+    control: tuple = ()            # the network takes these ControlNet residuals as inputs (residual_layout)
 
 
 def export(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
@@ -128,6 +129,61 @@ def export_split(model_name: str, config: ToMAConfig | None, output_dir, options
     return make(model_name, config, output_dir, replace(options, part="tail"), force=force, progress=progress)
 
 
+def export_controlled(model_name: str, controlnets, config: ToMAConfig | None, output_dir,
+                      options: ExportOptions = ExportOptions(), controlnet_toma: bool = True, force: bool = False,
+                      progress=None, make=None) -> dict:
+    """The network taking ControlNet residuals, and each ControlNet as its own graph (ToMA in its blocks too,
+    unless `controlnet_toma` is false). `controlnets`: names or folders. Returns {"network": its metadata,
+    "controlnets": theirs}. They are checked against each other before anything is exported."""
+    make = make or export
+    layout = check_controlnets(model_name, controlnets, options)
+    # a LoRA is the network's; a ControlNet folder's own defaults (its variant's text length, the real model's
+    # sizes) give way to the network it steers
+    network = models.get(model_name)
+    own = replace(options, loras=(), text_len=options.text_len or network.text_len,
+                  height=options.height or network.default_size[0], width=options.width or network.default_size[1],
+                  min_size=options.min_size or network.size_range[0],
+                  max_size=options.max_size or network.size_range[2])
+    metas = [make(name, config if controlnet_toma else None, output_dir, own, force=force, progress=progress)
+             for name in dict.fromkeys(controlnets)]
+    network = make(model_name, config, output_dir, replace(options, control=layout), force=force, progress=progress)
+    return dict(network=network, controlnets=metas)
+
+
+def check_controlnets(model_name: str, controlnets, options: ExportOptions) -> tuple:
+    """The residual layout every ControlNet gives the network; one line naming the first that does not fit."""
+    if not controlnets:
+        raise UsageError("no ControlNet given: pass --controlnet NAME|FOLDER")
+    if options.part:
+        raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
+                         "--cache none with --controlnet")
+    if options.quant:
+        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
+    network = models.get(model_name).with_text_len(options.text_len)
+    height, width = network.size(options.height, options.width)
+    layouts = {}
+    for name in controlnets:
+        spec = models.get(name).with_text_len(network.text_len)
+        layout = spec.residual_layout()
+        if not layout:
+            raise UsageError(f"{name} is not a ControlNet (a {spec.family} network); --controlnet takes "
+                             "ControlNetModel or FluxControlNetModel folders, or sdxl-tiny-controlnet / "
+                             "flux-tiny-controlnet")
+        if spec.family != network.family:
+            raise UsageError(f"{name} is a {spec.family} ControlNet; {network.name} is a {network.family} network")
+        steered = network.with_control(layout)
+        ours, theirs = steered.input_shapes(1, height, width), spec.input_shapes(1, height, width)
+        wrong = [n for n in ours if n in theirs and ours[n] != theirs[n]]
+        if wrong:
+            raise UsageError(f"{name} does not fit {network.name}: its {wrong[0]} is {list(theirs[wrong[0]])}, the "
+                             f"network's {list(ours[wrong[0]])}")
+        layouts[name] = layout
+    if len(set(layouts.values())) > 1:
+        raise UsageError("the ControlNets give residuals of different layouts (" + ", ".join(
+            f"{n}: {l}" for n, l in layouts.items()) + "); ControlNets used together must have the same blocks")
+    return next(iter(layouts.values()))
+
+
 def cached(model_name: str, config: ToMAConfig | None, output_dir, options: ExportOptions = ExportOptions(),
            progress=None) -> dict | None:
     """The metadata of a finished identical export, or None; cheap (no model is loaded), so callers that would
@@ -158,7 +214,10 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
         from ..cache import check_split
 
         check_split(spec, options.part)
-    spec = spec.with_text_len(options.text_len)
+    if options.control and options.part:
+        raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
+                         "--cache none with --controlnet")
+    spec = spec.with_text_len(options.text_len).with_control(options.control)
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
     out_root = writable_dir(output_dir)
@@ -171,6 +230,7 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                                batch=None if options.dynamic else options.batch, size=(height, width),
                                text_len=spec.text_len, ranges=ranges if options.dynamic else None, versions=vers,
                                **({"part": options.part} if options.part else {}),
+                               **({"control": list(spec.control)} if spec.control else {}),
                                **({"quant": _quant_layout(quant)} if quant else {})))
     loras = [dict(file=path, sha256=LoRA(path).digest(), scale=scale) for path, scale in lora.as_options(options.loras)]
     base = spec.base_label()
@@ -181,7 +241,8 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
                 weights_meta=dict(key=weights_key, base=base, loras=loras))
     part = f"-{options.part}" if options.part else ""
     mode = f"-{quant.mode}" if quant else ""
-    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}{part}{mode}-{keys['whole']}"
+    control = "-control" if spec.control else ""
+    final = out_root / f"{Path(spec.name).name}{'' if config else '-base'}{part}{control}{mode}-{keys['whole']}"
     return spec, options, final, keys, (height, width), ranges
 
 
@@ -483,6 +544,7 @@ def _metadata(spec, config, options, report, graph, path, weights, size, ranges,
         ir_version=IR_VERSION,
         dynamic=options.dynamic, batch=None if options.dynamic else options.batch, height=size[0], width=size[1],
         text_len=spec.text_len, variant=spec.variant, part=options.part,
+        control=list(spec.control) or None, residuals=list(spec.residual_layout()) or None,
         ranges=ranges if options.dynamic else None, profiles=profiles,
         inputs=_io(model.graph.input), outputs=_io(model.graph.output),
         toma=dict(toma_section(config), destinations_per_tile=destinations_per_tile(config.tile, config.ratio),

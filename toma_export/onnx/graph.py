@@ -55,12 +55,13 @@ class ToMAGraph(torch.nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        own = [self.spec.output_name] if self.part is None else self.spec.part_outputs(self.part)
+        own = self.spec.output_names() if self.part is None else self.spec.part_outputs(self.part)
         return own + [dst_output(g) for g in self.groups]
 
     def _call(self, *net: torch.Tensor) -> tuple:
         if self.part is None:
-            return (self.spec.graph_call(self.model, *net),)
+            out = self.spec.graph_call(self.model, *net)
+            return out if isinstance(out, tuple) else (out,)
         return tuple(self.spec.part_call(self.part, self.model, *net))
 
     def forward(self, *inputs: torch.Tensor):

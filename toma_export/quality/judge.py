@@ -8,6 +8,8 @@ the ToMA paper measures real models, with stand-ins named as such in every outpu
     the unmerged image at the same seed;
   - judge Fréchet distance (the stand-in for FID): on those features, between two sets of images.
 The judge sees every image at 64x64, so it checks any size a tiny model draws.
+The control measure needs no training: where a ControlNet drew the shape against the mask of the control it was
+given (the IoU of the two regions and the distance of their centroids).
 """
 from __future__ import annotations
 
@@ -157,3 +159,73 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float | None:
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
     distance = (mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
     return max(0.0, float(distance))              # rounding can leave -0.0 for identical sets
+
+
+# Half the smallest gap between a shape colour and a background, in the channel where they differ most (green on
+# black, 170 apart): the least a pixel must differ from the background to count as shape, so that a half-covered
+# edge of any colour can and noise or a faint smudge cannot.
+CLEAR = min(np.abs(np.subtract(c, b)).max() for c in shapes.COLOURS.values() for b in shapes.BACKGROUNDS.values()) / 2
+
+
+def _rgb(image) -> np.ndarray:
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"an image must be a PIL image or a (height, width, 3) uint8 array, got {array.dtype} "
+                         f"{array.shape}")
+    return array
+
+
+def segment(image, caption: str | None = None) -> np.ndarray:
+    """The drawn shape of an image of the shapes world, (height, width) bool. The background is the caption's,
+    else whichever of black and white the corners are nearer (their median, so a shape over one corner does not
+    tip it). The shape's pixels are those at least half way from the background to the shape's typical colour
+    (the median of the pixels past CLEAR): the rule the mask follows (pixels at least half covered), so an
+    anti-aliased edge counts alike in both, whatever the colour; never nearer the background than CLEAR, so
+    noise and faint smudges are not shape."""
+    pixels = _rgb(image).astype(np.int16)
+    if caption is not None:
+        background = np.array(shapes.BACKGROUNDS[shapes.parse(caption)[2]])
+    else:
+        corners = np.median(pixels[[0, 0, -1, -1], [0, -1, 0, -1]], 0)
+        background = min((np.array(c) for c in shapes.BACKGROUNDS.values()), key=lambda c: np.abs(corners - c).sum())
+    away = np.abs(pixels - background).max(2)
+    clear = away > CLEAR
+    if not clear.any():
+        return clear
+    return away >= max(CLEAR, np.median(away[clear]) / 2 - 0.5)     # - 0.5: a half-covered pixel may round down
+
+
+def control_scores(image, mask, caption: str | None = None) -> dict:
+    """{"iou": IoU of the drawn shape (`segment`) with the control's mask, "centroid": distance between their
+    centroids as a share of the image side (per axis, for non-square images), None where no shape was drawn}."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.ndim != 2:
+        raise ValueError(f"the mask must be a 2-D bool array, got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise ValueError("the mask covers no pixel: there is nothing to compare the drawn shape with")
+    drawn = segment(image, caption)
+    if drawn.shape != mask.shape:
+        raise ValueError(f"the image is {drawn.shape[1]}x{drawn.shape[0]} but its mask {mask.shape[1]}x{mask.shape[0]}")
+    iou = float((drawn & mask).sum() / (drawn | mask).sum())
+    if not drawn.any():
+        return {"iou": iou, "centroid": None}
+    side = np.array(mask.shape, dtype=float)
+    offset = (np.argwhere(drawn).mean(0) - np.argwhere(mask).mean(0)) / side
+    return {"iou": iou, "centroid": float(np.hypot(*offset))}
+
+
+def mean_control_scores(images, masks, captions: list[str] | None = None) -> dict:
+    """`control_scores` over a set of images: {"iou": mean over all, "centroid": mean over the images with a
+    shape (None if none has one), "images": how many, "missing": how many show no shape}."""
+    images, masks = list(images), list(masks)
+    captions = [None] * len(images) if captions is None else list(captions)
+    if not images or not len(images) == len(masks) == len(captions):
+        raise ValueError(f"control scores need as many masks and captions as images (at least one), got "
+                         f"{len(images)} images, {len(masks)} masks, {len(captions)} captions")
+    found = [control_scores(im, m, c) for im, m, c in zip(images, masks, captions)]
+    centroids = [f["centroid"] for f in found if f["centroid"] is not None]
+    return {"iou": float(np.mean([f["iou"] for f in found])),
+            "centroid": float(np.mean(centroids)) if centroids else None,
+            "images": len(found), "missing": len(found) - len(centroids)}

@@ -127,55 +127,88 @@ def _texts(pipe, family: str) -> dict:
     return out
 
 
+class Batches:
+    """What one training step of a network of the family draws: the conditioning of every caption (computed once)
+    and, per step, the noised latents, in the order the random draws were always made (so a seed trains the same
+    weights); the ControlNet trainer (train_controlnet.py) steps through the same draws."""
+
+    def __init__(self, pipe, family: str, captions: list, shape):
+        texts = _texts(pipe, family)
+        self.family = family
+        self.embeds = torch.stack([texts[c][0] for c in captions] + [texts[""][0]])
+        self.pooled = torch.stack([texts[c][1] for c in captions] + [texts[""][1]])
+        self.empty = len(captions)
+        self.shape = b, c, h, w = shape
+        if family == "flux":
+            from diffusers import FluxPipeline
+
+            self.pack_latents = FluxPipeline._pack_latents
+            self.img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+            self.txt_ids = torch.zeros(self.embeds.shape[1], 3)
+        else:
+            self.alphas = torch.cumprod(1 - pipe.scheduler.betas, 0)
+            size = h * pipe.vae_scale_factor
+            self.time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = self.shape
+        return self.pack_latents(x, len(x), c, h, w)
+
+    def draw(self, latents: torch.Tensor, batch: int, g: torch.Generator) -> dict:
+        """pick (the samples), cond (their captions' rows, SDXL's dropped to the empty one in ten), x0, noise, xt
+        (FLUX: packed) and sigma (FLUX) or t and a (SDXL's step and its alpha-bar)."""
+        pick = torch.randint(0, self.shape[0], (batch,), generator=g)
+        x0 = latents[pick]
+        cond = torch.where(torch.rand(batch, generator=g) < 0.1, self.empty, pick) if self.family == "sdxl" else pick
+        noise = torch.randn(x0.shape, generator=g)
+        if self.family == "flux":
+            sigma = torch.sigmoid(torch.randn(batch, generator=g))
+            s = sigma.view(-1, 1, 1, 1)
+            return dict(pick=pick, cond=cond, x0=x0, noise=noise, sigma=sigma, xt=self.pack((1 - s) * x0 + s * noise))
+        # offset noise: the schedule leaves 9 % of the image in its first step's input, so without it the model
+        # reads the background off the input's mean (zero at inference) instead of the text
+        noise = noise + OFFSET_NOISE * torch.randn(batch, self.shape[1], 1, 1, generator=g)
+        t = torch.randint(0, len(self.alphas), (batch,), generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return dict(pick=pick, cond=cond, x0=x0, noise=noise, t=t, a=a, xt=a.sqrt() * x0 + (1 - a).sqrt() * noise)
+
+    def text(self, step: dict) -> dict:
+        """The network's conditioning arguments for a step's samples (besides the latent)."""
+        cond, batch = step["cond"], len(step["cond"])
+        if self.family == "flux":
+            return dict(encoder_hidden_states=self.embeds[cond], pooled_projections=self.pooled[cond],
+                        timestep=step["sigma"], img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)
+        return dict(encoder_hidden_states=self.embeds[cond], return_dict=False,
+                    added_cond_kwargs=dict(text_embeds=self.pooled[cond], time_ids=self.time_ids.expand(batch, -1)))
+
+    def loss(self, pred: torch.Tensor, step: dict) -> torch.Tensor:
+        """FLUX: flow matching (velocity noise - x0); SDXL: epsilon, min-SNR weighted (nearly clean steps no longer
+        outweigh the noisy ones that place shapes)."""
+        if self.family == "flux":
+            return F.mse_loss(pred, self.pack(step["noise"] - step["x0"]))
+        snr = step["a"] / (1 - step["a"])
+        weight = snr.clamp(max=MIN_SNR) / snr
+        return (weight * (pred - step["noise"]).square()).mean() / weight.mean()
+
+
 @torch.enable_grad()
 def train_network(pipe, family: str, latents: torch.Tensor, captions: list, seed: int, steps: int, batch: int = 32,
                   lr: float = 5e-4, quiet: bool = False):
     """Train the pipeline's network on (latent, caption) pairs with its family's objective; returns its EMA."""
     net = pipe.transformer if family == "flux" else pipe.unet
-    texts = _texts(pipe, family)
-    embeds = torch.stack([texts[c][0] for c in captions] + [texts[""][0]])
-    pooled = torch.stack([texts[c][1] for c in captions] + [texts[""][1]])
-    empty = len(captions)
-    b, c, h, w = latents.shape
-    if family == "flux":
-        from diffusers import FluxPipeline
-
-        img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-        txt_ids = torch.zeros(embeds.shape[1], 3)
-    else:
-        alphas = torch.cumprod(1 - pipe.scheduler.betas, 0)
-        size = h * pipe.vae_scale_factor
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    batches = Batches(pipe, family, captions, latents.shape)
     net.train()
     ema = EMA(net)
     opt, sched = _optimiser(net, lr, steps)
     g = torch.Generator().manual_seed(seed)
     with progress_bar(steps, family + "-tiny", quiet) as bar:
         for i in range(steps):
-            pick = torch.randint(0, b, (batch,), generator=g)
-            x0 = latents[pick]
-            cond = torch.where(torch.rand(batch, generator=g) < 0.1, empty, pick) if family == "sdxl" else pick
-            noise = torch.randn(x0.shape, generator=g)
+            step = batches.draw(latents, batch, g)
             if family == "flux":
-                sigma = torch.sigmoid(torch.randn(batch, generator=g))
-                s = sigma.view(-1, 1, 1, 1)
-                xt = FluxPipeline._pack_latents((1 - s) * x0 + s * noise, batch, c, h, w)
-                pred = net(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
-                           timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-                loss = F.mse_loss(pred, FluxPipeline._pack_latents(noise - x0, batch, c, h, w))
+                pred = net(hidden_states=step["xt"], **batches.text(step))[0]
             else:
-                # offset noise: the schedule leaves 9 % of the image in its first step's input, so without it
-                # the model reads the background off the input's mean (zero at inference) instead of the text
-                noise = noise + OFFSET_NOISE * torch.randn(batch, c, 1, 1, generator=g)
-                t = torch.randint(0, len(alphas), (batch,), generator=g)
-                a = alphas[t].view(-1, 1, 1, 1)
-                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-                pred = net(xt, t, encoder_hidden_states=embeds[cond], return_dict=False,
-                           added_cond_kwargs=dict(text_embeds=pooled[cond], time_ids=time_ids.expand(batch, -1)))[0]
-                snr = a / (1 - a)
-                weight = snr.clamp(max=MIN_SNR) / snr     # min-SNR: nearly clean steps no longer outweigh the
-                loss = (weight * (pred - noise).square()).mean() / weight.mean()     # noisy ones that place shapes
-            update(opt, sched, loss, bar, i, clip=1.0)
+                pred = net(step["xt"], step["t"], **batches.text(step))[0]
+            update(opt, sched, batches.loss(pred, step), bar, i, clip=1.0)
             ema.update(net)
     net.eval()
     return ema.model

@@ -41,6 +41,9 @@ class GenerateRequest:
     loras: tuple = ()                      # ((path, scale), ...) fused into the exported weights
     cache: object = None                   # toma_export.cache.CacheConfig: First-Block Cache (FLUX), or None
     quant: object = None                   # toma_export.quantize.Quantization: serve the 8-bit graph
+    controlnets: tuple = ()                # ((name or folder, scale), ...): their residuals summed
+    control_images: tuple = ()             # one image file per ControlNet
+    controlnet_toma: bool = True           # ToMA in the ControlNets' own blocks too
 
 
 def generate(args: GenerateRequest, progress) -> dict:
@@ -73,7 +76,17 @@ def generate(args: GenerateRequest, progress) -> dict:
     if (args.onnx or args.engine) and args.loras:
         raise UsageError("--onnx/--engine files carry their own weights; drop --lora, or export/build with --lora "
                          "and pass that file")
-    if args.onnx or args.engine:
+    controls = check_controls(spec, args.controlnets, args.control_images)   # images read before any export
+    controlnets = ()
+    if args.controlnets and (args.onnx or args.engine or args.cache is not None or args.quant is not None):
+        raise UsageError("--controlnet exports its own graphs: drop --onnx/--engine, --cache and --quantize")
+    if args.controlnets:
+        from .pipeline import controlnet_artifacts
+
+        (toma_path, base_path), controlnets = controlnet_artifacts(
+            args.model, [name for name, _ in args.controlnets], args.config, (height, width), cfg_batch, backend,
+            args.output_dir, args.force, progress, controlnet_toma=args.controlnet_toma, loras=args.loras)
+    elif args.onnx or args.engine:
         toma_path, base_path = args.onnx or args.engine, args.baseline
         if args.schedule:                  # the file's settings, another schedule
             from ..artifacts import Artifact
@@ -86,16 +99,41 @@ def generate(args: GenerateRequest, progress) -> dict:
                                                  cache=args.cache, quant=args.quant)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
-                      model=args.model, cache=args.cache)
+                      model=args.model, cache=args.cache, controlnets=controlnets)
     t_ready = time.perf_counter()
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
-    image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance)[0]
+    image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance,
+                        controls=[(image, scale) for image, (_, scale) in zip(controls, args.controlnets)])[0]
     t_done = time.perf_counter()
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
-    return _result(args, spec, backend, session.network, toma_path, base_path, (height, width), guidance,
-                   session.stages, setup=t_ready - t_start, total=t_done - t_ready, out=out)
+    result = _result(args, spec, backend, session.network, toma_path, base_path, (height, width), guidance,
+                     session.stages, setup=t_ready - t_start, total=t_done - t_ready, out=out)
+    result["controlnets"] = [dict(model=name, scale=scale, onnx_or_engine=t, baseline=b, calls=dict(net.calls))
+                             for (name, scale), (t, b), net in zip(args.controlnets, controlnets, session.controlnets)]
+    return result
+
+
+def check_controls(spec, controlnets, images) -> list:
+    """The control images, one per ControlNet, read and checked before any work (a file that is not an image, a
+    wrong count); as RGB PIL images, which the pipeline resizes."""
+    if len(images) != len(controlnets):
+        raise UsageError(f"{len(controlnets)} --controlnet and {len(images)} --control-image: give one control image "
+                         "per ControlNet, in the same order")
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for path in images:
+        try:
+            with Image.open(Path(path).expanduser()) as image:
+                out.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise UsageError(f"--control-image {path}: no such file") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise UsageError(f"--control-image {path} is not an image PIL can read ({type(err).__name__}); pass a "
+                             "PNG or JPEG") from None
+    return out
 
 
 class Stopped(RuntimeError):
@@ -116,7 +154,7 @@ class Session:
     A request's seed seeds its initial noise and nothing else (the pipeline's parts are fixed at load)."""
 
     def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None,
-                 model: str | None = None, cache=None):
+                 model: str | None = None, cache=None, controlnets=()):
         import torch
 
         from .network import load_network
@@ -125,9 +163,12 @@ class Session:
         torch.set_grad_enabled(False)
         self.network = load_network(toma_path or base_path, base_path if toma_path else None,
                                     share_weights=share_weights, schedule=schedule, cache=cache)
+        # each ControlNet's graph (ToMA, baseline), served beside the network with the same schedule
+        self.controlnets = [load_network(t or b, b if t else None, share_weights=share_weights, schedule=schedule)
+                            for t, b in controlnets]
         self.artifacts = [a for a in (self.network.toma_artifact, self.network.baseline_artifact) if a]
         self.spec = self.network.spec
-        self.pipe = load_pipeline(model or self.artifacts[0].model, network=False)
+        self.pipe = load_pipeline(model or self.artifacts[0].model, network=False, controlnets=self.controlnets)
         attach(self.pipe, self.network)
         if self.network.device.type == "cuda":
             self.pipe.to("cuda")
@@ -150,12 +191,17 @@ class Session:
         return max(1, batch // self.spec.cfg_batch(guidance))
 
     def run(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
-            stop=None):
+            stop=None, controls=()):
         """One image (PIL) per prompt, each from its own seed's generator, in one pipeline call. `stop`, called
-        after every denoising step, returns a reason to end the run there (raised as Stopped) or None."""
+        after every denoising step, returns a reason to end the run there (raised as Stopped) or None. `controls`:
+        (image, scale) per ControlNet, which the pipeline resizes to the image size."""
         import torch
 
-        self.network.reset()
+        if len(controls) != len(self.controlnets):
+            raise UsageError(f"this pipeline has {len(self.controlnets)} ControlNet(s) and takes one control image "
+                             f"each; got {len(controls)}")
+        for net in [self.network, *self.controlnets]:
+            net.reset()
         self.network.timings.clear()
         self.stages.__init__()
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -171,6 +217,8 @@ class Session:
                       generator=generators[0] if len(generators) == 1 else generators,
                       callback_on_step_end=step_end)
         kwargs.update(self.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
+        if controls:
+            kwargs.update(self.spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls]))
         return self.pipe(prompts[0] if len(prompts) == 1 else list(prompts), **kwargs).images
 
 

@@ -66,7 +66,8 @@ class ServedNetwork(torch.nn.Module):
         baseline = baseline or (artifact if toma is None else None)
         self.toma_artifact, self.baseline_artifact = toma, baseline
         self.spec = models.get(artifact.model).with_text_len(   # a static graph fixes its text length
-            None if artifact.meta["dynamic"] else artifact.meta.get("text_len"))
+            None if artifact.meta["dynamic"] else artifact.meta.get("text_len")).with_control(
+            tuple(artifact.meta.get("control") or ()))
         config = _schedule(toma, schedule) if toma else None
         self.schedule = DestinationSchedule(config, toma.groups if toma else [])
         if toma is not None and self.schedule.has_unmerged_steps and baseline is None:
@@ -98,12 +99,22 @@ class ServedNetwork(torch.nn.Module):
                                 else None)
             self._device = torch.device("cuda")
         self.config = network_config(self.spec)
+        # a parameter-free module has no device nor dtype for diffusers to find; wrappers that look (several
+        # ControlNets in one MultiControlNetModel) find them on this empty buffer
+        self.register_buffer("where", torch.empty(0, dtype=self.dtype, device=self._device), persistent=False)
         for name, value in self.spec.network_attributes(self.config).items():
             setattr(self, name, value)
         self.calls = {"toma": 0, "baseline": 0, "recompute": 0, "cached": 0}
         self.timings: list[tuple[int, float]] = []      # (step, seconds) per call
 
     # -- what pipelines read off a diffusers model --
+    @property
+    def __class__(self):
+        """diffusers' ControlNet pipelines branch on their ControlNet's class (one or several, VAE-encoded control or
+        not): a served ControlNet answers as the diffusers class it stands in for; a network as itself."""
+        spec = self.__dict__.get("spec")
+        return spec.model_cls if spec is not None and spec.residual_layout() else type(self)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -134,10 +145,12 @@ class ServedNetwork(torch.nn.Module):
     def forward(self, *args, **kwargs):
         """The diffusers model's call: the family maps it to graph inputs and the result back."""
         net, timestep, pixels, finish = self.spec.served_call(self.config, *args, **kwargs)
-        return finish(self.run_graph(net, timestep, pixels))
+        out = self.run_graph(net, timestep, pixels)
+        return finish(out if self.spec.residual_layout() else out[self.spec.output_name])
 
-    def run_graph(self, net: dict, timestep, pixels: tuple[int, int]) -> torch.Tensor:
-        """Run the graph that this step's schedule asks for on graph-layout network inputs."""
+    def run_graph(self, net: dict, timestep, pixels: tuple[int, int]) -> dict:
+        """Run the graph that this step's schedule asks for on graph-layout network inputs; its outputs by name
+        (a network's prediction, a ControlNet's residuals)."""
         t0 = time.perf_counter()
         plan = self.schedule.plan(timestep)
         artifact, runner = ((self.toma_artifact, self.toma_runner) if plan.merge else
@@ -145,7 +158,7 @@ class ServedNetwork(torch.nn.Module):
         if self.head_runner is not None:
             out = self._run_split(plan, runner, net, pixels)
             self.timings.append((plan.step, time.perf_counter() - t0))
-            return out
+            return {self.spec.output_name: out}
         artifact.check_shapes({n: tuple(v.shape) for n, v in net.items()}, pixels)
         dtypes = artifact.input_dtypes()
         feeds = {n: v.to(dtypes[n]) for n, v in net.items()}
@@ -157,7 +170,7 @@ class ServedNetwork(torch.nn.Module):
             self.calls["recompute"] += plan.recompute
         self.calls["toma" if plan.merge else "baseline"] += 1
         self.timings.append((plan.step, time.perf_counter() - t0))
-        return out[self.spec.output_name]
+        return {name: out[name] for name in self.spec.output_names()}
 
     def _run_split(self, plan, tail, net: dict, pixels) -> torch.Tensor:
         """The head; then the tail, or (a cached step) the head's prediction from the last tail residual."""

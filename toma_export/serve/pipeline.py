@@ -18,23 +18,28 @@ from ..toma import ToMAConfig
 
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True):
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, network=True, controlnets=None):
     """The diffusers pipeline for `model` (a registered name or a local pipeline folder).
 
     network: True loads the PyTorch network, False leaves it out (set a served one afterwards), a module
     is used as is. Tiny models: the trained network and VAE (the weights their exports hold) and the frozen
-    random text encoders the network was trained with. An image's seed is the caller's generator, never this."""
+    random text encoders the network was trained with. An image's seed is the caller's generator, never this.
+    controlnets: modules (PyTorch ControlNets or served ones) make it the family's ControlNet pipeline, which
+    resizes and encodes the control images and sums several ControlNets' residuals."""
     import diffusers
 
     spec = models.get(model)
     check_pipeline(spec)
-    cls = getattr(diffusers, spec.pipeline_class)
+    cls = getattr(diffusers, spec.controlnet_pipeline_class if controlnets else spec.pipeline_class)
     attr = spec.subfolder
     given = {} if network is True else {attr: network or None}
+    if controlnets:
+        given["controlnet"] = controlnets[0] if len(controlnets) == 1 else list(controlnets)
     if spec.source is None:
         parts = spec.tiny_parts()
         net = spec.load(dtype) if network is True else given[attr]
-        pipe = cls(scheduler=spec.scheduler(), **parts, **{attr: net})
+        extra = {"controlnet": given["controlnet"]} if controlnets else {}
+        pipe = cls(scheduler=spec.scheduler(), **parts, **{attr: net}, **extra)
         for name in ("text_encoder", "text_encoder_2", "vae"):
             torch.nn.Module.to(getattr(pipe, name), dtype)
         return pipe
@@ -127,6 +132,33 @@ def serving_artifacts(model: str, config: ToMAConfig | None, size: tuple[int, in
         else:
             raise UsageError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
     return paths.get(True), paths.get(False)
+
+
+def controlnet_artifacts(model: str, controlnets: list[str], config: ToMAConfig | None, size: tuple[int, int],
+                         batch: int, backend: str, output_dir=None, force: bool = False, progress=None,
+                         controlnet_toma: bool = True, loras: tuple = ()) -> tuple[tuple, list[tuple]]:
+    """((network ToMA, baseline), [(ControlNet ToMA, baseline) per ControlNet]): static ONNX exports at `size` and
+    `batch`, the network taking the ControlNets' residuals, each ControlNet its own graph (ToMA in it unless
+    `controlnet_toma` is false); baselines where the schedule leaves steps unmerged."""
+    from ..onnx import ExportOptions, export_in_child
+    from ..onnx.export import export_controlled
+    from ..resources import default_output
+
+    if backend != "onnxruntime":
+        raise UsageError("ControlNets are served through ONNX Runtime so far; pass --backend onnxruntime (TensorRT "
+                         "engines of ControlNets: docs/controlnet.md)")
+    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(output_dir or default_output()) / "onnx"
+    wanted = ([config] if config is not None else []) + ([None] if config is None or needs_baseline(config) else [])
+    network, nets = {}, {name: {} for name in controlnets}
+    for cfg in wanted:
+        options = ExportOptions(height=size[0], width=size[1], batch=batch, loras=loras)
+        both = export_controlled(model, list(controlnets), cfg, out, options, controlnet_toma=controlnet_toma,
+                                 force=force, progress=progress, make=export_in_child)
+        network[cfg is not None] = both["network"]["onnx"]
+        for name, meta in zip(dict.fromkeys(controlnets), both["controlnets"]):
+            nets[name][meta["toma"] is not None] = meta["onnx"]
+    return (network.get(True), network.get(False)), [(nets[n].get(True), nets[n].get(False)) for n in controlnets]
 
 
 def _split_artifacts(model, config, size, batch, backend, out: Path, force, progress, loras, cache):

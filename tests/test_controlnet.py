@@ -1,0 +1,315 @@
+"""ControlNets: each its own graph, the network's graph taking their residuals, both families, ToMA in both.
+Real layers: diffusers' ControlNetModel / FluxControlNetModel and networks, torch.onnx, ONNX Runtime. Stand-in:
+the tiny ControlNets are made from their trained network with their zero-initialised output layers drawn at
+random (untrained), so their residuals are not zero."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import toma_export as te
+from toma_export.errors import UsageError
+from toma_export.onnx import ExportOptions, ToMAGraph
+from toma_export.onnx.export import export_controlled
+from toma_export.toma import ToMAConfig, apply_toma
+
+SIZE = 128                      # both tiny families' smallest size: static exports there are the quickest
+OPTIONS = ExportOptions(height=SIZE, width=SIZE)
+PAIRS = {"sdxl": ("sdxl-tiny", "sdxl-tiny-controlnet"), "flux": ("flux-tiny", "flux-tiny-controlnet")}
+
+
+@pytest.fixture(scope="module")
+def exports(artifacts):
+    """Per family: the tiny ControlNet's graph and the network taking its residuals, ToMA in both."""
+    return {family: export_controlled(net, [cn], ToMAConfig(), artifacts / "onnx", OPTIONS, progress=lambda m: None)
+            for family, (net, cn) in PAIRS.items()}
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """Another FLUX ControlNet of the tiny architecture, as a diffusers folder: other weights (seed 1)."""
+    folder = tmp_path_factory.mktemp("controlnets") / "flux-second"
+    te.models.get("flux-tiny-controlnet").load(seed=1).save_pretrained(folder)
+    return str(folder)
+
+
+def eager(name: str, control: tuple = (), seed: int = 0, config=ToMAConfig()):
+    """The graph as eager PyTorch (the reference) and its sample inputs at SIZE."""
+    spec = te.models.get(name).with_control(control)
+    model = spec.load(seed=seed)
+    graph = ToMAGraph(model, spec, apply_toma(model, config) if config else None).eval()
+    return graph, spec.graph_inputs(height=SIZE, width=SIZE, smooth=True)
+
+
+def run_onnx(meta: dict, feeds: dict) -> list:
+    session = ort.InferenceSession(meta["onnx"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+@pytest.mark.parametrize("family", PAIRS)
+def test_controlnet_and_the_network_taking_its_residuals_match_torch(exports, family):
+    """The ControlNet's graph, then the network's fed its residuals, in ONNX Runtime against eager PyTorch; the
+    ToMA destinations each graph selects are the same."""
+    net, cn = PAIRS[family]
+    meta, (cn_meta,) = exports[family]["network"], exports[family]["controlnets"]
+    assert cn_meta["residuals"] == meta["control"] and cn_meta["toma"]["selection_nodes"] > 0
+    graph, x = eager(cn)
+    feeds = {**x, **graph.sample_toma_inputs(x)}
+    ref = graph(*feeds.values())
+    got = run_onnx(cn_meta, feeds)
+    residuals = {}
+    for name, a, b in zip(graph.output_names, ref, got):
+        if name.startswith("toma_dst_out"):
+            assert np.array_equal(a.numpy(), b), name
+        else:
+            assert a.abs().max() > 0.1, f"{name} is ~0: the stand-in ControlNet would prove nothing"
+            assert np.abs(a.numpy() - b).max() <= 1e-4 * max(1.0, float(a.abs().max())), name
+            residuals[name] = a
+    assert list(residuals) == [i["name"] for i in meta["inputs"] if i["name"].startswith("control_")]
+
+    graph, x = eager(net, tuple(meta["control"]))
+    x.update(residuals)
+    feeds = {**x, **graph.sample_toma_inputs(x)}
+    ref = graph(*feeds.values())
+    got = run_onnx(meta, feeds)
+    assert np.abs(ref[0].numpy() - got[0]).max() <= 1e-4 * max(1.0, float(ref[0].abs().max()))
+    unsteered = graph(*{**feeds, **{k: torch.zeros_like(v) for k, v in residuals.items()}}.values())
+    assert (ref[0] - unsteered[0]).abs().max() > 1e-2, "the residuals changed nothing"
+
+
+def test_flux_residuals_are_added_once_after_each_block_with_diffusers_interval_rule():
+    """The merged blocks never see a residual inside their attention: the graph's output equals the same patched
+    transformer with no ControlNet inputs and each residual added by a hook after its block (2 double residuals
+    over 4 double blocks: blocks 0-1 get the first; 4 single over 8: two blocks each), destinations included."""
+    spec = te.models.get("flux-tiny").with_control(("flux", 2, 4, 0))
+    model = spec.load()
+    config = ToMAConfig(blocks=("*",))            # every block merged, so every residual meets a merged block
+    graph = ToMAGraph(model, spec, apply_toma(model, config)).eval()
+    x = spec.graph_inputs(height=SIZE, width=SIZE, smooth=True)
+    toma = graph.sample_toma_inputs(x)
+    steered = graph(*x.values(), *toma.values())
+
+    plain = te.models.get("flux-tiny")
+    hooks = []
+    for group, names in (("transformer_blocks", ["control_block.0", "control_block.1"]),
+                         ("single_transformer_blocks", [f"control_single.{i}" for i in range(4)])):
+        for i, block in enumerate(getattr(model, group)):
+            r = x[names[i // 2]].flatten(1, 2)
+
+            def add(module, args, out, r=r):
+                return out[0], out[1] + r
+            hooks.append(block.register_forward_hook(add))
+    try:
+        reference = ToMAGraph(model, plain, graph.report).eval()(*[x[n] for n in plain.input_axes()], *toma.values())
+    finally:
+        for h in hooks:
+            h.remove()
+    for a, b in zip(steered, reference):
+        assert torch.equal(a, b)
+
+
+def test_toma_patches_the_controlnets_own_blocks(tiny):
+    for name, groups in (("sdxl-tiny-controlnet", {"down_blocks.1.attentions.0", "down_blocks.1.attentions.1"}),
+                         ("flux-tiny-controlnet", {"transformer_blocks", "single_transformer_blocks"})):
+        model = te.models.get(name).load()
+        report = apply_toma(model, ToMAConfig())
+        assert set(report.groups) == groups and 0 < len(report.blocks) < report.total
+
+
+def test_a_controlnet_of_the_same_architecture_swaps_in_without_a_trace(exports, artifacts, second):
+    """Another ControlNet (a folder, other weights) reuses the traced ControlNet graph and the network's export;
+    its residuals are its own."""
+    folder = second
+    spec = te.models.get(str(folder))
+    assert spec.residual_layout() == ("flux", 2, 4, 0) and spec.family == "flux"
+    said = []
+    both = export_controlled("flux-tiny", [str(folder)], ToMAConfig(), artifacts / "onnx", OPTIONS, progress=said.append)
+    first = exports["flux"]
+    (meta,) = both["controlnets"]
+    assert meta["graph_from"] == first["controlnets"][0]["onnx"].split("/")[-2]
+    assert both["network"]["onnx"] == first["network"]["onnx"]
+    assert not any("tracing" in line for line in said), said
+    graph, x = eager("flux-tiny-controlnet")
+    feeds = {**x, **graph.sample_toma_inputs(x)}
+    mine, theirs = run_onnx(meta, feeds), run_onnx(first["controlnets"][0], feeds)
+    assert np.abs(mine[0] - theirs[0]).max() > 1e-2
+    reference = eager(str(folder))[0](*feeds.values())
+    assert np.abs(reference[0].numpy() - mine[0]).max() < 1e-4
+
+
+def test_two_controlnets_export_once_each_for_one_network(exports, artifacts, tmp_path, cli_here):
+    folder = tmp_path / "second"
+    te.models.get("sdxl-tiny-controlnet").load(seed=2).save_pretrained(folder)
+    res = cli_here("export", "--model", "sdxl-tiny", "--height", str(SIZE), "--width", str(SIZE), "--controlnet",
+                   "sdxl-tiny-controlnet:0.5", "--controlnet", f"{folder}:1.2", "--output-dir", artifacts, "--json")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout)
+    assert meta["onnx"] == exports["sdxl"]["network"]["onnx"] and meta["control"] == ["sdxl", 9]
+    assert [m["model"] for m in meta["controlnets"]] == ["sdxl-tiny-controlnet", str(folder)]
+    assert meta["controlnets"][1]["graph_from"] and meta["peak_rss_gb"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--model", "sdxl-tiny", "--controlnet", "flux-tiny-controlnet"),
+     "flux-tiny-controlnet is a flux ControlNet; sdxl-tiny is a sdxl network"),
+    (("--model", "flux-tiny", "--controlnet", "flux-tiny"), "flux-tiny is not a ControlNet (a flux network)"),
+    (("--model", "flux-tiny", "--controlnet", "flux-tiny-controlnet", "--cache", "fbcache:0.1"),
+     "First-Block Cache does not split a network that takes ControlNet residuals yet"),
+    (("--model", "flux-tiny", "--controlnet", "flux-tiny-controlnet", "--quantize", "int8"),
+     "8-bit exports with ControlNets are not supported yet"),
+    (("--model", "flux-tiny", "--controlnet", ":2"), "--controlnet needs a name or folder before :SCALE"),
+])
+def test_refusals_before_any_work(cli_here, tmp_path, args, message):
+    res = cli_here("export", *args, "--output-dir", tmp_path)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())
+
+
+def test_a_controlnet_that_does_not_fit_its_network_is_named(tmp_path):
+    """A FLUX ControlNet of another text width, and one in the XLabs layout (pixel hint block), are refused."""
+    from diffusers.models.controlnets.controlnet_flux import FluxControlNetModel
+
+    from toma_export.families.controlnet import init_config
+    from toma_export.families.flux import TINY
+
+    wide = tmp_path / "wide"
+    FluxControlNetModel(**dict(init_config(FluxControlNetModel, TINY), num_layers=1, num_single_layers=1,
+                               joint_attention_dim=48)).save_pretrained(wide)
+    with pytest.raises(UsageError, match=r"does not fit flux-tiny: its encoder_hidden_states is \[1, 16, 48\]"):
+        export_controlled("flux-tiny", [str(wide)], ToMAConfig(), tmp_path, OPTIONS)
+    xlabs = tmp_path / "xlabs"
+    FluxControlNetModel(**dict(init_config(FluxControlNetModel, TINY), num_layers=1, num_single_layers=0,
+                               conditioning_embedding_channels=16)).save_pretrained(xlabs)
+    with pytest.raises(UsageError, match="pixel hint block"):
+        export_controlled("flux-tiny", [str(xlabs)], ToMAConfig(), tmp_path, OPTIONS)
+
+
+def test_graphs_refuse_residuals_they_were_not_exported_for():
+    spec = te.models.get("sdxl-tiny")
+    x = spec.sample_inputs(height=SIZE, width=SIZE)
+    residuals = [torch.zeros(1)] * 9
+    with pytest.raises(UsageError, match="takes no ControlNet residuals: export it with --controlnet"):
+        spec.served_call({}, x["sample"], x["timestep"], x["encoder_hidden_states"],
+                         added_cond_kwargs=x["added_cond_kwargs"], down_block_additional_residuals=residuals,
+                         mid_block_additional_residual=torch.zeros(1))
+    with pytest.raises(UsageError, match="takes ControlNet residuals: serve it with its ControlNets"):
+        spec.with_control(("sdxl", 9)).served_call({}, x["sample"], x["timestep"], x["encoder_hidden_states"],
+                                                   added_cond_kwargs=x["added_cond_kwargs"])
+    with pytest.raises(UsageError, match="takes a ControlNet with 9 down residuals"):
+        spec.with_control(("sdxl", 12))
+
+
+STEPS = 4
+
+
+def control_image(family: str):
+    from toma_export import shapes
+
+    return shapes.sample(0, 3, size=SIZE).control()
+
+
+def latents(pipe, family: str, controls, seed: int = 2):
+    """The pipeline's last latents for a shapes caption, guidance 1 (no CFG batch: the exports' batch 1)."""
+    spec = te.models.get(PAIRS[family][0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a blue triangle on a white background", height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(seed),
+                **spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls]),
+                **spec.pipeline_kwargs()).images
+
+
+def served(family: str, metas: list, config=ToMAConfig()):
+    from toma_export.serve import load_network, load_pipeline
+    from toma_export.serve.pipeline import attach
+
+    net, _ = PAIRS[family]
+    nets = [load_network(m["onnx"]) for m in metas["controlnets"]]
+    pipe = load_pipeline(net, network=False, controlnets=nets)
+    attach(pipe, load_network(metas["network"]["onnx"]))
+    return pipe, nets
+
+
+def pytorch(family: str, controlnets: list, config=ToMAConfig()):
+    from toma_export.serve import load_pipeline
+
+    net, _ = PAIRS[family]
+    modules = []
+    for name in controlnets:
+        module = te.models.get(name).load()
+        apply_toma(module, config)
+        modules.append(module)
+    pipe = load_pipeline(net, controlnets=modules)
+    apply_toma(pipe, config)
+    return pipe
+
+
+@pytest.mark.parametrize("family", PAIRS)
+def test_served_controlnet_pipeline_matches_the_pytorch_one(exports, family):
+    """diffusers' ControlNet pipeline (it resizes and encodes the control image) with the served ControlNet and
+    network in ONNX Runtime, against the same pipeline on PyTorch with ToMA patched into both, over a loop; the
+    control changes the result."""
+    from toma_export.parity.metrics import compare, tolerance
+
+    image = control_image(family)
+    ref = latents(pytorch(family, [PAIRS[family][1]]), family, [(image, 1.0)])
+    pipe, (net,) = served(family, exports[family])
+    got = latents(pipe, family, [(image, 1.0)])
+    result = compare(ref.numpy(), got.numpy(), *tolerance("loop", "fp32"))
+    assert result["passed"], result
+    assert net.calls["toma"] == STEPS and net.calls["recompute"] == STEPS
+    unsteered = latents(pipe, family, [(image, 0.0)])
+    assert (unsteered - got).abs().max() > 1e-2
+
+
+def test_two_controlnets_at_once_sum_their_residuals(exports, artifacts, second):
+    """Two FLUX ControlNets (two weight sets of one graph) served together, against diffusers'
+    FluxMultiControlNetModel on PyTorch; each scale counts."""
+    from toma_export.parity.metrics import compare, tolerance
+
+    both = export_controlled("flux-tiny", ["flux-tiny-controlnet", second], ToMAConfig(), artifacts / "onnx", OPTIONS,
+                             progress=lambda m: None)
+    assert both["network"]["onnx"] == exports["flux"]["network"]["onnx"]
+    image, other = control_image("flux"), control_image("flux").transpose(0)     # mirrored: another control
+    controls = [(image, 0.7), (other, 1.3)]
+    ref = latents(pytorch("flux", ["flux-tiny-controlnet", second]), "flux", controls)
+    pipe, nets = served("flux", both)
+    got = latents(pipe, "flux", controls)
+    assert compare(ref.numpy(), got.numpy(), *tolerance("loop", "fp32"))["passed"]
+    assert [n.calls["toma"] for n in nets] == [STEPS, STEPS]
+    first_only = latents(pipe, "flux", [(image, 0.7), (other, 0.0)])
+    assert (first_only - got).abs().max() > 1e-2
+
+
+def test_generate_draws_with_a_control_image(exports, artifacts, tmp_path, cli_here):
+    image = tmp_path / "control.png"
+    control_image("sdxl").save(image)
+    out = tmp_path / "steered.png"
+    res = cli_here("generate", "--model", "sdxl-tiny", "--prompt", "a blue triangle on a white background", "--size",
+                   f"{SIZE}x{SIZE}", "--steps", "3", "--guidance", "1", "--controlnet", "sdxl-tiny-controlnet:0.9",
+                   "--control-image", image, "--out", out, "--output-dir", artifacts, "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    (cn,) = result["controlnets"]
+    assert cn["onnx_or_engine"] == exports["sdxl"]["controlnets"][0]["onnx"] and cn["scale"] == 0.9
+    assert cn["calls"]["toma"] == 3 and result["onnx_or_engine"] == exports["sdxl"]["network"]["onnx"]
+    from PIL import Image
+
+    with Image.open(out) as drawn:
+        assert drawn.size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--controlnet", "sdxl-tiny-controlnet"), "1 --controlnet and 0 --control-image: give one control image per"),
+    (("--controlnet", "sdxl-tiny-controlnet", "--control-image", "missing.png"), "--control-image missing.png: no such"),
+    (("--controlnet", "sdxl-tiny-controlnet", "--control-image", "notes.txt"), "notes.txt is not an image PIL can read"),
+    (("--control-image", "notes.txt"), "0 --controlnet and 1 --control-image"),
+])
+def test_generate_refuses_bad_control_images_before_any_work(cli_here, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    res = cli_here("generate", "--model", "sdxl-tiny", "--prompt", "a red circle", "--out", "x.png", *extra,
+                   "--output-dir", tmp_path / "out")
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
