@@ -55,8 +55,10 @@ triton-load: $(STAMP)
 # The tiny models' weights (toma_export/models/weights/): the shapes judge, the VAE, then flux-tiny (128 px, then
 # 256 px) and sdxl-tiny side by side (two processes, half the threads each), trained from seed 0 on this machine's
 # CPUs (87 minutes end to end on 2 cores, AMD EPYC, 10.3 GB peak: docs/quality.md); ends with the judge's figures.
+# Then the tiny ControlNets against those networks, side by side (docs/controlnet.md), with their control figures.
 train-tiny: $(STAMP)
 	$(PY) -m toma_export.quality.train
+	$(PY) -m toma_export.quality.train_controlnet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """ControlNets: each its own graph, the network's graph taking their residuals, both families, ToMA in both.
-Real layers: diffusers' ControlNetModel / FluxControlNetModel and networks, torch.onnx, ONNX Runtime. Stand-in:
-the tiny ControlNets are made from their trained network with their zero-initialised output layers drawn at
-random (untrained), so their residuals are not zero."""
+Real layers: diffusers' ControlNetModel / FluxControlNetModel and networks and their ControlNet pipelines,
+torch.onnx, ONNX Runtime, TensorRT-RTX builds. The tiny ControlNets are the trained ones the package ships; other
+ControlNets of their architecture are untrained (made from a random network), which is all a swap needs."""
 import json
 
 import numpy as np
@@ -29,9 +29,10 @@ def exports(artifacts):
 
 @pytest.fixture(scope="module")
 def second(tmp_path_factory):
-    """Another FLUX ControlNet of the tiny architecture, as a diffusers folder: other weights (seed 1)."""
+    """Another FLUX ControlNet of the tiny architecture, as a diffusers folder: other weights (untrained, made from a
+    random network at seed 1)."""
     folder = tmp_path_factory.mktemp("controlnets") / "flux-second"
-    te.models.get("flux-tiny-controlnet").load(seed=1).save_pretrained(folder)
+    te.models.get("flux-tiny-controlnet").load(seed=1, trained=False).save_pretrained(folder)
     return str(folder)
 
 
@@ -64,7 +65,7 @@ def test_controlnet_and_the_network_taking_its_residuals_match_torch(exports, fa
         if name.startswith("toma_dst_out"):
             assert np.array_equal(a.numpy(), b), name
         else:
-            assert a.abs().max() > 0.1, f"{name} is ~0: the stand-in ControlNet would prove nothing"
+            assert a.abs().max() > 1e-3, f"{name} is ~0: a ControlNet that adds nothing would prove nothing"
             assert np.abs(a.numpy() - b).max() <= 1e-4 * max(1.0, float(a.abs().max())), name
             residuals[name] = a
     assert list(residuals) == [i["name"] for i in meta["inputs"] if i["name"].startswith("control_")]
@@ -141,7 +142,7 @@ def test_a_controlnet_of_the_same_architecture_swaps_in_without_a_trace(exports,
 
 def test_two_controlnets_export_once_each_for_one_network(exports, artifacts, tmp_path, cli_here):
     folder = tmp_path / "second"
-    te.models.get("sdxl-tiny-controlnet").load(seed=2).save_pretrained(folder)
+    te.models.get("sdxl-tiny-controlnet").load(seed=2, trained=False).save_pretrained(folder)
     res = cli_here("export", "--model", "sdxl-tiny", "--height", str(SIZE), "--width", str(SIZE), "--controlnet",
                    "sdxl-tiny-controlnet:0.5", "--controlnet", f"{folder}:1.2", "--output-dir", artifacts, "--json")
     assert res.returncode == 0, res.stderr
@@ -313,3 +314,115 @@ def test_generate_refuses_bad_control_images_before_any_work(cli_here, tmp_path,
                    "--output-dir", tmp_path / "out")
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_sweep_reports_control_per_ratio(tmp_path):
+    """`sweep --controlnet` draws held-out outlines with their captions at each ratio, ToMA in network and
+    ControlNet, and adds the judge's control IoU and centroid distance to each row; grid.png shows the controls."""
+    from PIL import Image
+
+    from toma_export.quality.sweep import SweepRequest, sweep, write
+
+    result = sweep(SweepRequest(model="sdxl-tiny", ratios=(0.0, 0.5), steps=2, controlnet="sdxl-tiny-controlnet",
+                                controls=2), quiet=True)
+    rows = result["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.5] and all(r["images"] == 2 for r in rows)
+    assert all(0 <= r["control_iou"] <= 1 for r in rows) and "control_iou" in result["metric_names"]
+    from toma_export import shapes
+    from toma_export.quality.judge import CONTROL_SEED
+
+    assert result["jobs"][1][0] == shapes.sample(CONTROL_SEED, 1, SIZE).caption
+    files = write(result, tmp_path)
+    with Image.open(files["grid"]) as grid:
+        assert grid.size[0] == 260 + 3 * 132                    # labels, the control, two ratios
+    assert "control_images" not in json.loads((tmp_path / "sweep.json").read_text())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--backend", "onnxruntime"), "sweep --controlnet runs on --backend torch so far"),
+    (("--prompt", "a red circle on a white background"), "draws the shapes world's held-out outlines"),
+])
+def test_sweep_controlnet_refusals(cli_here, tmp_path, extra, message):
+    res = cli_here("sweep", "--model", "flux-tiny", "--controlnet", "flux-tiny-controlnet", "--out", tmp_path, *extra)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    res = cli_here("sweep", "--model", "sdxl-tiny", "--controlnet", "flux-tiny-controlnet", "--out", tmp_path)
+    assert res.returncode == 2 and "flux-tiny-controlnet is not a sdxl ControlNet" in res.stderr
+
+
+def test_a_channel_concat_control_model_is_served_through_flux_control_pipeline(artifacts, tmp_path, cli_here):
+    """flux-tiny-canny (FLUX.1-Canny-dev's layout at tiny size, untrained: 16 latent + 16 control channels in, 16
+    out): FluxControlPipeline VAE-encodes the control image and concatenates it; the served graph in ONNX Runtime
+    against the same pipeline on PyTorch with ToMA, over a loop; the control image changes the result."""
+    from toma_export.onnx import export
+    from toma_export.parity.metrics import compare, tolerance
+    from toma_export.serve import load_network, load_pipeline
+    from toma_export.serve.pipeline import attach
+
+    spec = te.models.get("flux-tiny-canny")
+    assert spec.channel_control and spec.pipeline_class == "FluxControlPipeline"
+    meta = export("flux-tiny-canny", ToMAConfig(), artifacts / "onnx", OPTIONS, progress=lambda m: None)
+    assert next(i for i in meta["inputs"] if i["name"] == "hidden_states")["shape"] == [1, 8, 8, 32]
+
+    def run(pipe, image):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a blue triangle on a white background", height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                    output_type="latent", generator=torch.Generator().manual_seed(2), **spec.control_kwargs([image], []),
+                    **spec.pipeline_kwargs()).images
+
+    image = control_image("flux")
+    reference = load_pipeline("flux-tiny-canny")
+    apply_toma(reference, ToMAConfig())
+    ref = run(reference, image)
+    served = load_pipeline("flux-tiny-canny", network=False)
+    attach(served, load_network(meta["onnx"]))
+    got = run(served, image)
+    assert type(served).__name__ == "FluxControlPipeline"
+    assert compare(ref.numpy(), got.numpy(), *tolerance("loop", "fp32"))["passed"]
+    assert (run(served, image.transpose(0)) - got).abs().max() > 1e-3
+    res = cli_here("generate", "--model", "flux-tiny-canny", "--prompt", "a red circle", "--out", tmp_path / "x.png",
+                   "--controlnet", "flux-tiny-controlnet", "--control-image", tmp_path / "c.png")
+    assert res.returncode == 2 and "concatenates its control image's latents: give one --control-image and no" \
+        in res.stderr
+
+
+def test_rtx_builds_the_controlnet_and_the_network_taking_its_residuals(exports, artifacts, cli_here):
+    """`build --controlnet` on TensorRT-RTX (ahead of time, no GPU): the ControlNet's engine and the network's, from
+    the same exports the ONNX tests made (no trace), the selection body inlined in both."""
+    pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx-cu13 (installed by make test)")
+    res = cli_here("build", "--model", "flux-tiny", "--backend", "tensorrt-rtx", "--static", "--opt-size",
+                   f"{SIZE}x{SIZE}", "--controlnet", "flux-tiny-controlnet", "--output-dir", artifacts, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads(res.stdout)
+    (cn,) = meta["controlnets"]
+    assert meta["onnx"] == exports["flux"]["network"]["onnx"] and cn["onnx"] == exports["flux"]["controlnets"][0]["onnx"]
+    for engine in (meta, cn):
+        assert engine["backend"] == "tensorrt-rtx" and engine["selection"] == "inlined ONNX body"
+        assert engine["engine_bytes"] > 100_000
+    assert {i["name"] for i in meta["inputs"]} >= {"control_block.0", "control_single.3"}
+    assert {o["name"] for o in cn["outputs"]} >= {"control_block.1", "control_single.0"}
+    assert "tracing" not in res.stderr
+
+
+COUNT, FOLLOW_STEPS, FOLLOW_IOU = 4, 12, 0.5     # held-out samples, denoising steps, the IoU goal
+
+
+@pytest.mark.parametrize("family", ["sdxl"])
+def test_served_images_follow_their_control(exports, family):
+    """The trained tiny ControlNet served in ONNX Runtime, ToMA in network and ControlNet: held-out outlines are
+    followed (the judge's control IoU), and without the ControlNet (scale 0) the shapes land elsewhere."""
+    from toma_export import shapes
+    from toma_export.quality.judge import CONTROL_SEED, mean_control_scores
+
+    samples = [shapes.sample(CONTROL_SEED, i, SIZE) for i in range(COUNT)]
+    pipe, _ = served(family, exports[family])
+    pipe.set_progress_bar_config(disable=True)
+    spec = te.models.get(PAIRS[family][0])
+
+    def iou(scale: float) -> float:
+        images = [pipe(s.caption, height=SIZE, width=SIZE, num_inference_steps=FOLLOW_STEPS, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(i), **spec.control_kwargs([s.control()], [scale]),
+                       **spec.pipeline_kwargs()).images[0] for i, s in enumerate(samples)]
+        return mean_control_scores(images, [s.mask() for s in samples], [s.caption for s in samples])["iou"]
+
+    steered, unsteered = iou(1.0), iou(0.0)
+    assert steered >= FOLLOW_IOU and steered > unsteered + 0.2, (steered, unsteered)

@@ -8,7 +8,8 @@ from toma_export.errors import ModelNotAvailable
 
 def test_registry_names_and_unknown_model():
     assert set(te.models.names()) == {"flux", "sdxl", "flux-tiny", "sdxl-tiny", "flux-canny", "sdxl-controlnet-canny",
-                                      "flux-controlnet-union", "sdxl-tiny-controlnet", "flux-tiny-controlnet"}
+                                      "flux-controlnet-union", "sdxl-tiny-controlnet", "flux-tiny-controlnet",
+                                      "flux-tiny-canny"}
     with pytest.raises(ValueError, match="unknown model 'sd15'.*flux-tiny"):
         te.models.get("sd15")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, peak_memory,
-                     peak_memory_line, quantization, size, stdout_on_stderr, toma_config)
+from .common import (MODEL_HELP, add_cache, add_controlnet, add_json, add_lora, add_quantize, add_toma_options,
+                     peak_memory, peak_memory_line, quantization, size, stdout_on_stderr, toma_config)
 
 
 def add_parser(sub):
@@ -39,6 +39,7 @@ def add_parser(sub):
                    "checkout, else ~/.cache/toma-export/artifacts)")
     p.add_argument("--force", action="store_true", help="export and build again even if cached")
     add_lora(p)
+    add_controlnet(p)
     add_cache(p)
     add_json(p)
     add_quantize(p)
@@ -48,6 +49,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import models
+    from ..errors import UsageError
     from ..cache import check_family
     from ..lora import as_options
     from ..trt import BuildOptions, build, build_split, recipe
@@ -62,13 +64,26 @@ def run(args) -> int:
                            timing_cache=args.timing_cache, verbose=args.verbose, selection=args.selection,
                            ptx_version=args.ptx_version, text_len=args.text_len, weightless=args.weightless,
                            loras=as_options(args.lora), quant=quantization(args, args.model, config))
+    controlnets = []
     with stdout_on_stderr():
-        meta = (build if args.cache is None else build_split)(args.model, config, args.output_dir, options,
-                                                              force=args.force)
+        if args.controlnet:
+            from ..trt.build import build_controlled
+
+            if args.cache is not None:
+                raise UsageError("ControlNet engines take no --cache yet; pass --cache none with --controlnet")
+            both = build_controlled(args.model, [name for name, _ in args.controlnet], config, args.output_dir,
+                                    options, controlnet_toma=not args.controlnet_unmerged, force=args.force)
+            meta, controlnets = both["network"], both["controlnets"]
+        else:
+            meta = (build if args.cache is None else build_split)(args.model, config, args.output_dir, options,
+                                                                  force=args.force)
     peak = peak_memory()                # children: the export, when it was not cached
     if args.json:
-        print(json.dumps({**meta, **peak}))
+        print(json.dumps({**meta, **peak, **({"controlnets": controlnets} if controlnets else {})}))
         return 0
+    for cn in controlnets:
+        print(f"{cn['engine']}\n  ControlNet {cn['model']}, {cn['engine_bytes'] / 2**20:.1f} MiB, built in "
+              f"{cn['build_seconds']:.0f} s; selection: {describe_selection(cn['selection'], cn.get('selection_reason'))}")
     print(f"{meta['engine']}\n  {meta['model']} {meta['dtype']}, {meta['backend']} {meta['backend_version']}"
           f"{' for ' + meta['target'] if meta['target'] else ''}, {'dynamic profile' if meta['dynamic'] else 'static'}, "
           f"{meta['engine_bytes'] / 2**20:.1f} MiB, built in {meta['build_seconds']:.0f} s")

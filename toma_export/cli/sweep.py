@@ -42,6 +42,12 @@ def add_parser(sub):
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown as rows of grid.png (8)")
     p.add_argument("--output-dir", help="export / engine cache for onnxruntime and tensorrt (the default cache)")
     p.add_argument("--out", required=True, help="folder for sweep.json, pareto.png, grid.png and report.html")
+    p.add_argument("--controlnet", metavar="NAME|FOLDER",
+                   help="a ControlNet of the tiny model (sdxl-tiny-controlnet, flux-tiny-controlnet): every image "
+                        "follows a held-out sample's outline, with its caption, and the rows gain the judge's control "
+                        "IoU and centroid distance; ToMA patches network and ControlNet alike (torch backend)")
+    p.add_argument("--controls", type=int, default=24, metavar="N",
+                   help="with --controlnet: held-out samples drawn per ratio, one seed each (24)")
     add_cache(p, many=True)
     add_json(p, "the table")
     add_quantize(p, many=True)
@@ -68,7 +74,8 @@ def run(args) -> int:
                            metrics=args.metrics, clip=args.clip, dino=args.dino, toma=options,
                            output_dir=args.output_dir, grid_prompts=args.grid_prompts, caches=args.cache,
                            quantizes=args.quantize, quant_level=args.quant_level, calib_prompts=args.calib_prompts,
-                           calib_steps=args.calib_steps)
+                           calib_steps=args.calib_steps, controlnet=args.controlnet,
+                           controls=args.controls)
     with stdout_on_stderr():
         result = sweep(request, progress, quiet=args.json)
         files = write(result, Path(args.out), args.grid_prompts)

@@ -337,6 +337,11 @@ def specs() -> dict:
                               size_range=((128, 128), (256, 256), (512, 512)), text_range=(1, 16, 32)),
         "flux": FluxSpec("flux", "black-forest-labs/FLUX.1-dev", DEV, (1024, 1024), text_len=512,
                          size_range=((512, 512), (1024, 1024), (1536, 1536)), text_range=(1, 512, 512)),
+        # the channel-concat layout at tiny size (16 latent + 16 control channels), untrained: the served path of
+        # FluxControlPipeline end to end, not a model that follows its control
+        "flux-tiny-canny": FluxSpec("flux-tiny-canny", None, dict(TINY, in_channels=32, out_channels=16), (256, 256),
+                                    text_len=16, size_range=((128, 128), (256, 256), (512, 512)),
+                                    text_range=(1, 16, 32), variant="control"),
         # BFL's control model: the Canny edge map's latents concatenated as 64 more input channels
         "flux-canny": FluxSpec("flux-canny", "black-forest-labs/FLUX.1-Canny-dev",
                                dict(DEV, in_channels=128, out_channels=64), (1024, 1024), text_len=512,

@@ -48,6 +48,8 @@ class ModelSpec:
     # Serving: the diffusers pipeline around the network (which it keeps under `subfolder`) and the
     # default guidance scale.
     pipeline_class = ""
+    controlnet_pipeline_class = ""    # the pipeline that runs it with ControlNets
+    channel_control = False           # it concatenates a control image's latents as input channels (FLUX.1 Canny)
     default_guidance = 1.0
     # First-Block Cache: the graphs the network splits into (FLUX: head, tail; none where it cannot split) and the
     # block the head ends with

@@ -27,6 +27,7 @@ FEATURES = 32                    # penultimate width: the fidelity and Fréchet 
 HEADS = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES), "background": list(shapes.BACKGROUNDS)}
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "judge.safetensors"
 HELD_OUT_SEED = 20261205          # the fixed held-out set: no training run draws from this seed
+CONTROL_SEED = 20261207           # the samples whose outlines control figures are drawn for (held out too)
 
 
 class Judge(nn.Module):

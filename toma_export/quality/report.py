@@ -16,7 +16,8 @@ COLUMNS = (("ratio", "ratio", "{:.2f}"), ("cache", "cache", "{}"), ("quantize", 
            ("attributes.colour", "colour right", "{:.1%}"), ("attributes.shape", "shape right", "{:.1%}"),
            ("attributes.background", "background right", "{:.1%}"),
            ("fidelity", "judge fidelity", "{:.4f}"), ("frechet", "judge Fréchet", "{:.3f}"),
-           ("clip_t", "CLIP-T", "{:.2f}"), ("dino", "DINO fidelity", "{:.4f}"))
+           ("clip_t", "CLIP-T", "{:.2f}"), ("dino", "DINO fidelity", "{:.4f}"),
+           ("control_iou", "control IoU", "{:.3f}"), ("control_centroid", "control centroid", "{:.3f}"))
 
 
 def value(row: dict, key: str):
@@ -80,26 +81,33 @@ def pareto(result: dict, path: Path) -> None:
 
 
 def grid(result: dict, path: Path, max_prompts: int = 8) -> None:
-    """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each); columns: the sweep's
-    rows (ratios, x caches, x 8-bit modes)."""
+    """Rows: up to max_prompts prompts spread evenly over the list (the first seed of each; with a ControlNet, its
+    samples, their control image first); columns: the sweep's rows (ratios, x caches, x 8-bit modes)."""
     rows = result["rows"]
-    firsts = [i for i, (_, seed) in enumerate(result["jobs"]) if seed == 0]
+    controls = result.get("control_images")
+    firsts = list(range(len(result["jobs"]))) if controls else \
+        [i for i, (_, seed) in enumerate(result["jobs"]) if seed == 0]
     if len(firsts) > max_prompts:
         firsts = [firsts[round(k * (len(firsts) - 1) / max(1, max_prompts - 1))] for k in range(max_prompts)]
     cell = 96 if "cache" in rows[0] or "quantize" in rows[0] else 128
     label_w, head = 260, 36
-    sheet = Image.new("RGB", (label_w + len(rows) * (cell + 4), head + len(firsts) * (cell + 4)), "white")
+    left = label_w + (cell + 4 if controls else 0)
+    sheet = Image.new("RGB", (left + len(rows) * (cell + 4), head + len(firsts) * (cell + 4)), "white")
     pen = ImageDraw.Draw(sheet)
     speed = speed_axis(result)[0]
+    if controls:
+        pen.text((label_w + 4, 4), "control", fill="black")
     for c, row in enumerate(rows):
         name, _, cache = row_label(row).partition(" + ")
         text = name + (f"  {row[speed]:.2f}x" if c else "") + (f"\n{cache}" if cache else "")
-        pen.text((label_w + c * (cell + 4) + 4, 4), text, fill="black")
+        pen.text((left + c * (cell + 4) + 4, 4), text, fill="black")
     for r, i in enumerate(firsts):
         pen.text((4, head + r * (cell + 4) + cell // 2 - 6), _short(result["jobs"][i][0]), fill="black")
+        if controls:
+            sheet.paste(controls[i].resize((cell, cell), Image.Resampling.LANCZOS), (label_w, head + r * (cell + 4)))
         for c, row in enumerate(rows):
             image = result["images"][c][i].resize((cell, cell), Image.Resampling.LANCZOS)
-            sheet.paste(image, (label_w + c * (cell + 4), head + r * (cell + 4)))
+            sheet.paste(image, (left + c * (cell + 4), head + r * (cell + 4)))
     write_atomic(lambda p: sheet.save(p, format="PNG"), path)
 
 

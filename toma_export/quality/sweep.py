@@ -35,6 +35,8 @@ METRIC_NAMES = {
     "attributes": "the shapes judge's accuracy per attribute (colour, shape, background)",
     "clip_t": "CLIP-T (CLIP score of image and prompt, 0-100)",
     "dino": "DINO fidelity (cosine of DINOv2 CLS features against ratio 0 at the same seed)",
+    "control_iou": "control IoU (the drawn shape against the control outline's filled region, held-out samples)",
+    "control_centroid": "control centroid distance (drawn shape to outline, as a share of the image side)",
 }
 
 
@@ -59,6 +61,8 @@ class SweepRequest:
     calib_steps: int = 8
     output_dir: str | None = None
     grid_prompts: int = 8                  # rows of grid.png
+    controlnet: str | None = None          # a ControlNet of the model: each image follows a held-out sample's outline
+    controls: int = 24                     # with a ControlNet: how many held-out samples (images per row)
 
 
 def default_prompts(spec) -> tuple:
@@ -86,6 +90,8 @@ def check(req: SweepRequest, spec) -> str:
     if any(m != "none" for m in req.quantizes) and not has_pipeline(spec):
         raise UsageError(f"{spec.name} holds only the {spec.family} network: calibrating --quantize runs the whole "
                          "pipeline; pass a pipeline folder")
+    if req.controlnet:
+        _check_controlnet(req, spec)
     from ..toma import ToMAConfig
 
     ToMAConfig(ratio=0.5, **req.toma)                 # the pass-through options, checked before any image
@@ -110,6 +116,24 @@ def check(req: SweepRequest, spec) -> str:
                          "cache, e.g. openai/clip-vit-large-patch14 and facebook/dinov2-base); or --metrics none for "
                          "speed only")
     return metrics
+
+
+def _check_controlnet(req: SweepRequest, spec) -> None:
+    from .. import models
+
+    if req.backend != "torch":
+        raise UsageError("sweep --controlnet runs on --backend torch so far (generate serves ControlNets in ONNX "
+                         "Runtime)")
+    if any(c is not None for c in req.caches) or any(m != "none" for m in req.quantizes):
+        raise UsageError("sweep --controlnet takes no --cache or --quantize yet")
+    if req.controls < 1:
+        raise UsageError(f"--controls must be >= 1, got {req.controls}")
+    if spec.source is not None or req.prompts:
+        raise UsageError("sweep --controlnet draws the shapes world's held-out outlines with their own captions: "
+                         "a tiny model, and no --prompt")
+    controlnet = models.get(req.controlnet)
+    if controlnet.family != spec.family or not controlnet.residual_layout():
+        raise UsageError(f"{req.controlnet} is not a {spec.family} ControlNet")
 
 
 def has_pipeline(spec) -> bool:
@@ -168,14 +192,32 @@ class _Patched:
 
 
 class _TorchRunner(_Patched):
-    """The PyTorch pipeline with its network patched."""
+    """The PyTorch pipeline with its network patched (and its ControlNet, patched alike)."""
 
-    def __init__(self, model: str, toma: dict):
+    def __init__(self, model: str, toma: dict, controlnet: str | None = None):
+        from .. import models
         from ..serve.pipeline import load_pipeline
 
-        self.pipe = load_pipeline(model)
+        self.controlnet = models.get(controlnet).load() if controlnet else None
+        self.pipe = load_pipeline(model, controlnets=[self.controlnet] if controlnet else None)
         self.pipe.set_progress_bar_config(disable=True)          # the sweep's own bar counts images
         super().__init__(self.pipe.transformer if hasattr(self.pipe, "transformer") else self.pipe.unet, toma)
+
+    def set_variant(self, ratio: float, cache, quant=None):
+        super().set_variant(ratio, cache, quant)
+        if self.controlnet is not None:
+            from ..toma import ToMAConfig, apply_toma, remove_toma
+
+            remove_toma(self.controlnet)
+            if ratio > 0:
+                apply_toma(self.controlnet, ToMAConfig(ratio=ratio, **self.toma))
+
+    def start(self):
+        super().start()
+        if self.controlnet is not None and getattr(self.controlnet, "_toma", None) is not None:
+            from ..toma import reset_toma
+
+            reset_toma(self.controlnet)
 
     def run(self, prompt, seed, height, width, steps, guidance, kwargs):
         self.start()
@@ -249,10 +291,18 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
     variants = [(r, c, m) for m in modes for r in ratios for c in caches]
     scorer = _scorer(metrics, req)
     jobs = [(p, s) for p in prompts for s in range(req.seeds)]
+    controls = None
+    if req.controlnet:           # one held-out sample per image: its caption, its outline, seed = its index
+        from .judge import CONTROL_SEED
+
+        samples = [shapes.sample(CONTROL_SEED, i, height) for i in range(req.controls)]
+        jobs = [(s.caption, i) for i, s in enumerate(samples)]
+        prompts = [s.caption for s in samples]
+        controls = [(spec.control_kwargs([s.control()], [1.0]), s.mask()) for s in samples]
     if req.backend == "torch" and not has_pipeline(spec):
         runner = _NetworkRunner(spec, req.toma, spec.cfg_batch(guidance))
     elif req.backend == "torch":
-        runner = _TorchRunner(req.model, req.toma)
+        runner = _TorchRunner(req.model, req.toma, req.controlnet)
     else:
         runner = _ServedRunner(req.model, req.backend, req.toma, (height, width), spec.cfg_batch(guidance),
                                req.output_dir, progress)
@@ -263,12 +313,13 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
             bar.set_postfix(ratio=ratio, **({"cache": str(cache)} if cache else {}),
                             **({"quantize": mode} if mode != "none" else {}))
             runner.set_variant(ratio, cache, _calibrated(req, mode, ratio, progress, quiet))
-            runner.run(jobs[0][0], jobs[0][1], height, width, 1, guidance, kwargs)     # warm-up: one step
+            extra = (lambda i: {**kwargs, **controls[i][0]}) if controls else (lambda i: kwargs)  # noqa: E731
+            runner.run(jobs[0][0], jobs[0][1], height, width, 1, guidance, extra(0))     # warm-up: one step
             image_times, network_times, computed, drawn = [], [], [], []
             split = {True: [], False: []}          # call times where the whole network ran / the cache served
-            for prompt, seed in jobs:
+            for i, (prompt, seed) in enumerate(jobs):
                 t0 = time.perf_counter()
-                image, calls = runner.run(prompt, seed, height, width, req.steps, guidance, kwargs)
+                image, calls = runner.run(prompt, seed, height, width, req.steps, guidance, extra(i))
                 image_times.append(time.perf_counter() - t0)
                 network_times.append(sum(calls))
                 decisions = runner.decisions() or [True] * len(calls)
@@ -298,10 +349,16 @@ def sweep(req: SweepRequest, progress=None, quiet: bool = False) -> dict:
             rows[i].update(network_ms=row["network_ms"], network_speedup=base["network_ms"] / row["network_ms"],
                            computed_steps=row["computed_steps"], cached_ms=row["cached_ms"])
         rows[i].update(scorer(images[i], images[0], [p for p, _ in jobs]) if scorer else {})
+        if controls:
+            from . import judge
+
+            found = judge.mean_control_scores(images[i], [mask for _, mask in controls], [p for p, _ in jobs])
+            rows[i].update(control_iou=found["iou"], control_centroid=found["centroid"])
     return dict(model=spec.name, backend=req.backend, height=height, width=width, steps=req.steps,
                 guidance=guidance, seeds=req.seeds, prompts=list(prompts), metrics=metrics,
                 metric_names={k: v for k, v in METRIC_NAMES.items() if k in rows[0]},
                 toma={k: list(v) if isinstance(v, tuple) else v for k, v in req.toma.items()},
+                controlnet=req.controlnet, control_images=[s.control() for s in samples] if controls else None,
                 caches=[label(c) for c in caches], quantize=modes,
                 rows=rows, images=images, jobs=jobs)
 
@@ -359,7 +416,7 @@ def write(result: dict, out: Path, grid_prompts: int = 8) -> dict:
     drew = result["images"][0][0] is not None          # a network-only folder is timed without images
     files = dict(json=out / "sweep.json", pareto=out / "pareto.png", **({"grid": out / "grid.png"} if drew else {}),
                  html=out / "report.html")
-    public = {k: v for k, v in result.items() if k not in ("images", "jobs")}
+    public = {k: v for k, v in result.items() if k not in ("images", "jobs", "control_images")}
     report.pareto(result, files["pareto"])
     if drew:
         report.grid(result, files["grid"], grid_prompts)

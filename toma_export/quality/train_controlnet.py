@@ -20,7 +20,8 @@ from .. import shapes
 from .fitting import progress_bar, update
 from .train import EMA, Batches, _optimiser, encode, normalise
 
-HELD_OUT = 20261207         # the seed of the samples the control figures are drawn for (no training run uses it)
+# per ControlNet: training steps and samples (each at its network's default size: 128 px, 256 px)
+DEFAULTS = {"sdxl-tiny-controlnet": dict(steps=800, images=6000), "flux-tiny-controlnet": dict(steps=600, images=2000)}
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def train(pipe, controlnet, family: str, data: dict, seed: int, steps: int, batc
 
 
 @torch.no_grad()
-def control_figures(pipe, model: str, count: int = 24, toma: bool = False, steps: int = 28, seed: int = HELD_OUT,
+def control_figures(pipe, model: str, count: int = 24, toma: bool = False, steps: int = 28, seed: int | None = None,
                     quiet: bool = False) -> dict:
     """The judge's control measure over `count` held-out samples at the network's default size: each drawn from
     its caption and outline (one seed each), with or without ToMA at its defaults in network and ControlNet.
@@ -86,6 +87,7 @@ def control_figures(pipe, model: str, count: int = 24, toma: bool = False, steps
     spec = models.get(model)
     network = models.get(spec.base_model)
     size = network.default_size[0]
+    seed = judge.CONTROL_SEED if seed is None else seed
     nets = [pipe.transformer if spec.family == "flux" else pipe.unet, pipe.controlnet]
     pipe.set_progress_bar_config(disable=True)
     samples = [shapes.sample(seed, i, size) for i in range(count)]
@@ -130,10 +132,8 @@ def train_and_judge(job: dict) -> dict:
     """Train one tiny ControlNet (`job`: model, seed, steps, lr, images, size, vae state, stats, out, threads,
     eval count and steps, quiet), store it, and score its control with and without ToMA."""
     from .. import models
-    from . import fitting
     from .train import save, untrained_vae
 
-    fitting.BAR_ROW = job.get("row", 0)
     torch.set_num_threads(job["threads"])
     t0 = time.monotonic()
     model = job["model"]
@@ -170,47 +170,45 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=tiny.WEIGHTS, help="folder of the weights (the package's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["sdxl-tiny-controlnet", "flux-tiny-controlnet"])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, help="training steps (sdxl-tiny-controlnet 800, flux-tiny-controlnet 600)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--images", type=int, default=8000, help="training samples per ControlNet (8000)")
+    p.add_argument("--images", type=int, help="training samples (sdxl-tiny-controlnet 6000, flux-tiny-controlnet 2000)")
     p.add_argument("--eval-count", type=int, default=24, help="held-out samples the control figures are drawn for")
     p.add_argument("--eval-steps", type=int, default=28)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS, else every core)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     threads = args.threads or default_threads()
     from safetensors import safe_open
 
+    from .. import models
     from .train import _load
 
     with safe_open(str(args.out / "vae-tiny.safetensors"), "pt") as f:
         stats = json.loads(f.metadata()["latents"])
     vae = _load(args.out / "vae-tiny.safetensors")
-    from .. import models
-
-    names = [args.only] if args.only else ["sdxl-tiny-controlnet", "flux-tiny-controlnet"]
-    together = len(names) > 1 and threads > 1
-    jobs = [dict(model=name, seed=args.seed, steps=args.steps, lr=args.lr, images=args.images,
+    # one after the other on every thread: the weights do not depend on whether the other one trains
+    names = [args.only] if args.only else list(DEFAULTS)
+    jobs = [dict(model=name, seed=args.seed, steps=args.steps or DEFAULTS[name]["steps"], lr=args.lr,
+                 images=args.images or DEFAULTS[name]["images"],
                  size=models.get(models.get(name).base_model).default_size[0], vae=vae, stats=stats, out=args.out,
-                 threads=max(1, threads // len(names)) if together else threads, eval_count=args.eval_count,
-                 eval_steps=args.eval_steps, quiet=args.quiet, row=row if together else 0)
-            for row, name in enumerate(names)]
-    if together:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(len(jobs), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(train_and_judge, jobs))
-    else:
-        results = [train_and_judge(job) for job in jobs]
+                 threads=threads, eval_count=args.eval_count, eval_steps=args.eval_steps, quiet=args.quiet)
+            for name in names]
+    results = [train_and_judge(job) for job in jobs]
     record_path = args.out / "training.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    from ..bench.run import cpu_name
+
     for job, result in zip(jobs, results):
-        record[job["model"]] = result
+        record[job["model"]] = dict(result, machine=cpu_name(), seed=args.seed)
         c = result["control"]
+        side = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731   (None: no image showed a shape)
         print(f"{job['model']}: IoU {c['baseline']['iou']:.3f} without ToMA, {c['toma']['iou']:.3f} with ToMA at its "
-              f"defaults; centroid {c['baseline']['centroid']:.3f} / {c['toma']['centroid']:.3f} of the side "
+              f"defaults; centroid {side(c['baseline']['centroid'])} / {side(c['toma']['centroid'])} of the side "
               f"({c['baseline']['images']} held-out samples; {result['minutes']:.1f} min)", flush=True)
-    record_path.write_text(json.dumps(record, indent=1))
+    from .report import write_atomic
+
+    write_atomic(lambda p: p.write_text(json.dumps(record, indent=1)), record_path)
     return 0
 
 

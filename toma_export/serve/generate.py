@@ -102,8 +102,9 @@ def generate(args: GenerateRequest, progress) -> dict:
                       model=args.model, cache=args.cache, controlnets=controlnets)
     t_ready = time.perf_counter()
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
+    scales = [scale for _, scale in args.controlnets] or [1.0] * len(controls)
     image = session.run([args.prompt], [args.seed], height, width, args.steps, guidance,
-                        controls=[(image, scale) for image, (_, scale) in zip(controls, args.controlnets)])[0]
+                        controls=list(zip(controls, scales)))[0]
     t_done = time.perf_counter()
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,13 +113,18 @@ def generate(args: GenerateRequest, progress) -> dict:
                      session.stages, setup=t_ready - t_start, total=t_done - t_ready, out=out)
     result["controlnets"] = [dict(model=name, scale=scale, onnx_or_engine=t, baseline=b, calls=dict(net.calls))
                              for (name, scale), (t, b), net in zip(args.controlnets, controlnets, session.controlnets)]
+    result["control_images"] = list(args.control_images)
     return result
 
 
 def check_controls(spec, controlnets, images) -> list:
-    """The control images, one per ControlNet, read and checked before any work (a file that is not an image, a
-    wrong count); as RGB PIL images, which the pipeline resizes."""
-    if len(images) != len(controlnets):
+    """The control images, one per ControlNet (a channel-concat control model: one of its own), read and checked
+    before any work (a file that is not an image, a wrong count); as RGB PIL images, which the pipeline resizes."""
+    if spec.channel_control:
+        if controlnets or len(images) != 1:
+            raise UsageError(f"{spec.name} concatenates its control image's latents: give one --control-image and no "
+                             "--controlnet")
+    elif len(images) != len(controlnets):
         raise UsageError(f"{len(controlnets)} --controlnet and {len(images)} --control-image: give one control image "
                          "per ControlNet, in the same order")
     from PIL import Image, UnidentifiedImageError
@@ -197,9 +203,10 @@ class Session:
         (image, scale) per ControlNet, which the pipeline resizes to the image size."""
         import torch
 
-        if len(controls) != len(self.controlnets):
-            raise UsageError(f"this pipeline has {len(self.controlnets)} ControlNet(s) and takes one control image "
-                             f"each; got {len(controls)}")
+        wanted = len(self.controlnets) or int(self.spec.channel_control)
+        if len(controls) != wanted:
+            raise UsageError(f"this pipeline takes {wanted} control image(s) (one per ControlNet, or a channel-concat "
+                             f"model's one); got {len(controls)}")
         for net in [self.network, *self.controlnets]:
             net.reset()
         self.network.timings.clear()

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import models, resources
@@ -69,6 +69,7 @@ class BuildOptions:
     loras: tuple = ()              # ((absolute path, scale), ...) fused into the export's weights
     part: str | None = None        # one graph of a First-Block Cache split (build_split builds both)
     quant: object = None           # quantize.Quantization: an 8-bit Q/DQ export, built strongly typed
+    control: tuple = ()            # the network takes these ControlNet residuals (build_controlled)
 
 
 def describe_selection(selection: str, reason: str | None) -> str:
@@ -180,7 +181,8 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
     export_options = ExportOptions(
         height=sizes["opt"][0], width=sizes["opt"][1], dynamic=not options.static, dtype=dtype,
         min_size=None if options.static else sizes["min"], max_size=None if options.static else sizes["max"],
-        text_len=options.text_len, loras=options.loras, part=options.part, quant=options.quant)
+        text_len=options.text_len, loras=options.loras, part=options.part, quant=options.quant,
+        control=options.control)
     onnx_meta = export_in_child(model, toma, out_root / "onnx", export_options, force=force, progress=progress)
     fields = dict(onnx=onnx_meta["key"], backend=name, backend_version=backends.version(trt),
                   plugin_version=plugin_version() if use_plugin else None, ptx_version=ptx_version, target=target)
@@ -222,6 +224,27 @@ def build(model: str, toma: ToMAConfig | None, output_dir=None, options: BuildOp
             Artifact("engine", tmp / ENGINE_META, meta).save()
         progress(f"[build] wrote {final / ENGINE_META}: {meta['plan']}, refitted from {meta['weights']} at load")
         return meta
+
+
+def build_controlled(model: str, controlnets, toma, output_dir=None, options: BuildOptions = BuildOptions(),
+                     controlnet_toma: bool = True, force: bool = False, progress=None) -> dict:
+    """The network taking ControlNet residuals and each ControlNet as engines, all on the network's recipe (sizes,
+    dtype) and its text length; {"network": its engine.json, "controlnets": theirs}. Checked before any build."""
+    from ..onnx.export import check_controlnets
+
+    plan = recipe(model)
+    sizes = {k: getattr(options, f"{k}_size") or tuple(plan["sizes"][k]) for k in ("min", "opt", "max")}
+    options = replace(options, min_size=sizes["min"], opt_size=sizes["opt"], max_size=sizes["max"],
+                      dtype=options.dtype or plan["dtype"])
+    if options.weightless or options.part or options.quant:
+        raise UsageError("ControlNet engines take no --weightless, --cache or --quantize yet")
+    layout = check_controlnets(model, controlnets, ExportOptions(height=sizes["opt"][0], width=sizes["opt"][1],
+                                                                 text_len=options.text_len))
+    own = replace(options, loras=(), text_len=options.text_len or models.get(model).text_len)   # a LoRA: the network's
+    metas = [build(name, toma if controlnet_toma else None, output_dir, own, force=force, progress=progress)
+             for name in dict.fromkeys(controlnets)]
+    network = build(model, toma, output_dir, replace(options, control=layout), force=force, progress=progress)
+    return dict(network=network, controlnets=metas)
 
 
 def _write(final: Path, meta: dict, make, progress) -> dict:
