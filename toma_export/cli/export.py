@@ -46,10 +46,9 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import models
-    from ..errors import UsageError
     from ..cache import check_family
     from ..onnx import ExportOptions, export
-    from ..onnx.export import export_controlled, export_split
+    from ..onnx.export import export_controlled, export_split, refuse_with_controlnets
     from ..lora import as_options
     from ..resources import default_output
     from ..toma.tiles import check_tiling
@@ -59,8 +58,8 @@ def run(args) -> int:
     check_family(args.cache, spec)
     if config is not None:
         check_tiling(spec.token_grid(args.height, args.width), config.tile)     # before any heavy loading
-    if args.controlnet and args.quantize != "none":
-        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
+    if args.controlnet:
+        refuse_with_controlnets(quant=args.quantize != "none")     # before calibrating
     quant = quantization(args, args.model, config)
     options = ExportOptions(height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
                             dtype=args.dtype, opset=args.opset, min_size=args.min_size, max_size=args.max_size,
@@ -69,9 +68,7 @@ def run(args) -> int:
     out = Path(args.output_dir or default_output()) / "onnx"
     controlnets = []
     if args.controlnet:
-        if args.cache is not None:
-            raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
-                             "--cache none with --controlnet")
+        refuse_with_controlnets(cache=args.cache is not None)
         both = export_controlled(args.model, [name for name, _ in args.controlnet], config, out, options,
                                  controlnet_toma=not args.controlnet_unmerged, force=args.force)
         meta, controlnets = both["network"], both["controlnets"]

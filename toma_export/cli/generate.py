@@ -53,8 +53,10 @@ def run(args) -> int:
                          f"{', '.join('--' + n.replace('_', '-') for n in sorted(set(given) - set(SCHEDULE)))})")
     if (args.onnx or args.engine) and args.quantize != "none":
         raise UsageError("--onnx/--engine files carry their own quantization; drop --quantize")
-    if args.controlnet and args.quantize != "none":
-        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
+    if args.controlnet:
+        from ..onnx.export import refuse_with_controlnets
+
+        refuse_with_controlnets(quant=args.quantize != "none")     # before calibrating
     config = None if args.no_toma else toma_config(args)
     request = GenerateRequest(
         model=args.model, prompt=args.prompt, out=args.out, steps=args.steps, size=args.size, seed=args.seed,

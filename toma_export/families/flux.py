@@ -49,8 +49,7 @@ class FluxSpec(ModelSpec):
     def channel_control(self) -> bool:
         """A control model that concatenates the control image's latents as input channels (BFL's FLUX.1
         Canny/Depth: 128 in, 64 out), served through FluxControlPipeline."""
-        c = self.config
-        return c["in_channels"] > (c.get("out_channels") or c["in_channels"])
+        return concatenates(self.config)
 
     @property
     def pipeline_class(self) -> str:
@@ -299,12 +298,18 @@ def _tail(model, fbcache_hidden, fbcache_text, fbcache_temb, txt_ids):
     return model.proj_out(model.norm_out(x, fbcache_temb)), (x - start).reshape(b, h, w, d)
 
 
+def concatenates(config: dict) -> bool:
+    """Whether a FLUX transformer config takes more input channels than it gives: a control image's latents
+    concatenated to the image's."""
+    given = config.get("in_channels", 64)
+    return given > (config.get("out_channels") or given)
+
+
 def variant(config: dict, pipeline: dict) -> tuple[str, dict]:
     """dev embeds the guidance scale and takes 512 text tokens; schnell embeds none and its pipelines
     default to 256 (the length its T5 was distilled with). A model taking more input channels than it gives
     concatenates a control image's latents (FLUX.1 Canny/Depth): "-control"."""
-    given = config.get("in_channels", 64)
-    concat = "-control" if given > (config.get("out_channels") or given) else ""
+    concat = "-control" if concatenates(config) else ""
     if config.get("guidance_embeds"):
         return "dev" + concat, dict(text_len=512, text_range=(1, 512, 512))
     return "schnell" + concat, dict(text_len=256, text_range=(1, 256, 512))

@@ -150,15 +150,20 @@ def export_controlled(model_name: str, controlnets, config: ToMAConfig | None, o
     return dict(network=network, controlnets=metas)
 
 
+def refuse_with_controlnets(cache: bool = False, quant: bool = False) -> None:
+    """What ControlNets do not combine with yet (a First-Block Cache split, 8-bit), one line each, before any work."""
+    if cache:
+        raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
+                         "--cache none with --controlnet")
+    if quant:
+        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
+
+
 def check_controlnets(model_name: str, controlnets, options: ExportOptions) -> tuple:
     """The residual layout every ControlNet gives the network; one line naming the first that does not fit."""
     if not controlnets:
         raise UsageError("no ControlNet given: pass --controlnet NAME|FOLDER")
-    if options.part:
-        raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
-                         "--cache none with --controlnet")
-    if options.quant:
-        raise UsageError("8-bit exports with ControlNets are not supported yet; pass --quantize none with --controlnet")
+    refuse_with_controlnets(cache=bool(options.part), quant=bool(options.quant))
     network = models.get(model_name).with_text_len(options.text_len)
     height, width = network.size(options.height, options.width)
     layouts = {}
@@ -214,9 +219,8 @@ def _plan(model_name: str, config: ToMAConfig | None, output_dir, options: Expor
         from ..cache import check_split
 
         check_split(spec, options.part)
-    if options.control and options.part:
-        raise UsageError("First-Block Cache does not split a network that takes ControlNet residuals yet; pass "
-                         "--cache none with --controlnet")
+    if options.control:
+        refuse_with_controlnets(cache=bool(options.part))
     spec = spec.with_text_len(options.text_len).with_control(options.control)
     height, width = spec.size(options.height, options.width)
     ranges = _ranges(spec, options, (height, width))
