@@ -126,7 +126,7 @@ def cli(*args):
                           timeout=900)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ["flux-tiny"])     # sdxl-tiny's CLI export: test_artifacts, test_controlnet
 def test_cli_export_json_and_reuse(tmp_path, name, cli_here):
     res = cli("export", "--model", name, "--ratio", "0.5", "--output-dir", str(tmp_path), "--json")
     assert res.returncode == 0, res.stderr[-3000:]

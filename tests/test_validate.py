@@ -28,10 +28,10 @@ def cli(*args):
 
 
 @pytest.mark.parametrize("name", ["flux-tiny", "sdxl-tiny"])
-def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
+def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name, cli_here):
     dynamic_export(name)                                   # the cached export validate reuses
-    res = cli("--model", name, "--backends", "torch,onnxruntime", "--steps", "4", "--sizes", "256x256,192x320",
-              "--output-dir", str(artifacts), "--json")
+    res = cli_here("validate", "--model", name, "--backends", "torch,onnxruntime", "--steps", "4", "--sizes",
+                   "256x256,192x320", "--output-dir", str(artifacts), "--json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["passed"] and report["providers"]["onnxruntime"] == "CPUExecutionProvider"
@@ -46,7 +46,7 @@ def test_validate_passes_for_both_tiny_models(artifacts, dynamic_export, name):
     assert all(0 < f["relative_l2"] < 0.5 for f in report["fidelity"])
 
 
-def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_export, tmp_path):
+def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_export, tmp_path, cli_here):
     meta = dynamic_export("flux-tiny")
     folder = tmp_path / "corrupt"
     shutil.copytree(meta["onnx"].rsplit("/", 1)[0], folder)
@@ -54,15 +54,16 @@ def test_corrupted_onnx_fails_and_bisect_names_the_block(artifacts, dynamic_expo
     weight = next(t for t in model.graph.initializer if t.name == "single_transformer_blocks.3.proj_out.bias")
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) + 1.0, weight.name))
     onnx.save(model, folder / "model.onnx")                            # one weight perturbed
-    res = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--bisect", "--output-dir",
-              str(artifacts), "--json")
+    res = cli_here("validate", "--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--bisect",
+                   "--output-dir", str(artifacts), "--json")
     assert res.returncode == 1, res.stderr[-2000:]
     report = json.loads(res.stdout)
     assert not report["passed"] and not report["comparisons"][0]["passed"]
     (bisect,) = report["bisect"]
     assert bisect["first_failing_block"] == "single_transformer_blocks.3"
     assert all(b["found"] for b in bisect["blocks"]) and len(bisect["blocks"]) == 12
-    table = cli("--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir", str(artifacts))
+    table = cli_here("validate", "--model", "flux-tiny", "--onnx", str(folder / "model.onnx"), "--output-dir",
+                     str(artifacts))
     assert table.returncode == 1 and "FAIL" in table.stdout and table.stdout.strip().endswith("FAILED")
 
 
@@ -109,8 +110,8 @@ def test_tensorrt_without_gpu_is_a_clear_skip_and_bad_backends_an_error(artifact
     TensorRT to load) tensorrt must be skipped with that reason and compared nowhere; with both it must have
     run, with a passing comparison wherever ONNX Runtime has one. Either way the run passes on the others."""
     dynamic_export("flux-tiny")
-    res = cli("--model", "flux-tiny", "--backends", "torch,onnxruntime,tensorrt", "--output-dir", str(artifacts),
-              "--json")
+    res = cli_here("validate", "--model", "flux-tiny", "--backends", "torch,onnxruntime,tensorrt", "--output-dir",
+                   str(artifacts), "--json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     trt = [c for c in report["comparisons"] if "tensorrt" in c["backends"]]
