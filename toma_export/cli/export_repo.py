@@ -1,11 +1,12 @@
 """`toma-export export-repo`: a Triton Inference Server model repository whose pipeline model answers
 prompt -> image, from an ONNX export (ONNX Runtime, CPU) or a built engine (TensorRT, GPU; the engine is also
-written as a `tensorrt_plan` model for clients that run the denoising loop themselves)."""
+written as a `tensorrt_plan` model for clients that run the denoising loop themselves). With --controlnet the
+pipeline model also loads the ControlNets' exports and takes one control image per ControlNet per request."""
 from __future__ import annotations
 
 import json
 
-from .common import add_cache, add_json, check_file_quantize
+from .common import add_cache, add_json, check_file_quantize, controlnet
 
 
 def add_parser(sub):
@@ -36,6 +37,14 @@ def add_parser(sub):
     p.add_argument("--quantize", choices=["none", "int8", "fp8"],
                    help="the 8-bit mode the file must have been exported or built with (a deployment check; the "
                         "file carries its own: `export/build --quantize`)")
+    group = p.add_argument_group("ControlNet (docs/controlnet.md)")
+    group.add_argument("--controlnet", action="append", type=controlnet, default=[], metavar="NAME|EXPORT[:SCALE]",
+                       help="a ControlNet the --onnx network takes residuals from, at conditioning SCALE (1) unless a "
+                            "request sends control_scale: its export (model.onnx, toma.json or folder), or its name "
+                            "or diffusers folder, whose export is found beside the network's (where `export "
+                            "--controlnet` writes it); repeatable, in the order of a request's control images")
+    group.add_argument("--controlnet-unmerged", action="store_true",
+                       help="by name: take the ControlNets' exports without ToMA (export --controlnet-unmerged)")
     return p
 
 
@@ -44,18 +53,31 @@ def run(args) -> int:
 
     from ..artifacts import Artifact
     from ..serve.network import head_of
-    from ..serve.repository import RepositoryError, export_pipeline, export_repo
+    from ..serve.repository import (RepositoryError, check_control, controlnet_exports, export_pipeline,
+                                    export_repo)
     from ..serve.triton_model import Limits
 
     try:
         limits = Limits(max_steps=args.max_steps, max_seconds=args.max_seconds)
     except ValueError as err:
         raise RepositoryError(f"{err}; pass --max-steps N >= 1 and --max-seconds S > 0") from None
+    if args.controlnet:                 # what ControlNets do not combine with, before any file is read
+        from ..onnx.export import refuse_with_controlnets
+
+        if args.engine:
+            raise RepositoryError("ControlNets are served through ONNX Runtime so far: pass the network's export that "
+                                  "takes their residuals with --onnx, not --engine (docs/controlnet.md)")
+        refuse_with_controlnets(cache=args.cache is not None, quant=args.quantize not in (None, "none"))
 
     result = {"repository": str(Path(args.out).expanduser().resolve())}
     artifact = Artifact.load(args.engine, "engine") if args.engine else Artifact.load(args.onnx, "onnx")
     check_file_quantize(artifact, args.quantize, f"{'build' if args.engine else 'export'} it with --quantize "
                         f"{args.quantize}, or drop --quantize")
+    check_control(artifact, bool(args.controlnet))
+    controlnets = []
+    if args.controlnet:
+        found = controlnet_exports(artifact, [name for name, _ in args.controlnet], args.controlnet_unmerged)
+        controlnets = [(cn, base, scale) for (cn, base), (_, scale) in zip(found, args.controlnet)]
     if args.engine:
         head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
         name = args.name or Path(artifact.model).name
@@ -80,14 +102,19 @@ def run(args) -> int:
     else:
         name = args.name or Path(artifact.model).name
         final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
-                                baseline=args.baseline, limits=limits, cache=args.cache)
+                                baseline=args.baseline, limits=limits, cache=args.cache, controlnets=controlnets)
         result.update(pipeline_model=final.name, network="onnxruntime")
+        if controlnets:
+            result["controlnets"] = [dict(model=cn.model, scale=scale, onnx=str(cn.path),
+                                          baseline=str(base.path) if base else None) for cn, base, scale in controlnets]
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['repository']}\n  pipeline model: {result['pipeline_model']} (prompt -> image, "
               f"{result['network']})" + (f"\n  plan model: {result['plan_model']}" if "plan_model" in result else "")
               + (f"\n  head plan model: {result['head_plan_model']}" if "head_plan_model" in result else "")
+              + "".join(f"\n  ControlNet {i}: {c['model']} at scale {c['scale']:g} ({c['onnx']})"
+                        for i, c in enumerate(result.get("controlnets", ())))
               + f"\n  serve: toma-export serve --repo {result['repository']}")
     return 0
 

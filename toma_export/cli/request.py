@@ -21,6 +21,12 @@ def add_parser(sub):
     p.add_argument("--header", action="append", default=[], metavar="KEY=VALUE",
                    help="an HTTP header or gRPC metadata entry to send, e.g. x-api-key=SECRET for a server "
                         "started with Triton's restricted APIs; repeatable")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="a PNG or JPEG sent as it is, one per ControlNet of the model (export-repo --controlnet), in "
+                        "their order; repeatable")
+    p.add_argument("--control-scale", action="append", type=float, metavar="S",
+                   help="the conditioning scale of each --control-image, in order (default: the model's, set by "
+                        "export-repo --controlnet NAME:SCALE); repeatable")
     p.add_argument("--out", required=True, help="PNG file to write")
     add_json(p)
     return p
@@ -39,9 +45,19 @@ def run(args) -> int:
     headers = dict(h.split("=", 1) for h in args.header if "=" in h)
     if len(headers) != len(args.header):
         raise UsageError(f"--header takes KEY=VALUE, got {[h for h in args.header if '=' not in h][0]!r}")
+    if args.control_scale is not None and len(args.control_scale) != len(args.control_image):
+        raise UsageError(f"{len(args.control_image)} --control-image and {len(args.control_scale)} --control-scale: "
+                         "give one scale per control image, or none for the model's")
+    controls = []
+    for path in args.control_image:         # sent as they are: the model checks and decodes them
+        try:
+            controls.append(Path(path).expanduser().read_bytes())
+        except OSError as err:
+            raise UsageError(f"--control-image {path}: {err.strerror or err}") from None
     client = Client(args.url, "grpc" if args.grpc else "http", args.model, headers=headers)
     t0 = time.perf_counter()
-    image = client.generate(args.prompt, *args.size, args.steps, args.seed, args.guidance, args.max_seconds)
+    image = client.generate(args.prompt, *args.size, args.steps, args.seed, args.guidance, args.max_seconds,
+                            control_images=controls, control_scales=args.control_scale)
     seconds = time.perf_counter() - t0
     client.close()
     out = Path(args.out).expanduser()

@@ -142,10 +142,12 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_of_instances: str,
-                         max_requests: int, limits=None, cache=None) -> str:
+                         max_requests: int, limits=None, cache=None, controlnets=()) -> str:
     """config.pbtxt of the pipeline model. `max_requests`: how many requests one pipeline call may batch
     (the export's largest batch over the default CFG batch); 1 turns dynamic batching off. `limits`: what one
-    request may ask for (triton_model.Limits), written as parameters; `cache` the First-Block Cache too."""
+    request may ask for (triton_model.Limits), written as parameters; `cache` the First-Block Cache too.
+    `controlnets`: (name, default scale) per ControlNet, which add the control_image and control_scale inputs; a
+    config without them is what it was before ControlNets were served."""
     from .triton_model import Limits
 
     limits = limits or Limits()
@@ -160,6 +162,9 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
         head.append(f"# dynamic batching: requests of equal size, steps and guidance run as one pipeline batch of up "
                     f"to {max_requests} (the export's batch range over the CFG batch); ToMA destinations stay per "
                     "request")
+    elif controlnets:
+        head.append("# no dynamic batching: a pipeline call takes one control image per ControlNet for its whole "
+                    "batch, so requests run one at a time; scale with --instances")
     else:
         head.append("# no dynamic batching: the export takes one image per network call (a static export, or a "
                     "batch range no larger than the CFG batch); scale with --instances")
@@ -172,6 +177,13 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
         head.append(f"# First-Block Cache ({cache}): the head runs every step, the tail only where the head's output "
                     "changed by more than the threshold (decided per batch, so requests run one at a time); the "
                     "cache parameter below sets it")
+    if controlnets:
+        head.append("# ControlNets, each in 1/controlnet-<i>: " + ", ".join(
+            f"{i} {n} (scale {s:g})" for i, (n, s) in enumerate(controlnets)))
+        head.append(f"# control_image BYTES [{len(controlnets)}]: one PNG or JPEG per ControlNet, in that order (modes "
+                    f"RGB, L, 1, P without transparency; at most {limits.max_control_bytes} bytes and "
+                    f"{limits.max_control_pixels} pixels each; resized to the image size); control_scale FP32 "
+                    f"[{len(controlnets)}] optional, default the scales above (parameter controlnet_scales)")
     head += ["# every request is checked before any work (HTTP 400 / INVALID_ARGUMENT otherwise): steps "
              f"1..{limits.max_steps}, guidance 0..{limits.max_guidance:g},",
              f"# seed 0..2^63-1, a prompt of at most {limits.max_prompt_bytes} UTF-8 bytes; a run stops when its "
@@ -183,11 +195,14 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
              "# put an authenticating reverse proxy in front, or pass Triton's --http-restricted-api / "
              "--grpc-restricted-protocol (toma-export serve --server-arg)"]
 
-    def scalar(n, t, extra=""):
-        return f"  {{\n    name: {json.dumps(n)}\n    data_type: {t}\n    dims: [ 1 ]{extra}\n  }}"
+    def scalar(n, t, extra="", dims=1):
+        return f"  {{\n    name: {json.dumps(n)}\n    data_type: {t}\n    dims: [ {dims} ]{extra}\n  }}"
 
     inputs = [scalar("prompt", "TYPE_STRING")] + [scalar(n, "TYPE_INT64") for n in ("height", "width", "steps", "seed")]
     inputs += [scalar(n, "TYPE_FP32", "\n    optional: true") for n in ("guidance", "max_seconds")]
+    if controlnets:          # [-1]: the model counts the images itself, naming what it takes
+        inputs += [scalar("control_image", "TYPE_STRING", dims=-1),
+                   scalar("control_scale", "TYPE_FP32", "\n    optional: true", dims=-1)]
     body = [f"name: {json.dumps(name)}", 'backend: "python"', f"max_batch_size: {max(1, max_requests)}",
             "input [\n" + ",\n".join(inputs) + "\n]",
             'output [\n  {\n    name: "image"\n    data_type: TYPE_UINT8\n    dims: [ -1, -1, 3 ]\n  }\n]',
@@ -195,7 +210,9 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
     if max_requests > 1:
         body.append("dynamic_batching {\n  max_queue_delay_microseconds: 20000\n}")
     extra = {"cache": str(cache)} if cache is not None else {}
-    for key, value in {"network_kind": kind, **limits.parameters(), **extra}.items():
+    if controlnets:
+        extra["controlnet_scales"] = ",".join(str(float(s)) for _, s in controlnets)
+    for key, value in {"network_kind": kind, **limits.parameters(control=bool(controlnets)), **extra}.items():
         body.append(f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(head) + "\n" + "\n".join(body) + "\n"
 
@@ -224,12 +241,14 @@ def max_requests(meta: dict) -> int:
 
 
 def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "cpu", force: bool = False,
-                    baseline=None, check_free=(), limits=None, cache=None) -> Path:
+                    baseline=None, check_free=(), limits=None, cache=None, controlnets=()) -> Path:
     """Write REPO/<name>/{config.pbtxt, 1/model.py, 1/network/...}: the pipeline model (staged, renamed).
     `check_free`: other model folders this export will write, refused together when they exist. `cache`: a
-    First-Block Cache, for a split export's tail (its head is copied beside it, under the name the tail records)."""
+    First-Block Cache, for a split export's tail (its head is copied beside it, under the name the tail records).
+    `controlnets`: (export, its baseline or None, default scale) per ControlNet (`controlnet_exports`), copied
+    into 1/controlnet-<i>; the network must take their residuals."""
     from ..artifacts import Artifact
-    from .triton_model import BASELINE, MODEL_PY, NETWORK
+    from .triton_model import BASELINE, MODEL_PY, NETWORK, control_folder
 
     artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
     base = None if baseline is None else Artifact.load(baseline)
@@ -240,13 +259,20 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
                               "ONNX export with --onnx to serve on CPU)")
     if not _NAME.fullmatch(name):
         raise RepositoryError(f"model name {name!r} is not a plain folder name (letters, digits, _ . -); pass --name")
+    check_control(artifact, bool(controlnets))
+    control = artifact.meta.get("control")
+    if controlnets and base is not None and base.meta.get("control") != control:
+        raise RepositoryError(f"{base.name} takes no ControlNet residuals, unlike {artifact.name}; pass the baseline "
+                              "exported with the same --controlnet")
     from .network import head_of
 
     head = head_of(artifact, cache)
     # First-Block Cache decides for a whole batch (diffusers' rule averages over it): requests are not batched
-    # together, so that one request's steps never depend on another's
-    batchable = max_requests(artifact.meta) if cache is None else 1
-    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, batchable, limits, cache)
+    # together, so that one request's steps never depend on another's; nor are requests with control images (one
+    # per ControlNet for a whole pipeline call)
+    batchable = max_requests(artifact.meta) if cache is None and not controlnets else 1
+    text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, batchable, limits, cache,
+                                [(cn.model, scale) for cn, _, scale in controlnets])
     final = writable_dir(out) / name
     for folder in (final, *check_free):
         if folder.exists() and not force:
@@ -258,6 +284,134 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
             _copy_artifact(head, tmp / "1" / artifact.meta["head"])
         if base is not None:
             _copy_artifact(base, tmp / "1" / BASELINE)
+        for i, (cn, cn_base, _) in enumerate(controlnets):
+            _copy_artifact(cn, tmp / "1" / control_folder(i))
+            if cn_base is not None:
+                _copy_artifact(cn_base, tmp / "1" / control_folder(i, baseline=True))
         (tmp / "1" / "model.py").write_text(MODEL_PY)
         (tmp / "config.pbtxt").write_text(text)
     return final
+
+
+# -- ControlNets: their exports beside the network's, checked against it --
+MATCHING = ("dtype", "dynamic", "batch", "height", "width", "ranges", "text_len")   # what a ControlNet shares
+
+
+def controlnet_exports(network, names, unmerged: bool = False) -> list[tuple]:
+    """(export, its baseline or None) per ControlNet, for a network export that takes their residuals. A name that
+    is an export (model.onnx, toma.json or their folder) is taken as it is; any other name (a registered ControlNet
+    or a diffusers folder) is looked up among the exports beside the network's, where `export --controlnet` writes
+    them: its ToMA settings the network's (none when `unmerged`), and its sizes, batch, dtype and text length. A
+    ToMA ControlNet whose schedule leaves steps unmerged gets its baseline from beside it too. Nothing is exported
+    here: export-repo places exports, it never makes them."""
+    from ..artifacts import Artifact
+    from .pipeline import needs_baseline
+
+    if network.kind != "onnx":
+        raise RepositoryError("ControlNets are served through ONNX Runtime so far: pass the network's export that "
+                              "takes their residuals with --onnx (docs/controlnet.md)")
+    check_control(network, True)
+    control = network.meta["control"]
+    wanted = None if unmerged else network.config
+    found = []
+    for name in names:
+        given = Path(name).expanduser()
+        if given.is_file() or (given / "toma.json").is_file():
+            cn = Artifact.load(given, "onnx")
+            if unmerged and cn.config is not None:
+                raise RepositoryError(f"{cn.name} has ToMA; drop --controlnet-unmerged or pass the ControlNet's export "
+                                      "without ToMA")
+        else:
+            _check_name(network, name, control)
+            cn = _beside(network, name, wanted)
+            if cn is None:
+                toma = "without ToMA" if wanted is None else "with the network's ToMA"
+                flag = " --controlnet-unmerged" if unmerged else ""
+                raise RepositoryError(
+                    f"no export of {name} beside {network.name} fits it ({toma}, the same size, batch, dtype and text "
+                    f"length); export them together with `toma-export export --model {network.model} --controlnet "
+                    f"{name}{flag}` and the network's options, or pass the ControlNet's export folder")
+        _check_controlnet(network, cn, control)
+        base = None
+        if cn.config is not None and needs_baseline(cn.config):
+            base = _beside(cn, cn.model, None)
+            if base is None:
+                raise RepositoryError(f"{cn.name}: its ToMA schedule (merge_steps {cn.config.merge_steps!r}) leaves "
+                                      "steps unmerged, which need its export without ToMA beside it; export it with "
+                                      "--no-toma too")
+        found.append((cn, base))
+    return found
+
+
+def check_control(network, with_controlnets: bool) -> None:
+    """A network that takes ControlNet residuals is served with its ControlNets, and only such a network is."""
+    control = network.meta.get("control")
+    if control and not with_controlnets:
+        raise RepositoryError(f"{network.name} takes the residuals of ControlNets ({control[0]}, {control[1]} "
+                              "residuals); pass its ControlNets with --controlnet NAME[:SCALE]")
+    if with_controlnets and not control:
+        raise RepositoryError(f"{network.name} takes no ControlNet residuals; export the network with its ControlNets "
+                              "(toma-export export --controlnet NAME) and pass that export with --onnx")
+
+
+def _beside(artifact, model: str, config):
+    """The ControlNet export of `model` with ToMA settings `config` among the exports in `artifact`'s output folder
+    that share its sizes, batch, dtype and text length; None when there is none."""
+    from ..artifacts import Artifact
+
+    for folder in sorted(artifact.path.parent.parent.iterdir()):
+        meta_file = folder / "toma.json"
+        if folder.name.startswith(".") or not meta_file.is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not (_same_model(meta.get("model"), model) and meta.get("residuals")) or \
+                any(meta.get(k) != artifact.meta.get(k) for k in MATCHING):
+            continue
+        candidate = Artifact.load(folder, "onnx")
+        if candidate.config == config:
+            return candidate
+    return None
+
+
+def _check_name(network, name: str, control) -> None:
+    """A ControlNet named (not an export) gives the residuals the network takes; a name the registry does not know
+    is left to the search, which says what to export."""
+    from .. import models
+    from ..errors import ToMAExportError
+
+    try:
+        spec = models.get(name)
+    except ToMAExportError:
+        return
+    layout = spec.residual_layout()
+    if not layout:
+        raise RepositoryError(f"{name} is not a ControlNet (a {spec.family} network); --controlnet takes ControlNets "
+                              "or their exports")
+    if list(layout) != list(control):
+        raise RepositoryError(f"{name} gives residuals {list(layout)}, but {network.name} takes {list(control)}; pass "
+                              "a ControlNet of the network's layout")
+
+
+def _same_model(recorded, name: str) -> bool:
+    """A registered name as it is; a diffusers folder however it was spelled (relative, ~, a link)."""
+    if recorded == name:
+        return True
+    folders = [Path(str(p)).expanduser() for p in (recorded, name)]
+    return all(f.is_dir() for f in folders) and folders[0].resolve() == folders[1].resolve()
+
+
+def _check_controlnet(network, cn, control) -> None:
+    if not cn.meta.get("residuals"):
+        raise RepositoryError(f"{cn.name} is not a ControlNet export (it gives no residuals); pass the export that "
+                              "`toma-export export --controlnet NAME` writes for the ControlNet, or its name")
+    if list(cn.meta["residuals"]) != list(control):
+        raise RepositoryError(f"{cn.name} gives residuals {list(cn.meta['residuals'])}, but {network.name} takes "
+                              f"{list(control)}; pass a ControlNet of the network's layout")
+    differ = [k for k in MATCHING if cn.meta.get(k) != network.meta.get(k)]
+    if differ:
+        k = differ[0]
+        raise RepositoryError(f"{cn.name} does not fit {network.name}: {k} {cn.meta.get(k)!r} vs "
+                              f"{network.meta.get(k)!r}; export both with the same options (export --controlnet)")

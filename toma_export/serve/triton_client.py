@@ -23,8 +23,9 @@ def _module(protocol: str):
 
 
 def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, guidance: float | None = None,
-           max_seconds: float | None = None):
-    """The request tensors, each [1, 1] (the batch axis and the per-request [1])."""
+           max_seconds: float | None = None, control_images=(), control_scales=None):
+    """The request tensors, each [1, 1] (the batch axis and the per-request [1]); with `control_images` (encoded
+    PNG or JPEG bytes, one per ControlNet) control_image [1, N], and control_scale [1, N] where scales are given."""
     tensors = []
 
     def add(name, array, dtype):
@@ -38,6 +39,12 @@ def inputs(client, prompt: str, height: int, width: int, steps: int, seed: int, 
     for name, value in (("guidance", guidance), ("max_seconds", max_seconds)):
         if value is not None:
             add(name, np.array([[value]], dtype=np.float32), "FP32")
+    if control_images:
+        blobs = np.empty((1, len(control_images)), dtype=object)     # bytes as they are, never an array of them
+        blobs[0, :] = [bytes(b) for b in control_images]
+        add("control_image", blobs, "BYTES")
+    if control_scales is not None:
+        add("control_scale", np.array([list(control_scales)], dtype=np.float32), "FP32")
     return tensors
 
 
@@ -90,15 +97,18 @@ class Client:
         return "prompt" in names
 
     def generate(self, prompt: str, height: int, width: int, steps: int, seed: int = 0,
-                 guidance: float | None = None, max_seconds: float | None = None) -> np.ndarray:
-        """The image as (H, W, 3) uint8; a server-side refusal is an ExecutionError with the server's message."""
+                 guidance: float | None = None, max_seconds: float | None = None, control_images=(),
+                 control_scales=None) -> np.ndarray:
+        """The image as (H, W, 3) uint8; a server-side refusal is an ExecutionError with the server's message.
+        `control_images`: the encoded files' bytes, one per ControlNet of the model; `control_scales` theirs."""
         from tritonclient.utils import InferenceServerException
 
         deadline = time.monotonic() + self.recovery_wait
         while True:
             try:
                 result = self.client.infer(self.model, inputs(self.module, prompt, height, width, steps, seed,
-                                                              guidance, max_seconds), headers=self.headers)
+                                                              guidance, max_seconds, control_images, control_scales),
+                                           headers=self.headers)
                 return result.as_numpy("image")[0]
             except InferenceServerException as err:
                 if not reloading(err):
