@@ -6,7 +6,8 @@
 # refitted at load and compared with the normal engine, per call and through generate (their sizes in the
 # summary), the First-Block Cache pair of engines (build --cache) served against the ONNX Runtime pair, and the
 # 8-bit engines (INT8, and FP8 from sm89) against the fp16 engine with and without ToMA (time per step, image
-# similarity; needs nvidia-modelopt, carried as a wheel).
+# similarity; needs nvidia-modelopt, carried as a wheel), and the ControlNet engines (build --controlnet, the
+# plugin in the ControlNet and in the network taking its residuals) against ONNX Runtime, per graph.
 # Checks that cannot run skip with their reason.
 # Writes one JSON summary: $TOMA_GPU_SUMMARY, default gpu-checks.json.
 #

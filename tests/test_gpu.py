@@ -266,3 +266,44 @@ def test_quantized_engines_against_the_fp16_engine(tmp_path, toma, record_proper
     record_property("quantized_engines", dict(toma=toma, **figures))
     for mode in modes:
         assert figures[mode]["judge_fidelity"] > 0.9 and figures[mode]["mean_pixel_difference"] < 40, figures
+
+
+@cuda
+@tensorrt
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_controlnet_engines_match_onnxruntime(tmp_path, family, record_property):
+    """build --controlnet with full TensorRT (the ToMASelect plugin in both graphs): the ControlNet's engine and the
+    network's taking its residuals, each against ONNX Runtime on its own export, same inputs, destinations forced;
+    each output's error over its scale goes to the summary."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from toma_export.onnx import ToMAGraph
+    from toma_export.onnx.graph import RECOMPUTE
+    from toma_export.runtime.tensorrt import EngineRunner
+    from toma_export.toma.selection import recompute_flag
+    from toma_export.trt import BuildOptions
+    from toma_export.trt.build import build_controlled
+
+    net, cn = {"sdxl": ("sdxl-tiny", "sdxl-tiny-controlnet"), "flux": ("flux-tiny", "flux-tiny-controlnet")}[family]
+    made = build_controlled(net, [cn], te.ToMAConfig(), tmp_path, BuildOptions(backend="tensorrt"))
+    layout = te.models.get(cn).residual_layout()
+    errors = {}
+    for spec, meta in ((te.models.get(cn), made["controlnets"][0]),
+                       (te.models.get(net).with_control(layout), made["network"])):
+        model = spec.load()
+        graph = ToMAGraph(model, spec, te.apply_toma(model)).eval()
+        x = spec.graph_inputs(batch=2, smooth=True)
+        feeds = dict(zip(graph.input_names, [*x.values(), *graph.sample_toma_inputs(x).values()]))
+        session = ort.InferenceSession(meta["onnx"])
+        own = len(graph.output_names) - len(graph.groups)
+        picked = session.run(None, {k: np.asarray(v) for k, v in feeds.items()})[own:]
+        forced = dict(feeds, **{n: torch.as_tensor(p) for n, p in zip(graph.input_names[len(x):-1], picked)})
+        forced[RECOMPUTE] = recompute_flag(False)
+        ref = session.run(None, {k: np.asarray(v) for k, v in forced.items()})
+        out = EngineRunner(Path(meta["engine"]).with_name("engine.json"))(forced)
+        for name, r in zip(graph.output_names[:own], ref):
+            got = out[name].float().cpu().numpy()
+            errors[f"{spec.name}:{name}"] = float(np.abs(got - r).max() / max(float(np.abs(r).max()), 1e-6))
+    record_property("controlnet_engines", errors)
+    assert errors and max(errors.values()) <= 2e-3, errors

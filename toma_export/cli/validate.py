@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import (MODEL_HELP, add_cache, add_json, add_lora, add_quantize, add_toma_options, check_file_quantize,
+from .common import (MODEL_HELP, add_cache, add_controlnet, add_json, add_lora, add_quantize, add_toma_options, check_file_quantize,
                      names, peak_memory, peak_memory_line, quantization, sizes, stdout_on_stderr, toma_config)
 
 
@@ -33,9 +33,11 @@ def add_parser(sub):
                                                         "(e.g. made on another machine) instead of running PyTorch")
     p.add_argument("--report", metavar="DIR", help="write report.json, report.txt and errors.png there")
     p.add_argument("--bisect", action="store_true",
-                   help="when ONNX Runtime fails a step, name the first transformer block out of tolerance")
+                   help="when ONNX Runtime fails a step, name the first transformer block out of tolerance (with "
+                        "--controlnet: the first graph, then the block within it)")
     add_lora(p)
     add_cache(p)
+    add_controlnet(p)
     add_json(p, "the table")
     add_quantize(p)
     add_toma_options(p)
@@ -43,6 +45,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    if args.controlnet:
+        from ..onnx.export import refuse_with_controlnets
+
+        refuse_with_controlnets(cache=args.cache is not None, quant=args.quantize != "none")
     if args.cache is not None:
         return _run_cache(args)
     from ..lora import as_options
@@ -59,7 +65,8 @@ def run(args) -> int:
                               batch=args.batch, atol=args.atol, rtol=args.rtol, onnx=args.onnx, engine=args.engine,
                               output_dir=args.output_dir, save_reference=args.save_reference,
                               load_reference=args.load_reference, bisect=args.bisect, loras=as_options(args.lora),
-                              quant=quant)
+                              quant=quant, controlnets=tuple(args.controlnet),
+                              controlnet_toma=not args.controlnet_unmerged)
     with stdout_on_stderr():
         report = validate(args.model, config, options)
     if args.report:

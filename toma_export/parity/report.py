@@ -14,7 +14,8 @@ def table(report: dict) -> str:
         p99 = f"{c['p99_abs']:.3g}" if c["p99_abs"] is not None else "-"
         verdict = "ok" if c["passed"] else ("FAIL" + (f" (NaN {c['nan']}, Inf {c['inf']})" if c["nan"] or c["inf"]
                                                       else ""))
-        lines.append(f"{' vs '.join(c['backends']) + ' ' + c['kind']:<34} {c['size']:>9} {c['step']:>4} "
+        label = ' vs '.join(c['backends']) + ' ' + c['kind'] + (f" {c['graph']}" if c.get("graph") else "")
+        lines.append(f"{label:<34} {c['size']:>9} {c['step']:>4} "
                      f"{c['max_abs']:>10.3g} {p99:>10} {c['cosine']:>9.6f} {c['tolerance']:>10.3g}  {verdict}")
     for s in report["selection"]:
         lines.append(f"selection {s['backend']:<24} {s['size']:>9}  identical picks {s['identical']:.1%}, objective "
@@ -29,7 +30,8 @@ def table(report: dict) -> str:
         lines.append(f"{report['quantize']['mode']} cost {q['size']}: one step {q['step_relative_l2']:.2%} relative L2 "
                      f"from the unquantized network{loop}; reported, not judged")
     for b in report.get("bisect", []):
-        lines.append(f"bisect {b['backend']} {b['size']}: first block out of tolerance: "
+        graph = f"first graph out of tolerance: {b['first_failing_graph']}, " if "first_failing_graph" in b else ""
+        lines.append(f"bisect {b['backend']} {b['size']}: {graph}first block out of tolerance: "
                      f"{b['first_failing_block'] or 'none (the error comes after the transformer blocks)'}")
     for backend, reason in report["skipped"].items():
         lines.append(f"{backend}: skipped ({reason})")

@@ -53,6 +53,8 @@ class ValidateOptions:
     bisect: bool = False               # on a failing ONNX Runtime step, name the first block out of tolerance
     loras: tuple = ()                  # ((path, scale), ...): the reference loads them with diffusers itself
     quant: quantize.Quantization | None = None   # 8-bit: the reference is the fake-quantized network (same scales)
+    controlnets: tuple = ()            # ((name or folder, scale), ...): the chain ControlNets -> network (controlnet.py)
+    controlnet_toma: bool = True       # ToMA in the ControlNets' own blocks too
 
 
 def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = ValidateOptions(),
@@ -67,6 +69,8 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     if options.steps < 0:
         raise UsageError(f"--steps must be >= 0 (0: one step, N: also an N-step loop), got {options.steps}")
     spec = models.get(model)
+    if options.controlnets:
+        return _validate_controlled(model, spec, config, options, progress)
     stored = load_records(options.load_reference) if options.load_reference else None
     if stored and stored["meta"]["model"] != spec.name:
         raise ArtifactError(f"{options.load_reference} holds a reference for {stored['meta']['model']}, not "
@@ -134,6 +138,26 @@ def validate(model: str, config: ToMAConfig | None, options: ValidateOptions = V
     report["passed"] = (bool(report["comparisons"]) and all(c["passed"] for c in report["comparisons"]) and
                         all(s["passed"] for s in report["selection"]))
     return report
+
+
+def _validate_controlled(model, spec, config, options: ValidateOptions, progress) -> dict:
+    from .controlnet import validate_controlled
+
+    given = [flag for flag, value in (("--onnx", options.onnx), ("--engine", options.engine),
+                                      ("--save-reference", options.save_reference),
+                                      ("--load-reference", options.load_reference), ("--lora", options.loras),
+                                      ("--quantize", options.quant)) if value]
+    if given:
+        raise UsageError(f"validate --controlnet exports and checks the ControlNet graphs and the network itself; drop "
+                         f"{', '.join(given)}")
+    if options.dtype is None:
+        dtype, why = _default_dtype(spec, options)
+        options = replace(options, dtype=dtype)
+        progress(f"[validate] dtype {dtype}: {why}")
+    if options.dtype == "bf16" and "onnxruntime" in options.backends and \
+            onnxruntime_provider() == "CPUExecutionProvider":
+        raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with --backends torch")
+    return validate_controlled(model, config, replace(options, batch=options.batch or 2), progress)
 
 
 def _from_stored(meta: dict, options: ValidateOptions):
