@@ -20,7 +20,7 @@ from .. import models
 from ..families.controlnet import SCALE
 from ..onnx import ExportOptions
 from ..onnx.export import check_controlnets, export_controlled
-from ..onnx.graph import RECOMPUTE, dst_input, dst_output
+from ..onnx.graph import dst_input, dst_output
 from ..resources import default_output
 from .metrics import compare, tolerance
 from .record import cast_feeds, forced_feeds, run_loop, sample_feeds
@@ -186,11 +186,10 @@ def bisect_graphs(reference: ControlledRunner, names: list, paths: list, record:
     return dict(found, first_failing_graph=failed[0], backend="onnxruntime", size=f"{size[0]}x{size[1]}")
 
 
-
-
 def validate_controlled(model: str, config, options, progress) -> dict:
     """validate's report for the chain: per size, each graph's step and the chain's step, selection and loop, for
-    every candidate (PyTorch in --dtype, ONNX Runtime); the reference is loaded once and released before them."""
+    every candidate (PyTorch in --dtype, ONNX Runtime); the reference is loaded once and released before them
+    (kept for --bisect, which runs it again)."""
     import torch
 
     from ..artifacts import DTYPES, toma_section
