@@ -154,9 +154,7 @@ def _validate_controlled(model, spec, config, options: ValidateOptions, progress
         dtype, why = _default_dtype(spec, options)
         options = replace(options, dtype=dtype)
         progress(f"[validate] dtype {dtype}: {why}")
-    if options.dtype == "bf16" and "onnxruntime" in options.backends and \
-            onnxruntime_provider() == "CPUExecutionProvider":
-        raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with --backends torch")
+    _refuse_bf16_on_cpu(options)
     return validate_controlled(model, config, replace(options, batch=options.batch or 2), progress)
 
 
@@ -266,9 +264,7 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
         plans[name] = lambda: TorchRunner(_graph(spec, config, DTYPES[options.dtype], options.loras, options.quant),
                                           name=name)
     if "onnxruntime" in options.backends:
-        if options.dtype == "bf16" and onnxruntime_provider() == "CPUExecutionProvider":   # before exporting
-            raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
-                             "--backends torch,tensorrt on a GPU, or export fp16/fp32 for ONNX Runtime")
+        _refuse_bf16_on_cpu(options)                # before exporting
 
         def onnxruntime():
             path = options.onnx or export_in_child(
@@ -291,6 +287,13 @@ def _plan_candidates(model, spec, config, options, report, progress) -> dict:
             plans["tensorrt"] = lambda: EngineRunnerAdapter(options.engine or _build_engine(model, config, options,
                                                                                             progress))
     return plans
+
+
+def _refuse_bf16_on_cpu(options: ValidateOptions) -> None:
+    if options.dtype == "bf16" and "onnxruntime" in options.backends and \
+            onnxruntime_provider() == "CPUExecutionProvider":
+        raise UsageError("ONNX Runtime's CPU provider has no bf16 kernels; validate bf16 with "
+                         "--backends torch,tensorrt on a GPU, or export fp16/fp32 for ONNX Runtime")
 
 
 def _graph(spec, config, dtype, loras=(), quant=None):
