@@ -291,13 +291,13 @@ def control_image(family: str):
     return shapes.sample(0, 3, size=SIZE).control()
 
 
-def latents(pipe, family: str, controls, seed: int = 2):
+def latents(pipe, family: str, controls, seed: int = 2, modes=()):
     """The pipeline's last latents for a shapes caption, guidance 1 (no CFG batch: the exports' batch 1)."""
     spec = te.models.get(PAIRS[family][0])
     pipe.set_progress_bar_config(disable=True)
     return pipe("a blue triangle on a white background", height=SIZE, width=SIZE, num_inference_steps=STEPS,
                 guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(seed),
-                **spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls]),
+                **spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls], modes),
                 **spec.pipeline_kwargs()).images
 
 
@@ -361,6 +361,88 @@ def test_two_controlnets_at_once_sum_their_residuals(exports, artifacts, second)
     assert [n.calls["toma"] for n in nets] == [STEPS, STEPS]
     first_only = latents(pipe, "flux", [(image, 0.7), (other, 0.0)])
     assert (first_only - got).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def union(tmp_path_factory):
+    """A FLUX Union ControlNet (InstantX's Union layout: a mode embedding) of the tiny architecture, 3 modes, as a
+    diffusers folder: flux-tiny-controlnet's weights and a mode embedding drawn at seed 3."""
+    from diffusers.models.controlnets.controlnet_flux import FluxControlNetModel
+
+    base = te.models.get("flux-tiny-controlnet").load()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = FluxControlNetModel(**{**{k: v for k, v in base.config.items() if not k.startswith("_")}, "num_mode": 3})
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("controlnet_mode_embedder") for k in missing)
+    folder = tmp_path_factory.mktemp("controlnets") / "flux-union"
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_union_controlnet_serves_the_mode_it_is_given(exports, artifacts, union, tmp_path, cli_here):
+    """A Union ControlNet's graph takes the mode; served with `control_mode` it matches diffusers' pipeline on
+    PyTorch, another mode draws another picture, and generate / export-repo pass `--control-mode` through. The
+    network's graph is the one every ControlNet of the layout shares."""
+    from toma_export.parity.metrics import compare, tolerance
+    from toma_export.serve.generate import Session
+
+    both = export_controlled("flux-tiny", [union], ToMAConfig(), artifacts / "onnx", OPTIONS, progress=lambda m: None)
+    assert both["network"]["onnx"] == exports["flux"]["network"]["onnx"]
+    assert "controlnet_mode" in {i["name"] for i in both["controlnets"][0]["inputs"]}
+    image = control_image("flux")
+    ref = latents(pytorch("flux", [union]), "flux", [(image, 1.0)], modes=[2])
+    pipe, _ = served("flux", both)
+    got = latents(pipe, "flux", [(image, 1.0)], modes=[2])
+    assert compare(ref.numpy(), got.numpy(), *tolerance("loop", "fp32"))["passed"]
+    assert (latents(pipe, "flux", [(image, 1.0)], modes=[0]) - got).abs().max() > 1e-3
+    with pytest.raises(UsageError, match="is a Union ControlNet: give its mode with --control-mode"):
+        Session(both["network"]["onnx"], controlnets=[(both["controlnets"][0]["onnx"], None)])
+
+    image_file = tmp_path / "control.png"
+    image.save(image_file)
+    drawn = {}
+    for mode in ("depth", "0"):
+        out = tmp_path / f"{mode}.png"
+        res = cli_here("generate", "--model", "flux-tiny", "--prompt", "a blue triangle on a white background",
+                       "--size", f"{SIZE}x{SIZE}", "--steps", "2", "--guidance", "1", "--controlnet", union,
+                       "--control-image", image_file, "--control-mode", mode, "--out", out, "--output-dir", artifacts)
+        assert res.returncode == 0 and "tracing" not in res.stderr, res.stderr[-2000:]
+        drawn[mode] = out.read_bytes()
+    assert drawn["depth"] != drawn["0"]
+
+    repo = tmp_path / "repo"
+    res = cli_here("export-repo", "--onnx", both["network"]["onnx"], "--controlnet", union, "--control-mode", "depth",
+                   "--out", repo, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["controlnets"][0]["mode"] == 2
+    assert 'key: "controlnet_modes"\n  value: { string_value: "2" }' in (repo / "flux-tiny" / "config.pbtxt").read_text()
+    res = cli_here("export-repo", "--onnx", both["network"]["onnx"], "--controlnet", union, "--out", tmp_path / "r2")
+    assert res.returncode == 2 and "is a Union ControlNet: give its mode" in res.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--controlnet", "UNION", "--control-image", "c.png"), "is a Union ControlNet: give its mode with --control-mode"),
+    (("--controlnet", "UNION", "--control-image", "c.png", "--control-mode", "pose"),
+     "--control-mode pose for {union}: give a number 0..2 or one of InstantX's names (canny, tile, depth)"),
+    (("--controlnet", "UNION", "--controlnet", "flux-tiny-controlnet", "--control-image", "c.png",
+      "--control-image", "c.png", "--control-mode", "1"), "2 --controlnet and 1 --control-mode: give one mode per"),
+    (("--controlnet", "UNION", "--controlnet", "flux-tiny-controlnet", "--control-image", "c.png",
+      "--control-image", "c.png", "--control-mode", "1", "--control-mode", "canny"),
+     "--control-mode canny for flux-tiny-controlnet, which is not a Union ControlNet: give 'none'"),
+    (("--controlnet", "flux-tiny-controlnet", "--control-image", "c.png", "--control-mode", "canny"),
+     "none of the --controlnet given is one: drop --control-mode"),
+    (("--control-mode", "1",), "--control-mode goes with --controlnet"),
+])
+def test_union_modes_are_checked_before_any_work(cli_here, tmp_path, monkeypatch, union, extra, message):
+    monkeypatch.chdir(tmp_path)
+    control_image("flux").save(tmp_path / "c.png")
+    res = cli_here("generate", "--model", "flux-tiny", "--prompt", "a red circle", "--out", "x.png",
+                   *[union if a == "UNION" else a for a in extra], "--output-dir", tmp_path / "out")
+    assert res.returncode == 2 and message.format(union=union) in res.stderr and "Traceback" not in res.stderr, \
+        res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
 
 
 def test_generate_draws_with_a_control_image(exports, artifacts, tmp_path, cli_here):

@@ -125,6 +125,14 @@ def add_controlnet(p: argparse.ArgumentParser, images: bool = False) -> None:
     if images:
         group.add_argument("--control-image", action="append", default=[], metavar="FILE",
                            help="the control image of each --controlnet, in order (PNG or JPEG)")
+        add_control_mode(group)
+
+
+def add_control_mode(group) -> None:
+    group.add_argument("--control-mode", action="append", default=[], metavar="MODE",
+                       help="a Union ControlNet's mode (canny, tile, depth, blur, pose, gray, lq, as InstantX's "
+                            "Union orders them, or a number): once per --controlnet, in order, 'none' for one "
+                            "that is not a Union")
 
 
 def controlnet(text: str) -> tuple[str, float]:

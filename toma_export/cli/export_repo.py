@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_cache, add_json, check_file_quantize, controlnet
+from .common import add_cache, add_control_mode, add_json, check_file_quantize, controlnet
 
 
 def add_parser(sub):
@@ -45,6 +45,7 @@ def add_parser(sub):
                             "--controlnet` writes it); repeatable, in the order of a request's control images")
     group.add_argument("--controlnet-unmerged", action="store_true",
                        help="by name: take the ControlNets' exports without ToMA (export --controlnet-unmerged)")
+    add_control_mode(group)
     return p
 
 
@@ -78,6 +79,14 @@ def run(args) -> int:
     if args.controlnet:
         found = controlnet_exports(artifact, [name for name, _ in args.controlnet], args.controlnet_unmerged)
         controlnets = [(cn, base, scale) for (cn, base), (_, scale) in zip(found, args.controlnet)]
+    modes = ()
+    if args.controlnet or args.control_mode:
+        from .. import models
+        from ..families.controlnet import control_modes
+
+        if not args.controlnet:
+            raise RepositoryError("--control-mode goes with --controlnet: drop it, or add the Union ControlNet")
+        modes = control_modes([models.get(cn.model) for cn, _, _ in controlnets], args.control_mode)
     if args.engine:
         head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
         name = args.name or Path(artifact.model).name
@@ -102,11 +111,13 @@ def run(args) -> int:
     else:
         name = args.name or Path(artifact.model).name
         final = export_pipeline(artifact, args.out, name, args.instances, args.kind or "cpu", args.force,
-                                baseline=args.baseline, limits=limits, cache=args.cache, controlnets=controlnets)
+                                baseline=args.baseline, limits=limits, cache=args.cache, controlnets=controlnets,
+                                control_modes=modes)
         result.update(pipeline_model=final.name, network="onnxruntime")
         if controlnets:
-            result["controlnets"] = [dict(model=cn.model, scale=scale, onnx=str(cn.path),
-                                          baseline=str(base.path) if base else None) for cn, base, scale in controlnets]
+            result["controlnets"] = [dict(model=cn.model, scale=scale, mode=mode, onnx=str(cn.path),
+                                          baseline=str(base.path) if base else None)
+                                     for (cn, base, scale), mode in zip(controlnets, modes)]
     if args.json:
         print(json.dumps(result))
     else:

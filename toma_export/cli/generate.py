@@ -65,7 +65,8 @@ def run(args) -> int:
         baseline=args.baseline, backend=args.backend, share_weights=not args.no_share_weights,
         output_dir=args.output_dir, force=args.force, loras=as_options(args.lora), cache=args.cache,
         quant=quantization(args, args.model, config), controlnets=tuple(args.controlnet),
-        control_images=tuple(args.control_image), controlnet_toma=not args.controlnet_unmerged)
+        control_images=tuple(args.control_image), control_modes=tuple(args.control_mode),
+        controlnet_toma=not args.controlnet_unmerged)
     with stdout_on_stderr():            # TensorRT logs to stdout, which carries the --json object alone
         result = generate(request, progress)
     result = {**result, **peak_memory()}

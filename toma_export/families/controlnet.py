@@ -29,6 +29,8 @@ CONDITION = "controlnet_cond"
 SCALE = "conditioning_scale"
 MODE = "controlnet_mode"
 SDXL_UNSHUFFLE = 8          # SDXL's control image enters the graph 8x8 pixels per latent cell (B, 3*64, h, w)
+# the modes of InstantX's FLUX.1-dev-Controlnet-Union, in its order (its model card); any Union takes 0..num_mode-1
+UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
 
 
 class _ControlNet:
@@ -40,6 +42,10 @@ class _ControlNet:
 
     def output_names(self) -> list[str]:
         return self.residual_names()
+
+    def union(self) -> bool:
+        """Whether the ControlNet takes a mode per call (a Union ControlNet: one model, several conditions)."""
+        return False
 
     def residual_names(self) -> list[str]:
         raise NotImplementedError
@@ -176,6 +182,9 @@ class FluxControlNetSpec(_ControlNet, flux.FluxSpec):
     def union(self) -> bool:
         return bool(self.architecture().get("num_mode"))
 
+    def num_modes(self) -> int:
+        return int(self.architecture().get("num_mode") or 0)
+
     # Graph layout: the transformer's inputs, the control image's packed latent as (B, H, W, C) like the
     # image's, the Union mode (B, 1) where the ControlNet has modes, and the conditioning scale ([1]).
     def input_axes(self) -> dict:
@@ -251,6 +260,38 @@ class FluxControlNetSpec(_ControlNet, flux.FluxSpec):
 
     def zero_layers(self, model) -> list:
         return [*model.controlnet_blocks, *model.controlnet_single_blocks, model.controlnet_x_embedder]
+
+
+def control_modes(controlnets: list, modes) -> tuple:
+    """The mode of each ControlNet (an int for a Union one, None for the rest) from `--control-mode`, given once per
+    ControlNet in order (a name or number; "none" or None for one that is not a Union), checked before any work."""
+    unions = [spec.name for spec in controlnets if spec.union()]
+    if not modes:
+        if unions:
+            raise UsageError(f"{unions[0]} is a Union ControlNet: give its mode with --control-mode MODE (one per "
+                             f"--controlnet, in order; {', '.join(UNION_MODES)} or a number)")
+        return (None,) * len(controlnets)
+    if not unions:
+        raise UsageError("--control-mode is for Union ControlNets, which take a mode per call; none of the "
+                         "--controlnet given is one: drop --control-mode")
+    if len(modes) != len(controlnets):
+        raise UsageError(f"{len(controlnets)} --controlnet and {len(modes)} --control-mode: give one mode per "
+                         "ControlNet, in the same order ('none' for one that is not a Union)")
+    out = []
+    for spec, text in zip(controlnets, modes):
+        text = "none" if text is None else str(text).strip().lower()
+        if not spec.union():
+            if text != "none":
+                raise UsageError(f"--control-mode {text} for {spec.name}, which is not a Union ControlNet: give 'none' "
+                                 "in its place")
+            out.append(None)
+            continue
+        mode = UNION_MODES.index(text) if text in UNION_MODES else int(text) if text.isdigit() else None
+        if mode is None or mode >= spec.num_modes():
+            raise UsageError(f"--control-mode {text} for {spec.name}: give a number 0..{spec.num_modes() - 1} or one "
+                             f"of InstantX's names ({', '.join(UNION_MODES[:spec.num_modes()])})")
+        out.append(mode)
+    return tuple(out)
 
 
 def scale_input(scale, like: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,17 @@ class FluxSpec(ModelSpec):
 
     controlnet_pipeline_class = "FluxControlNetPipeline"
 
-    def control_kwargs(self, images: list, scales: list[float]) -> dict:
-        """The pipeline call's arguments for its control images (one per ControlNet, or the channel-concat model's)."""
+    def control_kwargs(self, images: list, scales: list[float], modes=()) -> dict:
+        """The pipeline call's arguments for its control images (one per ControlNet, or the channel-concat model's)
+        and the Union ControlNets' modes (None for the others, as FluxControlNetPipeline takes them)."""
         if self.channel_control:
             return dict(control_image=images[0])
         one = len(images) == 1
-        return dict(control_image=images[0] if one else list(images),
-                    controlnet_conditioning_scale=scales[0] if one else list(scales))
+        out = dict(control_image=images[0] if one else list(images),
+                   controlnet_conditioning_scale=scales[0] if one else list(scales))
+        if any(m is not None for m in modes):
+            out["control_mode"] = modes[0] if one else list(modes)
+        return out
 
     @property
     def latent_channels(self) -> int:

@@ -63,8 +63,9 @@ class SdxlSpec(ModelSpec):
     def cfg_batch(self, guidance: float) -> int:
         return 2 if guidance > 1 else 1
 
-    def control_kwargs(self, images: list, scales: list[float]) -> dict:
-        """The pipeline call's arguments for its control images, one per ControlNet."""
+    def control_kwargs(self, images: list, scales: list[float], modes=()) -> dict:
+        """The pipeline call's arguments for its control images, one per ControlNet (no SDXL Union is supported, so
+        no modes)."""
         one = len(images) == 1
         return dict(image=images[0] if one else list(images),
                     controlnet_conditioning_scale=scales[0] if one else list(scales))

@@ -43,6 +43,7 @@ class GenerateRequest:
     quant: object = None                   # toma_export.quantize.Quantization: serve the 8-bit graph
     controlnets: tuple = ()                # ((name or folder, scale), ...): their residuals summed
     control_images: tuple = ()             # one image file per ControlNet
+    control_modes: tuple = ()              # a Union ControlNet's mode per ControlNet (families.controlnet.control_modes)
     controlnet_toma: bool = True           # ToMA in the ControlNets' own blocks too
 
 
@@ -78,11 +79,15 @@ def generate(args: GenerateRequest, progress) -> dict:
                          "and pass that file")
     controls = check_controls(spec, args.controlnets, args.control_images)   # images read before any export
     controlnets = ()
+    if args.control_modes and not args.controlnets:
+        raise UsageError("--control-mode goes with --controlnet: drop it, or add the Union ControlNet")
     if args.controlnets and (args.onnx or args.engine or args.cache is not None or args.quant is not None):
         raise UsageError("--controlnet exports its own graphs: drop --onnx/--engine, --cache and --quantize")
     if args.controlnets:
+        from ..families.controlnet import control_modes
         from .pipeline import controlnet_artifacts
 
+        control_modes([models.get(name) for name, _ in args.controlnets], args.control_modes)   # before any export
         (toma_path, base_path), controlnets = controlnet_artifacts(
             args.model, [name for name, _ in args.controlnets], args.config, (height, width), cfg_batch, backend,
             args.output_dir, args.force, progress, controlnet_toma=args.controlnet_toma, loras=args.loras)
@@ -99,7 +104,7 @@ def generate(args: GenerateRequest, progress) -> dict:
                                                  cache=args.cache, quant=args.quant)
     progress(f"[generate] loading the {spec.family} pipeline ({spec.name}) and the {backend} network")
     session = Session(toma_path, base_path, share_weights=args.share_weights, schedule=schedule,
-                      model=args.model, cache=args.cache, controlnets=controlnets)
+                      model=args.model, cache=args.cache, controlnets=controlnets, control_modes=args.control_modes)
     t_ready = time.perf_counter()
     progress(f"[generate] {args.steps} steps at {height}x{width} px on {session.network.provider}")
     scales = [scale for _, scale in args.controlnets] or [1.0] * len(controls)
@@ -160,7 +165,7 @@ class Session:
     A request's seed seeds its initial noise and nothing else (the pipeline's parts are fixed at load)."""
 
     def __init__(self, toma_path, base_path=None, share_weights: bool = True, schedule=None,
-                 model: str | None = None, cache=None, controlnets=()):
+                 model: str | None = None, cache=None, controlnets=(), control_modes=()):
         import torch
 
         from .network import load_network
@@ -172,6 +177,11 @@ class Session:
         # each ControlNet's graph (ToMA, baseline), served beside the network with the same schedule
         self.controlnets = [load_network(t or b, b if t else None, share_weights=share_weights, schedule=schedule)
                             for t, b in controlnets]
+        if self.controlnets:              # a Union ControlNet's mode, fixed for the session (families.controlnet)
+            from ..families import controlnet
+
+            control_modes = controlnet.control_modes([net.spec for net in self.controlnets], control_modes)
+        self.control_modes = tuple(control_modes)
         self.artifacts = [a for a in (self.network.toma_artifact, self.network.baseline_artifact) if a]
         self.spec = self.network.spec
         self.pipe = load_pipeline(model or self.artifacts[0].model, network=False, controlnets=self.controlnets)
@@ -225,7 +235,8 @@ class Session:
                       callback_on_step_end=step_end)
         kwargs.update(self.spec.pipeline_kwargs())       # the graph's text length, where it fixes one
         if controls:
-            kwargs.update(self.spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls]))
+            kwargs.update(self.spec.control_kwargs([image for image, _ in controls], [scale for _, scale in controls],
+                                                   self.control_modes))
         return self.pipe(prompts[0] if len(prompts) == 1 else list(prompts), **kwargs).images
 
 

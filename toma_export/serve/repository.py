@@ -142,12 +142,13 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 
 def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_of_instances: str,
-                         max_requests: int, limits=None, cache=None, controlnets=()) -> str:
+                         max_requests: int, limits=None, cache=None, controlnets=(), control_modes=()) -> str:
     """config.pbtxt of the pipeline model. `max_requests`: how many requests one pipeline call may batch
     (the export's largest batch over the default CFG batch); 1 turns dynamic batching off. `limits`: what one
     request may ask for (triton_model.Limits), written as parameters; `cache` the First-Block Cache too.
     `controlnets`: (name, default scale) per ControlNet, which add the control_image and control_scale inputs; a
-    config without them is what it was before ControlNets were served."""
+    config without them is what it was before ControlNets were served. `control_modes`: a Union ControlNet's mode
+    per ControlNet (None for the others), fixed for the model (parameter controlnet_modes)."""
     from .triton_model import Limits
 
     limits = limits or Limits()
@@ -212,6 +213,9 @@ def pipeline_config_text(meta: dict, kind: str, name: str, instances: int, kind_
     extra = {"cache": str(cache)} if cache is not None else {}
     if controlnets:
         extra["controlnet_scales"] = ",".join(str(float(s)) for _, s in controlnets)
+    if any(m is not None for m in control_modes):
+        extra["controlnet_modes"] = ",".join("none" if m is None else str(m) for m in control_modes)
+        head.append("# a Union ControlNet's mode per ControlNet, for every request: parameter controlnet_modes")
     for key, value in {"network_kind": kind, **limits.parameters(control=bool(controlnets)), **extra}.items():
         body.append(f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
     return "\n".join(head) + "\n" + "\n".join(body) + "\n"
@@ -241,12 +245,12 @@ def max_requests(meta: dict) -> int:
 
 
 def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "cpu", force: bool = False,
-                    baseline=None, check_free=(), limits=None, cache=None, controlnets=()) -> Path:
+                    baseline=None, check_free=(), limits=None, cache=None, controlnets=(), control_modes=()) -> Path:
     """Write REPO/<name>/{config.pbtxt, 1/model.py, 1/network/...}: the pipeline model (staged, renamed).
     `check_free`: other model folders this export will write, refused together when they exist. `cache`: a
     First-Block Cache, for a split export's tail (its head is copied beside it, under the name the tail records).
     `controlnets`: (export, its baseline or None, default scale) per ControlNet (`controlnet_exports`), copied
-    into 1/controlnet-<i>; the network must take their residuals."""
+    into 1/controlnet-<i>; the network must take their residuals; `control_modes` a Union's mode per ControlNet."""
     from ..artifacts import Artifact
     from .triton_model import BASELINE, MODEL_PY, NETWORK, control_folder
 
@@ -272,7 +276,7 @@ def export_pipeline(artifact, out, name: str, instances: int = 1, kind: str = "c
     # per ControlNet for a whole pipeline call)
     batchable = max_requests(artifact.meta) if cache is None and not controlnets else 1
     text = pipeline_config_text(artifact.meta, artifact.kind, name, instances, kind, batchable, limits, cache,
-                                [(cn.model, scale) for cn, _, scale in controlnets])
+                                [(cn.model, scale) for cn, _, scale in controlnets], control_modes)
     final = writable_dir(out) / name
     for folder in (final, *check_free):
         if folder.exists() and not force:

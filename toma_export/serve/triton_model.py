@@ -193,7 +193,8 @@ class TritonPythonModel:
         from ..cache import parse
 
         self.session = Session(network, baseline if baseline.is_dir() else None, cache=parse(params.get("cache")),
-                               controlnets=[(t, b if b.is_dir() else None) for t, b in controlnets])
+                               controlnets=[(t, b if b.is_dir() else None) for t, b in controlnets],
+                               control_modes=[m for m in (params.get("controlnet_modes") or "").split(",") if m])
         self.control_names = [(net.toma_artifact or net.baseline_artifact).model for net in self.session.controlnets]
         self.session.pipe.set_progress_bar_config(disable=True)     # one bar per request would flood the log
         self.default_guidance = float(self.session.spec.default_guidance)
