@@ -170,8 +170,8 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     `--only` trains the same weights again in this process."""
     from toma_export.quality import train
 
-    few = ["--images", "64", "--flux-steps", "2", "--sdxl-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
-           "--images-256", "40", "--flux-steps-256", "2", "--threads", "2", "--quiet"]
+    few = ["--images", "32", "--flux-steps", "2", "--sdxl-steps", "2", "--eval-seeds", "1", "--eval-steps", "1",
+           "--images-256", "16", "--flux-steps-256", "2", "--threads", "2", "--quiet"]
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)                   # a caller with a setting of its own keeps it
     try:
@@ -190,7 +190,7 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     assert record["threads"] == 2 and "minutes (flux-tiny alone)" in record
     for name in ("flux-tiny", "sdxl-tiny"):
         assert set(record[name]["prompt_accuracy"]) == {"baseline", "toma"} and record[name]["threads"] == 1
-    assert [(p["size"], p["images"]) for p in record["flux-tiny"]["phases"]] == [(128, 64), (256, 40)]
+    assert [(p["size"], p["images"]) for p in record["flux-tiny"]["phases"]] == [(128, 32), (256, 16)]
     assert [p["size"] for p in record["sdxl-tiny"]["phases"]] == [128]
     from safetensors.torch import load_file
 
@@ -206,6 +206,41 @@ def test_training_runs_end_to_end_in_a_few_steps(tmp_path):
     assert (tmp_path / "flux-tiny.safetensors").read_bytes() != together
     with pytest.raises(SystemExit, match="no such file"):
         train.main(["--out", str(tmp_path), "--only", "flux-tiny", "--flux-start", str(tmp_path / "none"), *few])
+
+
+def test_controlnet_training_runs_in_a_few_steps(tmp_path, monkeypatch):
+    """`python -m toma_export.quality.train_controlnet` (make train-tiny's last part) at a handful of steps on the
+    shipped networks: the ControlNet is written in half precision and scored with and without ToMA; its ToMA-aware
+    phase merges network and ControlNet in every other batch; `--aware-only` starts from the ControlNet in --out."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from toma_export import toma
+    from toma_export.quality import train_controlnet
+
+    for name in ("vae-tiny", "flux-tiny", "flux-tiny-controlnet"):
+        shutil.copy(tiny.WEIGHTS / f"{name}.safetensors", tmp_path)
+    merged = []
+    apply = toma.apply_toma
+    monkeypatch.setattr(toma, "apply_toma", lambda m, *a: merged.append(type(m).__name__) or apply(m, *a))
+    few = ["--out", str(tmp_path), "--only", "flux-tiny-controlnet", "--images", "8", "--eval-count", "1",
+           "--eval-steps", "1", "--threads", "1", "--quiet"]
+    assert train_controlnet.main([*few, "--steps", "2", "--aware-steps", "2"]) == 0
+    # one merged batch of the two aware steps, and the scoring's ToMA run; each patches network and ControlNet
+    assert merged == ["FluxTransformer2DModel", "FluxControlNetModel"] * 2
+    first = (tmp_path / "flux-tiny-controlnet.safetensors").read_bytes()
+    weights = load_file(str(tmp_path / "flux-tiny-controlnet.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    assert set(weights) == set(te.models.get("flux-tiny-controlnet").load().state_dict())
+    record = json.loads((tmp_path / "training.json").read_text())["flux-tiny-controlnet"]
+    assert (record["steps"], record["aware_steps"], record["aware_only"]) == (2, 2, False)
+    assert set(record["control"]) == {"baseline", "toma"} and record["control"]["toma"]["images"] == 1
+    assert train_controlnet.main([*few, "--aware-only", "--aware-steps", "2"]) == 0
+    assert (tmp_path / "flux-tiny-controlnet.safetensors").read_bytes() != first
+    assert json.loads((tmp_path / "training.json").read_text())["flux-tiny-controlnet"]["aware_only"]
+    with pytest.raises(SystemExit):
+        train_controlnet.main([*few[:2], "--only", "sdxl-tiny-controlnet", "--aware-only"])
 
 
 # The control measure: no network, only the drawn pixels against the control's mask.

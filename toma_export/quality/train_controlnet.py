@@ -7,6 +7,8 @@ chooses colour and background. Each ControlNet starts from its network as diffus
 while the network stays frozen: the loss reaches the ControlNet only through the residuals it adds. FLUX's
 ControlNet reads the control image through the VAE (InstantX layout, as FluxControlNetPipeline encodes it); SDXL's
 reads the pixels. The judge's control measure (IoU of the drawn shape with the outline's filled region) scores it.
+flux-tiny-controlnet then trains ToMA-aware (train's toma_every): on its 16x16 grid an unaware ControlNet loses most
+of its control to the network's merge (docs/controlnet.md).
 
     python -m toma_export.quality.train_controlnet --out toma_export/models/weights   # part of make train-tiny
 """
@@ -20,8 +22,10 @@ from .. import shapes
 from .fitting import progress_bar, update
 from .train import EMA, Batches, _optimiser, encode, normalise
 
-# per ControlNet: training steps and samples (each at its network's default size: 128 px, 256 px)
-DEFAULTS = {"sdxl-tiny-controlnet": dict(steps=800, images=6000), "flux-tiny-controlnet": dict(steps=600, images=2000)}
+# per ControlNet: training steps and samples (each at its network's default size: 128 px, 256 px), and the steps
+# and learning rate of the ToMA-aware phase that follows (see train: flux-tiny's 16x16 grid needs it)
+DEFAULTS = {"sdxl-tiny-controlnet": dict(steps=800, images=6000, aware_steps=0, aware_lr=0.0, aware_every=2),
+            "flux-tiny-controlnet": dict(steps=600, images=2000, aware_steps=300, aware_lr=3e-4, aware_every=2)}
 
 
 @torch.no_grad()
@@ -42,8 +46,14 @@ def control_data(vae, family: str, seed: int, count: int, size: int, quiet: bool
 
 @torch.enable_grad()
 def train(pipe, controlnet, family: str, data: dict, seed: int, steps: int, batch: int = 32, lr: float = 1e-3,
-          quiet: bool = False, label: str = ""):
-    """Train `controlnet` to steer the pipeline's frozen network on `data` (control_data); returns its EMA."""
+          quiet: bool = False, label: str = "", toma_every: int = 0):
+    """Train `controlnet` to steer the pipeline's frozen network on `data` (control_data); returns its EMA.
+
+    With `toma_every` n > 0, every n-th batch runs with ToMA at its defaults in network and ControlNet (fresh
+    destinations per batch), so the ControlNet also learns residuals that survive the merge: on flux-tiny's 16x16
+    grid a 4x4 tile is a sixteenth of the image, and an unaware ControlNet loses most of its control there."""
+    from ..toma import apply_toma, remove_toma
+
     net = pipe.transformer if family == "flux" else pipe.unet
     net.requires_grad_(False)
     latents = normalise(data["raw"], pipe.vae)
@@ -55,6 +65,10 @@ def train(pipe, controlnet, family: str, data: dict, seed: int, steps: int, batc
     g = torch.Generator().manual_seed(seed)
     with progress_bar(steps, label or f"{family}-tiny-controlnet", quiet) as bar:
         for i in range(steps):
+            merged = toma_every > 0 and i % toma_every == toma_every - 1
+            if merged:
+                for m in (net, controlnet):
+                    apply_toma(m)           # a fresh state: no destination carries over from another batch
             step = batches.draw(latents, batch, g)
             text = batches.text(step)
             if family == "flux":
@@ -69,6 +83,9 @@ def train(pipe, controlnet, family: str, data: dict, seed: int, steps: int, batc
                            mid_block_additional_residual=mid, **text)[0]
             loss = batches.loss(pred, step)
             update(opt, sched, loss, bar, i, clip=1.0)
+            if merged:
+                for m in (net, controlnet):
+                    remove_toma(m)
             ema.update(controlnet)
     controlnet.eval()
     return ema.model
@@ -132,7 +149,7 @@ def train_and_judge(job: dict) -> dict:
     """Train one tiny ControlNet (`job`: model, seed, steps, lr, images, size, vae state, stats, out, threads,
     eval count and steps, quiet), store it, and score its control with and without ToMA."""
     from .. import models
-    from .train import save, untrained_vae
+    from .train import _load, save, untrained_vae
 
     torch.set_num_threads(job["threads"])
     t0 = time.monotonic()
@@ -142,9 +159,17 @@ def train_and_judge(job: dict) -> dict:
     vae.load_state_dict(job["vae"])
     weights = job["out"] / f"{spec.base_model}.safetensors"
     pipe = controlnet_pipeline(model, vae, job["stats"], weights)
+    if job["aware_only"]:                                        # the ControlNet in --out, trained
+        pipe.controlnet.load_state_dict(_load(job["out"] / f"{model}.safetensors"))
     data = control_data(pipe.vae, spec.family, job["seed"] + 6, job["images"], job["size"], job["quiet"])
-    controlnet = train(pipe, pipe.controlnet, spec.family, data, job["seed"] + 7, job["steps"], lr=job["lr"],
-                       quiet=job["quiet"], label=model)
+    controlnet = pipe.controlnet
+    if not job["aware_only"]:
+        controlnet = train(pipe, controlnet, spec.family, data, job["seed"] + 7, job["steps"], lr=job["lr"],
+                           quiet=job["quiet"], label=model)
+    if job["aware_steps"]:
+        controlnet = train(pipe, controlnet, spec.family, data, job["seed"] + 8, job["aware_steps"],
+                           lr=job["aware_lr"], quiet=job["quiet"], label=f"{model}, ToMA-aware",
+                           toma_every=job["aware_every"])
     controlnet.load_state_dict({k: v.half().float() for k, v in controlnet.state_dict().items()})   # as stored
     save(controlnet.state_dict(), job["out"] / f"{model}.safetensors")
     pipe = controlnet_pipeline(model, vae, job["stats"], weights, controlnet)
@@ -153,6 +178,8 @@ def train_and_judge(job: dict) -> dict:
         found = control_figures(pipe, model, job["eval_count"], toma, job["eval_steps"], quiet=job["quiet"])
         figures["toma" if toma else "baseline"] = {k: found[k] for k in ("iou", "centroid", "images", "missing")}
     return dict(steps=job["steps"], lr=job["lr"], size=job["size"], images=job["images"],
+                aware_steps=job["aware_steps"], aware_lr=job["aware_lr"], aware_every=job["aware_every"],
+                aware_only=job["aware_only"],
                 minutes=(time.monotonic() - t0) / 60, control=figures, threads=job["threads"])
 
 
@@ -173,6 +200,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="training steps (sdxl-tiny-controlnet 800, flux-tiny-controlnet 600)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--images", type=int, help="training samples (sdxl-tiny-controlnet 6000, flux-tiny-controlnet 2000)")
+    p.add_argument("--aware-steps", type=int, help="steps of the ToMA-aware phase that follows, ToMA in every other "
+                                                    "batch (flux-tiny-controlnet 300, sdxl-tiny-controlnet 0: none)")
+    p.add_argument("--aware-every", type=int, help="the ToMA-aware phase merges every N-th batch (2)")
+    p.add_argument("--aware-only", action="store_true",
+                   help="skip the first phase: start from the trained ControlNet in --out (how the shipped "
+                        "flux-tiny-controlnet got its ToMA-aware phase)")
     p.add_argument("--eval-count", type=int, default=24, help="held-out samples the control figures are drawn for")
     p.add_argument("--eval-steps", type=int, default=28)
     p.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS, else every core)")
@@ -189,8 +222,15 @@ def main(argv=None) -> int:
     vae = _load(args.out / "vae-tiny.safetensors")
     # one after the other on every thread: the weights do not depend on whether the other one trains
     names = [args.only] if args.only else list(DEFAULTS)
+    if args.aware_only:
+        names = [n for n in names if (DEFAULTS[n]["aware_steps"] if args.aware_steps is None else args.aware_steps)]
+        if not names:
+            p.error("--aware-only: no ControlNet to train, as its ToMA-aware phase has 0 steps; give --aware-steps N")
     jobs = [dict(model=name, seed=args.seed, steps=args.steps or DEFAULTS[name]["steps"], lr=args.lr,
-                 images=args.images or DEFAULTS[name]["images"],
+                 images=args.images or DEFAULTS[name]["images"], aware_only=args.aware_only,
+                 aware_steps=DEFAULTS[name]["aware_steps"] if args.aware_steps is None else args.aware_steps,
+                 aware_lr=DEFAULTS[name]["aware_lr"] or args.lr,
+                 aware_every=args.aware_every or DEFAULTS[name]["aware_every"],
                  size=models.get(models.get(name).base_model).default_size[0], vae=vae, stats=stats, out=args.out,
                  threads=threads, eval_count=args.eval_count, eval_steps=args.eval_steps, quiet=args.quiet)
             for name in names]
