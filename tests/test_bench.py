@@ -9,7 +9,9 @@ from toma_export.bench import blocks, report, timing
 from toma_export.bench.run import BenchOptions, amortised, bench_block
 from toma_export.cli import main
 
-QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.25,0.5", "--repeats", "1",
+# one ratio, the default: each ratio adds ten block and part exports per block (about 35 s of the suite);
+# test_rows_come_from_the_median_of_the_timed_rounds covers two ratios in one run without exporting
+QUICK = ["bench", "--grid", "16", "--text", "16", "--flux-width", "128", "--ratios", "0.5", "--repeats", "1",
          "--warmup", "0", "--quantize", "int8"]
 
 
@@ -33,7 +35,7 @@ def test_json_has_every_row_with_consistent_ratios(quick_run):
     for block in ("sdxl", "flux"):
         for backend in ("torch", "onnxruntime"):
             assert (block, backend, "baseline", 0.0) in keys
-            assert {(block, backend, "toma", 0.25), (block, backend, "toma", 0.5)} <= keys
+            assert (block, backend, "toma", 0.5) in keys
     assert ("sdxl", "torch", "tomesd", 0.5) in keys
     assert not any(r["method"] == "tomesd" and r["block"].startswith("flux") for r in rows)
     baselines = {(r["block"], r["backend"]): r for r in rows if r["method"] == "baseline"}
@@ -89,10 +91,10 @@ def test_int8_rows_and_the_four_way_table(quick_run):
     rows = {(r["block"].split("-")[0], r["backend"], r["method"], r["ratio"]): r for r in doc["results"]}
     for block in ("sdxl", "flux"):
         assert (block, "onnxruntime", "int8", 0.0) in rows and (block, "torch", "int8", 0.0) not in rows
-        for ratio in (0.25, 0.5):
+        for ratio in (0.5,):
             both = rows[block, "onnxruntime", "int8+toma", ratio]
             assert 0 < both["rel_l2_vs_baseline"] < 0.5 and both["median_ms"] > 0
-    assert len(doc["four_way"]) == 4
+    assert len(doc["four_way"]) == 2
     for f in doc["four_way"]:
         toma = rows[f["block"].split("-")[0], f["backend"], "toma", f["ratio"]]
         int8 = rows[f["block"].split("-")[0], f["backend"], "int8", 0.0]

@@ -568,8 +568,9 @@ def test_rtx_builds_the_controlnet_and_the_network_taking_its_residuals(exports,
 COUNT, FOLLOW_STEPS = 4, 12       # held-out samples, denoising steps
 # (least IoU with the ControlNet, least gain over scale 0): SDXL meets the goal of 0.5 at 128 px (measured
 # 0.85 over 24 samples at 28 steps, docs/controlnet.md). flux-tiny-controlnet was trained at 256 px and ToMA at its
-# default costs it most (0.69 -> 0.40 there); at this module's 128 px with ToMA it gives 0.26 against 0.08 unsteered
-# (AMD EPYC, 12 steps), so it is held to following clearly better than without, not to the goal.
+# default costs it most (0.72 -> 0.55 there); at this module's 128 px with ToMA it gives 0.30 against 0.08 unsteered
+# (12 steps; 0.26 before its ToMA-aware phase), so it is held to following clearly better than without, not to the
+# goal.
 FOLLOW = {"sdxl": (0.5, 0.2), "flux": (0.2, 0.1)}
 
 
