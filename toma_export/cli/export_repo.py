@@ -79,14 +79,10 @@ def run(args) -> int:
     if args.controlnet:
         found = controlnet_exports(artifact, [name for name, _ in args.controlnet], args.controlnet_unmerged)
         controlnets = [(cn, base, scale) for (cn, base), (_, scale) in zip(found, args.controlnet)]
-    modes = ()
-    if args.controlnet or args.control_mode:
-        from .. import models
-        from ..families.controlnet import control_modes
+    from .. import models
+    from ..families.controlnet import control_modes
 
-        if not args.controlnet:
-            raise RepositoryError("--control-mode goes with --controlnet: drop it, or add the Union ControlNet")
-        modes = control_modes([models.get(cn.model) for cn, _, _ in controlnets], args.control_mode)
+    modes = control_modes([models.get(cn.model) for cn, _, _ in controlnets], args.control_mode)
     if args.engine:
         head = head_of(artifact, args.cache)           # a First-Block Cache tail: its head gets a plan model too
         name = args.name or Path(artifact.model).name

@@ -265,6 +265,8 @@ class FluxControlNetSpec(_ControlNet, flux.FluxSpec):
 def control_modes(controlnets: list, modes) -> tuple:
     """The mode of each ControlNet (an int for a Union one, None for the rest) from `--control-mode`, given once per
     ControlNet in order (a name or number; "none" or None for one that is not a Union), checked before any work."""
+    if modes and not controlnets:
+        raise UsageError("--control-mode goes with --controlnet: drop it, or add the Union ControlNet")
     unions = [spec.name for spec in controlnets if spec.union()]
     if not modes:
         if unions:

@@ -56,6 +56,7 @@ def generate(args: GenerateRequest, progress) -> dict:
     transformers_logging.set_verbosity_error()
 
     from .. import models
+    from ..families.controlnet import control_modes
     from .pipeline import best_backend, check_pipeline, serving_artifacts
 
     torch.set_grad_enabled(False)
@@ -79,15 +80,12 @@ def generate(args: GenerateRequest, progress) -> dict:
                          "and pass that file")
     controls = check_controls(spec, args.controlnets, args.control_images)   # images read before any export
     controlnets = ()
-    if args.control_modes and not args.controlnets:
-        raise UsageError("--control-mode goes with --controlnet: drop it, or add the Union ControlNet")
+    control_modes([models.get(name) for name, _ in args.controlnets], args.control_modes)     # before any export
     if args.controlnets and (args.onnx or args.engine or args.cache is not None or args.quant is not None):
         raise UsageError("--controlnet exports its own graphs: drop --onnx/--engine, --cache and --quantize")
     if args.controlnets:
-        from ..families.controlnet import control_modes
         from .pipeline import controlnet_artifacts
 
-        control_modes([models.get(name) for name, _ in args.controlnets], args.control_modes)   # before any export
         (toma_path, base_path), controlnets = controlnet_artifacts(
             args.model, [name for name, _ in args.controlnets], args.config, (height, width), cfg_batch, backend,
             args.output_dir, args.force, progress, controlnet_toma=args.controlnet_toma, loras=args.loras)
