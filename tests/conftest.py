@@ -1,4 +1,6 @@
+import contextlib
 import os
+import sys
 
 # Tests never reach a model hub: make loads of real models fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,3 +161,16 @@ def pytest_sessionfinish(session, exitstatus):
     counts = {k: sum(c["outcome"] == k for c in _checks) for k in ("passed", "failed", "skipped")}
     with open(path, "w") as f:
         json.dump(dict(exit_status=int(exitstatus), counts=counts, machine=machine, checks=_checks), f, indent=2)
+
+
+@contextlib.contextmanager
+def running(server, timeout: float = 600):
+    """A module's tritonserver (toma_export.serve.triton_server.Server), started and stopped after the module; its
+    log's tail goes to stderr when it never gets ready, as the error names the log only."""
+    try:
+        server.start(timeout=timeout)
+    except Exception:
+        print(server.log.read_text()[-5000:], file=sys.stderr)
+        raise
+    yield server
+    server.stop()

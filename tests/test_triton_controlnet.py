@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import running
 from PIL import Image
 
 from toma_export.cli import main
@@ -65,14 +66,9 @@ def repo(exports, dynamic_export, tmp_path_factory):
 def server(repo, tmp_path_factory):
     parts = triton_server.install(progress=lambda m: print(m, file=sys.stderr))
     log = tmp_path_factory.mktemp("triton-controlnet-log") / "server.log"
-    srv = triton_server.Server(repo[0], *[triton_server.free_port() for _ in range(3)], log=log, parts=parts)
-    try:
-        srv.start(timeout=600)
-    except Exception:
-        print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    yield srv
-    srv.stop()
+    with running(triton_server.Server(repo[0], *[triton_server.free_port() for _ in range(3)], log=log,
+                                      parts=parts)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

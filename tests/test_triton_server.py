@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import pipeline_image
+from conftest import pipeline_image, running
 from PIL import Image
 
 from toma_export.cli import main
@@ -87,15 +87,9 @@ def server(parts, repo, said, tmp_path_factory):
     its shutdown waits for the exit timeout: 5 s here."""
     log = tmp_path_factory.mktemp("triton-log") / "server.log"
     ports = [triton_server.free_port() for _ in range(3)]
-    srv = triton_server.Server(repo[0], *ports, log=log, parts=parts, progress=said.append,
-                               extra_args=["--exit-timeout-secs=5"])
-    try:
-        srv.start(timeout=600)
-    except Exception:
-        print(log.read_text()[-5000:], file=sys.stderr)
-        raise
-    yield srv
-    srv.stop()
+    with running(triton_server.Server(repo[0], *ports, log=log, parts=parts, progress=said.append,
+                                      extra_args=["--exit-timeout-secs=5"])) as srv:
+        yield srv
 
 
 @contextlib.contextmanager
